@@ -1,0 +1,327 @@
+//! Agent configuration: one struct that serves the command line and the TOML file.
+//!
+//! Every option can be given in `--config FILE` (TOML, same names with underscores) and on the
+//! command line; the command line wins. [`AgentArgs::resolve`] merges, applies defaults and
+//! validates, producing an [`AgentConfig`] that the rest of the agent trusts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+use tideline_core::{GroupName, VolumeName};
+
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 30;
+
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(
+    name = "tideline-agent",
+    version,
+    about = "Tideline agent: taps block writes into a journal streamed to a collector"
+)]
+#[serde(deny_unknown_fields)]
+pub struct AgentArgs {
+    /// TOML file with any of these options (command-line values override it).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// A volume to protect, NAME=PATH (a raw file, possibly sparse, or a block device). Repeatable.
+    #[arg(long = "volume", value_name = "NAME=PATH")]
+    #[serde(default)]
+    pub volume: Vec<String>,
+    /// A consistency group, NAME=VOL1,VOL2: its volumes share one journal order. Repeatable.
+    /// A volume in no group forms a group of its own, named after the volume.
+    #[arg(long = "group", value_name = "NAME=VOL,...")]
+    #[serde(default)]
+    pub group: Vec<String>,
+    /// Serve NBD on this Unix socket; each volume is an export named after it.
+    #[arg(long)]
+    pub nbd_unix: Option<PathBuf>,
+    /// Also serve NBD on this TCP address (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    pub nbd_tcp: Option<SocketAddr>,
+    /// Directory for the crash-safe local spool (one subdirectory per group).
+    #[arg(long)]
+    pub spool_dir: Option<PathBuf>,
+    /// Most bytes the spool of one group may hold before writes are tracked in a dirty map.
+    #[arg(long)]
+    pub spool_max_bytes: Option<u64>,
+    /// Collector URL, e.g. http://127.0.0.1:7100.
+    #[arg(long, env = "TIDELINE_COLLECTOR")]
+    pub collector: Option<String>,
+    /// Name of this agent in the collector's logs (default: the host name).
+    #[arg(long)]
+    pub agent_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    pub name: VolumeName,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    pub name: GroupName,
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub groups: Vec<GroupSpec>,
+    pub nbd_unix: Option<PathBuf>,
+    pub nbd_tcp: Option<SocketAddr>,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub collector_url: String,
+    pub agent_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("--{option} {value:?}: {message}")]
+    Invalid {
+        option: &'static str,
+        value: String,
+        message: String,
+    },
+    #[error("missing --{0} (or `{0}` in the config file)")]
+    Missing(&'static str),
+}
+
+fn invalid(option: &'static str, value: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        value: value.to_owned(),
+        message: message.into(),
+    }
+}
+
+impl AgentArgs {
+    fn load_file(path: &Path) -> Result<AgentArgs, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Merges the config file (if any) under the command line, applies defaults, validates.
+    pub fn resolve(self) -> Result<AgentConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => Self::load_file(path)?,
+            None => AgentArgs::default(),
+        };
+        let pick_vec =
+            |cli: Vec<String>, file: Vec<String>| if cli.is_empty() { file } else { cli };
+        let volumes = parse_volumes(&pick_vec(self.volume, file.volume))?;
+        let groups = parse_groups(&pick_vec(self.group, file.group), &volumes)?;
+        let spool_dir = self
+            .spool_dir
+            .or(file.spool_dir)
+            .ok_or(ConfigError::Missing("spool-dir"))?;
+        let collector_url = self
+            .collector
+            .or(file.collector)
+            .ok_or(ConfigError::Missing("collector"))?;
+        if !(collector_url.starts_with("http://") || collector_url.starts_with("https://")) {
+            return Err(invalid(
+                "collector",
+                &collector_url,
+                "expected a URL such as http://127.0.0.1:7100",
+            ));
+        }
+        let spool_max_bytes = self
+            .spool_max_bytes
+            .or(file.spool_max_bytes)
+            .unwrap_or(DEFAULT_SPOOL_MAX_BYTES);
+        if spool_max_bytes < 16 << 20 {
+            return Err(invalid(
+                "spool-max-bytes",
+                &spool_max_bytes.to_string(),
+                "must be at least 16 MiB",
+            ));
+        }
+        let nbd_unix = self.nbd_unix.or(file.nbd_unix);
+        let nbd_tcp = self.nbd_tcp.or(file.nbd_tcp);
+        if nbd_unix.is_none() && nbd_tcp.is_none() {
+            return Err(ConfigError::Missing("nbd-unix"));
+        }
+        Ok(AgentConfig {
+            groups,
+            nbd_unix,
+            nbd_tcp,
+            spool_dir,
+            spool_max_bytes,
+            collector_url,
+            agent_id: self.agent_id.or(file.agent_id).unwrap_or_else(hostname),
+        })
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".to_owned())
+}
+
+fn parse_volumes(specs: &[String]) -> Result<BTreeMap<VolumeName, VolumeSpec>, ConfigError> {
+    if specs.is_empty() {
+        return Err(ConfigError::Missing("volume"));
+    }
+    let mut volumes = BTreeMap::new();
+    for spec in specs {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| invalid("volume", spec, "expected NAME=PATH"))?;
+        let name = VolumeName::new(name).map_err(|e| invalid("volume", spec, e.to_string()))?;
+        if path.is_empty() {
+            return Err(invalid("volume", spec, "the path is empty"));
+        }
+        let volume = VolumeSpec {
+            name: name.clone(),
+            path: PathBuf::from(path),
+        };
+        if volumes.insert(name, volume).is_some() {
+            return Err(invalid("volume", spec, "volume named twice"));
+        }
+    }
+    Ok(volumes)
+}
+
+fn parse_groups(
+    specs: &[String],
+    volumes: &BTreeMap<VolumeName, VolumeSpec>,
+) -> Result<Vec<GroupSpec>, ConfigError> {
+    let mut groups = Vec::new();
+    let mut grouped = BTreeMap::new();
+    for spec in specs {
+        let (name, members) = spec
+            .split_once('=')
+            .ok_or_else(|| invalid("group", spec, "expected NAME=VOL1,VOL2"))?;
+        let name = GroupName::new(name).map_err(|e| invalid("group", spec, e.to_string()))?;
+        let mut members_spec = Vec::new();
+        for member in members.split(',').filter(|m| !m.is_empty()) {
+            let volume = VolumeName::new(member)
+                .ok()
+                .and_then(|v| volumes.get(&v))
+                .ok_or_else(|| invalid("group", spec, format!("{member:?} is not a --volume")))?;
+            if let Some(other) = grouped.insert(volume.name.clone(), name.clone()) {
+                return Err(invalid(
+                    "group",
+                    spec,
+                    format!("{member} is already in group {other}"),
+                ));
+            }
+            members_spec.push(volume.clone());
+        }
+        if members_spec.is_empty() {
+            return Err(invalid("group", spec, "a group needs at least one volume"));
+        }
+        groups.push(GroupSpec {
+            name,
+            volumes: members_spec,
+        });
+    }
+    for (name, volume) in volumes {
+        if grouped.contains_key(name) {
+            continue;
+        }
+        let group = GroupName::new(name.as_str())
+            .map_err(|e| invalid("volume", name.as_str(), e.to_string()))?;
+        if groups.iter().any(|g| g.name == group) {
+            return Err(invalid(
+                "volume",
+                name.as_str(),
+                "a group of that name exists; put the volume in it or rename",
+            ));
+        }
+        groups.push(GroupSpec {
+            name: group,
+            volumes: vec![volume.clone()],
+        });
+    }
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(list: &[&str]) -> AgentArgs {
+        AgentArgs::parse_from(std::iter::once("tideline-agent").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn groups_and_implicit_groups() {
+        let config = args(&[
+            "--volume=a=/tmp/a",
+            "--volume=b=/tmp/b",
+            "--volume=c=/tmp/c",
+            "--group=db=a,b",
+            "--spool-dir=/tmp/s",
+            "--collector=http://127.0.0.1:1",
+            "--nbd-unix=/tmp/n.sock",
+        ])
+        .resolve()
+        .unwrap();
+        let names: Vec<_> = config.groups.iter().map(|g| g.name.to_string()).collect();
+        assert_eq!(names, ["db", "c"]);
+        assert_eq!(config.groups[0].volumes.len(), 2);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let base = ["--spool-dir=/s", "--collector=http://x:1", "--nbd-unix=/n"];
+        let err = |extra: &[&str]| {
+            let mut all: Vec<&str> = extra.to_vec();
+            all.extend(base);
+            args(&all).resolve().unwrap_err().to_string()
+        };
+        assert!(err(&["--volume=a"]).contains("expected NAME=PATH"));
+        assert!(err(&["--volume=a=/x", "--group=g=b"]).contains("not a --volume"));
+        assert!(err(&["--volume=a=/x", "--group=g=a", "--group=h=a"]).contains("already in group"));
+        assert!(err(&["--volume=../a=/x"]).contains("invalid volume name"));
+        let no_collector = args(&["--volume=a=/x", "--spool-dir=/s", "--nbd-unix=/n"]).resolve();
+        // TIDELINE_COLLECTOR may be set in the environment of whoever runs the tests.
+        if std::env::var_os("TIDELINE_COLLECTOR").is_none() {
+            assert!(no_collector.unwrap_err().to_string().contains("collector"));
+        }
+    }
+
+    #[test]
+    fn toml_file_under_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "volume = [\"a=/x\"]\nspool_dir = \"/s\"\ncollector = \"http://f:1\"\nnbd_unix = \"/n\"\nspool_max_bytes = 33554432\n",
+        )
+        .unwrap();
+        let config = args(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--collector=http://cli:2",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(config.collector_url, "http://cli:2");
+        assert_eq!(config.spool_max_bytes, 32 << 20);
+        std::fs::write(&path, "volumes = []\n").unwrap();
+        let err = args(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}

@@ -1,0 +1,399 @@
+//! A consistency group as the agent sees it: its volumes, its spool, and the one lock that
+//! gives all of them a single journal order.
+//!
+//! Every change to a volume happens inside [`Group::journalled`]: the change is applied to the
+//! backing file and its record appended to the spool under the group lock, so the order of
+//! records in the journal is the order in which the changes hit the volumes. Edge blocks of an
+//! unaligned change are read back from the volume inside the same critical section, which is
+//! what makes every journal record block-aligned and self-contained.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+use tideline_core::dirty::{DirtyMap, Opened};
+use tideline_core::record::{RecordKind, WriteOrigin};
+use tideline_core::spool::{Spool, SpoolError, SpoolOp};
+use tideline_core::{BlockNo, GroupName, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
+
+/// One protected volume's backing store and dirty map.
+pub struct VolumeState {
+    pub name: VolumeName,
+    pub path: PathBuf,
+    pub file: File,
+    pub size_bytes: u64,
+    pub dirty: DirtyMap,
+    /// True while the journal has a gap for this volume (spool overflow) not yet resynced.
+    pub in_gap: bool,
+}
+
+pub struct Group {
+    pub name: GroupName,
+    pub spool: Spool,
+    state: Mutex<Vec<VolumeState>>,
+}
+
+/// Errors of a journalled change, mapped to an errno for the client.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("volume {volume}: {context}: {source}")]
+    Io {
+        volume: VolumeName,
+        context: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+impl From<TapError> for io::Error {
+    fn from(e: TapError) -> io::Error {
+        match e {
+            TapError::Io { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        }
+    }
+}
+
+/// A change to apply to a volume.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    Write(&'a [u8]),
+    Trim(u64),
+    Zero { len_bytes: u64, may_punch: bool },
+}
+
+impl Change<'_> {
+    fn len_bytes(&self) -> u64 {
+        match self {
+            Change::Write(data) => data.len() as u64,
+            Change::Trim(len) => *len,
+            Change::Zero { len_bytes, .. } => *len_bytes,
+        }
+    }
+}
+
+impl Group {
+    pub fn new(name: GroupName, spool: Spool, volumes: Vec<VolumeState>) -> Group {
+        Group {
+            name,
+            spool,
+            state: Mutex::new(volumes),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Vec<VolumeState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change` at `offset` of volume `index` and journals it, in one critical section.
+    pub fn journalled(
+        &self,
+        index: usize,
+        offset: u64,
+        change: Change<'_>,
+    ) -> Result<(), TapError> {
+        let mut volumes = self.lock();
+        let volume = &mut volumes[index];
+        apply(volume, offset, change)?;
+        let records = records_for(volume, offset, change)?;
+        for op in records {
+            self.append_or_mark_gap(volume, op)?;
+        }
+        Ok(())
+    }
+
+    /// Appends `op` to the spool; if the spool is full, marks the blocks dirty instead and
+    /// opens a gap in the journal (once), so writes keep flowing and a resync catches up later.
+    fn append_or_mark_gap(&self, volume: &mut VolumeState, op: SpoolOp) -> Result<(), TapError> {
+        if volume.in_gap {
+            mark_dirty(volume, &op);
+            return Ok(());
+        }
+        match self.spool.append(op.clone()) {
+            Ok(_) => Ok(()),
+            Err(SpoolError::Full { .. }) => {
+                tracing::warn!(group = %self.name, volume = %volume.name,
+                    "spool full: tracking changed blocks in the dirty map until the collector catches up");
+                self.spool.append(SpoolOp::Other(RecordKind::Gap {
+                    volume: volume.name.clone(),
+                }))?;
+                volume.in_gap = true;
+                volume.dirty.set_resync_pending(true);
+                mark_dirty(volume, &op);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// FLUSH: the volume's data and every spooled record are durable, and a flush point is
+    /// journalled, before this returns.
+    pub fn flush(&self, index: usize) -> Result<(), TapError> {
+        let file = {
+            let volumes = self.lock();
+            let volume = &volumes[index];
+            volume.dirty.flush().map_err(|source| TapError::Io {
+                volume: volume.name.clone(),
+                context: "flush dirty map",
+                source,
+            })?;
+            volume.file.try_clone().map_err(|source| TapError::Io {
+                volume: volume.name.clone(),
+                context: "clone backing file handle",
+                source,
+            })?
+        };
+        file.sync_data().map_err(|source| TapError::Io {
+            volume: self.lock()[index].name.clone(),
+            context: "fsync backing volume",
+            source,
+        })?;
+        self.spool.append(SpoolOp::Other(RecordKind::Flush))?;
+        self.spool.sync()?;
+        Ok(())
+    }
+}
+
+fn mark_dirty(volume: &mut VolumeState, op: &SpoolOp) {
+    let (first, count) = match op {
+        SpoolOp::Write { first, data, .. } => (first.0, (data.len() / BLOCK_SIZE) as u64),
+        SpoolOp::Other(RecordKind::Trim { first, count, .. })
+        | SpoolOp::Other(RecordKind::WriteZeroes { first, count, .. }) => (first.0, *count),
+        SpoolOp::Other(_) => return,
+    };
+    volume.dirty.mark(first, count);
+}
+
+fn io_error<'a>(
+    volume: &'a VolumeState,
+    context: &'static str,
+) -> impl FnOnce(io::Error) -> TapError + 'a {
+    move |source| TapError::Io {
+        volume: volume.name.clone(),
+        context,
+        source,
+    }
+}
+
+fn apply(volume: &VolumeState, offset: u64, change: Change<'_>) -> Result<(), TapError> {
+    match change {
+        Change::Write(data) => volume
+            .file
+            .write_all_at(data, offset)
+            .map_err(io_error(volume, "write backing volume")),
+        Change::Trim(len) => {
+            punch_or_zero(&volume.file, offset, len, true).map_err(io_error(volume, "discard"))
+        }
+        Change::Zero {
+            len_bytes,
+            may_punch,
+        } => punch_or_zero(&volume.file, offset, len_bytes, may_punch)
+            .map_err(io_error(volume, "write zeroes")),
+    }
+}
+
+/// Deallocates (or zeroes in place) a range, falling back to writing zeroes where the file
+/// system or device does not support fallocate.
+fn punch_or_zero(file: &File, offset: u64, len: u64, may_punch: bool) -> io::Result<()> {
+    let mode = if may_punch {
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+    } else {
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    // SAFETY: fallocate on a valid, open descriptor; no memory is passed.
+    let rc = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(err);
+    }
+    let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeroes.len() as u64) as usize;
+        file.write_all_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads whole blocks `[first, first + count)` from the volume.
+pub fn read_blocks(volume: &VolumeState, first: u64, count: u64) -> Result<Vec<u8>, TapError> {
+    let mut data = vec![0u8; (count * BLOCK_SIZE_BYTES) as usize];
+    volume
+        .file
+        .read_exact_at(&mut data, first * BLOCK_SIZE_BYTES)
+        .map_err(io_error(volume, "read back blocks"))?;
+    Ok(data)
+}
+
+/// The spool entries describing `change` once applied: whole blocks only.
+fn records_for(
+    volume: &VolumeState,
+    offset: u64,
+    change: Change<'_>,
+) -> Result<Vec<SpoolOp>, TapError> {
+    let len = change.len_bytes();
+    let first = offset / BLOCK_SIZE_BYTES;
+    let end_block = (offset + len).div_ceil(BLOCK_SIZE_BYTES);
+    let aligned = offset % BLOCK_SIZE_BYTES == 0 && len % BLOCK_SIZE_BYTES == 0;
+    let name = volume.name.clone();
+    let write = |first: u64, data: Vec<u8>| SpoolOp::Write {
+        volume: name.clone(),
+        first: BlockNo(first),
+        data,
+        origin: WriteOrigin::Client,
+    };
+    match change {
+        Change::Write(data) if aligned => Ok(vec![write(first, data.to_vec())]),
+        Change::Write(_) => Ok(vec![write(
+            first,
+            read_blocks(volume, first, end_block - first)?,
+        )]),
+        Change::Trim(_) | Change::Zero { .. } => {
+            // Whole blocks inside the range become a trim/zero record; partial edge blocks are
+            // read back and journalled as writes.
+            let inner_first = offset.div_ceil(BLOCK_SIZE_BYTES);
+            let inner_end = (offset + len) / BLOCK_SIZE_BYTES;
+            let mut ops = Vec::new();
+            if inner_first >= inner_end {
+                ops.push(write(first, read_blocks(volume, first, end_block - first)?));
+                return Ok(ops);
+            }
+            if first < inner_first {
+                ops.push(write(first, read_blocks(volume, first, 1)?));
+            }
+            let (first_inner, count) = (BlockNo(inner_first), inner_end - inner_first);
+            ops.push(SpoolOp::Other(match change {
+                Change::Trim(_) => RecordKind::Trim {
+                    volume: volume.name.clone(),
+                    first: first_inner,
+                    count,
+                },
+                _ => RecordKind::WriteZeroes {
+                    volume: volume.name.clone(),
+                    first: first_inner,
+                    count,
+                },
+            }));
+            if inner_end < end_block {
+                ops.push(write(inner_end, read_blocks(volume, inner_end, 1)?));
+            }
+            Ok(ops)
+        }
+    }
+}
+
+/// Opens a volume's dirty map; a volume never protected before gets its allocated extents
+/// marked for a baseline.
+pub fn open_dirty_map(
+    spool_dir: &std::path::Path,
+    volume: &VolumeName,
+    file: &File,
+    size_bytes: u64,
+) -> anyhow::Result<DirtyMap> {
+    let path = spool_dir.join(format!("{volume}.dirty"));
+    let blocks = size_bytes / BLOCK_SIZE_BYTES;
+    let (mut map, opened) = DirtyMap::open(&path, blocks)?;
+    if opened == Opened::Created {
+        for (start, end) in allocated_extents(file, size_bytes)? {
+            let first = start / BLOCK_SIZE_BYTES;
+            map.mark(first, end.div_ceil(BLOCK_SIZE_BYTES) - first);
+        }
+        map.set_resync_pending(true);
+        map.flush()?;
+    }
+    Ok(map)
+}
+
+/// Allocated byte ranges of a file, found with SEEK_DATA / SEEK_HOLE. Block devices (and file
+/// systems without support) report one extent covering everything.
+pub fn allocated_extents(file: &File, size_bytes: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < size_bytes {
+        // SAFETY: lseek on a valid descriptor.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(extents),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(vec![(0, size_bytes)]),
+                _ => Err(err),
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (start, end) = (data as u64, (hole as u64).min(size_bytes));
+        if start >= size_bytes {
+            break;
+        }
+        extents.push((start, end));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// What one resync step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncStep {
+    /// Journalled this many blocks; call again.
+    Journalled(u64),
+    /// Waiting for spool space.
+    SpoolBusy,
+    /// Nothing is dirty: every volume of the group is complete.
+    Idle,
+}
+
+/// Blocks journalled per resync record (1 MiB).
+const RESYNC_RUN_BLOCKS: u64 = 256;
+
+impl Group {
+    /// Journals one run of dirty blocks of the first volume that needs it, or closes its
+    /// resync with a `Complete` record. Only proceeds while the spool is at most half full, so
+    /// a resync never crowds out client writes.
+    pub fn resync_step(&self) -> Result<ResyncStep, TapError> {
+        let mut volumes = self.lock();
+        let Some(volume) = volumes.iter_mut().find(|v| v.dirty.resync_pending()) else {
+            return Ok(ResyncStep::Idle);
+        };
+        if self.spool.used_bytes() > self.spool.max_bytes() / 2 {
+            return Ok(ResyncStep::SpoolBusy);
+        }
+        let Some((first, count)) = volume.dirty.first_run(RESYNC_RUN_BLOCKS) else {
+            self.spool.append(SpoolOp::Other(RecordKind::Complete {
+                volume: volume.name.clone(),
+            }))?;
+            volume.in_gap = false;
+            volume.dirty.set_resync_pending(false);
+            tracing::info!(group = %self.name, volume = %volume.name, "volume journal complete");
+            return Ok(ResyncStep::Journalled(0));
+        };
+        let data = read_blocks(volume, first, count)?;
+        let op = SpoolOp::Write {
+            volume: volume.name.clone(),
+            first: BlockNo(first),
+            data,
+            origin: WriteOrigin::Resync,
+        };
+        match self.spool.append(op) {
+            Ok(_) => {
+                volume.dirty.clear(first, count);
+                Ok(ResyncStep::Journalled(count))
+            }
+            Err(SpoolError::Full { .. }) => Ok(ResyncStep::SpoolBusy),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Tideline agent: sits in the write path of protected volumes, journals every change into a
+//! crash-safe spool, and ships the journal to a collector.
+//!
+//! The pieces: [`nbd`] serves the volumes to clients; [`volume`] and [`group`] apply each change
+//! and journal it in one order per consistency group; [`shipper`] streams the spool to the
+//! collector; a resync thread per group journals blocks the journal does not yet account for
+//! (the baseline of a volume that already held data, or the gap left by a full spool).
+//! [`run`] wires them up and is what the binary and the in-process tests call.
+
+pub mod config;
+pub mod group;
+pub mod nbd;
+pub mod shipper;
+pub mod volume;
+
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::{Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use config::{AgentConfig, GroupSpec};
+use group::{Group, ResyncStep, VolumeState};
+use tideline_core::spool::{Spool, SpoolConfig};
+use tideline_core::BLOCK_SIZE_BYTES;
+use tideline_proto::v1;
+
+/// Where the agent serves NBD. Bound by the caller, so tests can use port 0 and temp sockets.
+#[derive(Default)]
+pub struct Listeners {
+    pub unix: Option<tokio::net::UnixListener>,
+    pub tcp: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the configuration names (removing a stale Unix socket file first).
+    pub async fn bind(config: &AgentConfig) -> anyhow::Result<Listeners> {
+        let unix = match &config.nbd_unix {
+            Some(path) => {
+                if path.exists() {
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("remove stale socket {}", path.display()))?;
+                }
+                Some(
+                    tokio::net::UnixListener::bind(path)
+                        .with_context(|| format!("listen on {}", path.display()))?,
+                )
+            }
+            None => None,
+        };
+        let tcp = match config.nbd_tcp {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listen on {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { unix, tcp })
+    }
+}
+
+/// A running group: what status surfaces read.
+pub struct GroupHandle {
+    pub group: Arc<Group>,
+    pub shipper: watch::Receiver<shipper::ShipperStatus>,
+}
+
+/// Opens every volume and spool, then serves until `shutdown` resolves. On return, spools are
+/// synced and background work has stopped.
+pub async fn run(
+    config: AgentConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut exports: Vec<(String, Arc<dyn nbd::BlockExport>)> = Vec::new();
+    let mut tasks = Vec::new();
+    let mut threads = Vec::new();
+    let mut groups = Vec::new();
+    for spec in &config.groups {
+        let group = Arc::new(open_group(&config, spec)?);
+        for index in 0..spec.volumes.len() {
+            let export = volume::VolumeExport::new(group.clone(), index)?;
+            exports.push((spec.volumes[index].name.to_string(), Arc::new(export)));
+        }
+        let (status_tx, _status_rx) = watch::channel(shipper::ShipperStatus::default());
+        let volumes = volume_infos(&group);
+        let shipper_config = shipper::ShipperConfig {
+            collector_url: config.collector_url.clone(),
+            agent_id: config.agent_id.clone(),
+        };
+        tasks.push(tokio::spawn(shipper::run(
+            group.clone(),
+            volumes,
+            shipper_config,
+            status_tx,
+            stop_rx.clone(),
+        )));
+        threads.push(spawn_resync(group.clone(), stop_rx.clone()));
+        groups.push(group);
+    }
+    let server = Arc::new(nbd::NbdServer::new(exports));
+    let mut servers = Vec::new();
+    if let Some(listener) = listeners.unix {
+        let mut stop = stop_rx.clone();
+        let server = server.clone();
+        servers.push(tokio::spawn(async move {
+            server
+                .serve_unix(listener, async move {
+                    let _ = stop.wait_for(|&s| s).await;
+                })
+                .await
+        }));
+    }
+    if let Some(listener) = listeners.tcp {
+        let mut stop = stop_rx.clone();
+        let server = server.clone();
+        servers.push(tokio::spawn(async move {
+            server
+                .serve_tcp(listener, async move {
+                    let _ = stop.wait_for(|&s| s).await;
+                })
+                .await
+        }));
+    }
+    tracing::info!(groups = groups.len(), "agent serving");
+    shutdown.await;
+    tracing::info!("agent shutting down");
+    let _ = stop_tx.send(true);
+    for server in servers {
+        if let Ok(Err(e)) = server.await {
+            tracing::warn!(error = %e, "NBD server stopped with an error");
+        }
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    for thread in threads {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    for group in groups {
+        group
+            .spool
+            .sync()
+            .with_context(|| format!("sync spool of group {}", group.name))?;
+    }
+    Ok(())
+}
+
+fn volume_infos(group: &Group) -> Vec<v1::VolumeInfo> {
+    group
+        .lock()
+        .iter()
+        .map(|v| v1::VolumeInfo {
+            name: v.name.to_string(),
+            size_bytes: v.size_bytes,
+        })
+        .collect()
+}
+
+fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
+    let dir = config.spool_dir.join(spec.name.as_str());
+    let spool = Spool::open(SpoolConfig::new(&dir, config.spool_max_bytes))
+        .with_context(|| format!("open spool of group {}", spec.name))?;
+    let mut volumes = Vec::new();
+    for volume in &spec.volumes {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&volume.path)
+            .with_context(|| format!("open volume {} at {}", volume.name, volume.path.display()))?;
+        let size_bytes = file
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("size of {}", volume.path.display()))?;
+        if size_bytes == 0 || size_bytes % BLOCK_SIZE_BYTES != 0 {
+            anyhow::bail!(
+                "volume {} at {} is {size_bytes} bytes; Tideline protects volumes whose size is a positive multiple of {BLOCK_SIZE_BYTES} (resize it, e.g. `truncate -s 1G FILE`)",
+                volume.name,
+                volume.path.display()
+            );
+        }
+        let dirty = group::open_dirty_map(&dir, &volume.name, &file, size_bytes)?;
+        volumes.push(VolumeState {
+            name: volume.name.clone(),
+            path: volume.path.clone(),
+            file,
+            size_bytes,
+            dirty,
+            in_gap: false,
+        });
+    }
+    Ok(Group::new(spec.name.clone(), spool, volumes))
+}
+
+/// Journals dirty blocks in the background until `stop` flips.
+fn spawn_resync(group: Arc<Group>, stop: watch::Receiver<bool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("resync-{}", group.name))
+        .spawn(move || loop {
+            if *stop.borrow() {
+                return;
+            }
+            match group.resync_step() {
+                Ok(ResyncStep::Journalled(_)) => continue,
+                Ok(ResyncStep::SpoolBusy) | Ok(ResyncStep::Idle) => {}
+                Err(e) => {
+                    tracing::error!(group = %group.name, error = %e, "resync step failed; retrying")
+                }
+            }
+            // Idle: look again shortly (new gaps open only when the spool fills).
+            std::thread::park_timeout(Duration::from_millis(100));
+        })
+        .unwrap_or_else(|e| panic!("cannot start resync thread: {e}"))
+}

@@ -1,0 +1,313 @@
+//! The NBD server: listeners, per-connection tasks, limits and shutdown.
+//!
+//! One [`NbdServer`] holds the exports and the limits; `serve_unix`/`serve_tcp` run an accept loop
+//! until the caller's `shutdown` future resolves. Every connection gets its own task that first
+//! negotiates (see `handshake`) and then runs the pipelined transmission loop (see
+//! `transmission`). Everything a client can make the server hold is bounded: connections,
+//! option bytes and count, handshake time, requests and payload bytes in flight per connection.
+//! At a limit the server stops reading (backpressure) or, where the protocol leaves no way to
+//! stay in sync, drops that one connection; it never grows without bound and never panics on
+//! network bytes.
+//!
+//! Shutdown: the accept loop stops, connections still negotiating are dropped, connections in
+//! transmission finish what is in flight while answering new requests with ESHUTDOWN, then close.
+//! Connections that have not drained after [`NbdLimits::shutdown_grace`] are aborted.
+
+use super::{handshake, transmission, BlockExport};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+/// How long to wait before accepting again after `accept` failed (e.g. EMFILE).
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// Every resource a client can make the server hold, with the behaviour at the limit.
+#[derive(Debug, Clone)]
+pub struct NbdLimits {
+    /// Concurrent connections per listener; at the limit the server stops accepting.
+    pub max_connections: usize,
+    /// Largest option payload during the handshake; a larger one drops the connection.
+    pub max_option_bytes: u32,
+    /// Options per connection; one more drops the connection.
+    pub max_options: u32,
+    /// Time from accept to the end of option haggling; after it the connection is dropped.
+    pub handshake_timeout: Duration,
+    /// Largest READ/WRITE payload, advertised as the maximum block size. A longer READ gets
+    /// EINVAL; a longer WRITE gets EINVAL and the connection is dropped (its payload cannot be
+    /// skipped safely).
+    pub max_payload_bytes: u32,
+    /// Requests executing or waiting for their reply to be written, per connection. At the
+    /// limit the server stops reading requests.
+    pub max_in_flight_requests: u32,
+    /// READ and WRITE payload bytes held per connection; at the limit the server stops reading.
+    pub max_in_flight_bytes: u32,
+    /// After shutdown, how long connections may take to drain before they are aborted.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits {
+            max_connections: 256,
+            max_option_bytes: 64 * 1024,
+            max_options: 256,
+            handshake_timeout: Duration::from_secs(30),
+            max_payload_bytes: 32 * 1024 * 1024,
+            max_in_flight_requests: 64,
+            max_in_flight_bytes: 128 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl NbdLimits {
+    /// The advertised preferred block size; `max_payload_bytes` may not be below it.
+    pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
+
+    pub fn validate(&self) -> io::Result<()> {
+        let invalid =
+            |what: &str| Err(io::Error::new(io::ErrorKind::InvalidInput, what.to_owned()));
+        if self.max_connections == 0 || self.max_options == 0 || self.max_in_flight_requests == 0 {
+            return invalid("NBD limits: connection, option and request counts must be positive");
+        }
+        if self.max_payload_bytes < Self::PREFERRED_BLOCK_BYTES {
+            return invalid("NBD limits: max_payload_bytes must be at least 4096");
+        }
+        if self.max_in_flight_bytes < self.max_payload_bytes {
+            return invalid("NBD limits: max_in_flight_bytes must be at least max_payload_bytes");
+        }
+        if self.max_option_bytes < 1024 {
+            return invalid("NBD limits: max_option_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+}
+
+/// Exports by name, shared by all connections.
+pub(super) type Exports = BTreeMap<String, Arc<dyn BlockExport>>;
+
+/// A fixed-newstyle NBD server over a set of named exports.
+pub struct NbdServer {
+    exports: Exports,
+    limits: NbdLimits,
+    next_connection_id: AtomicU64,
+}
+
+impl NbdServer {
+    /// A server with [`NbdLimits::default`]. If a name appears twice the first export wins.
+    pub fn new(exports: Vec<(String, Arc<dyn BlockExport>)>) -> NbdServer {
+        NbdServer::build(exports, NbdLimits::default())
+    }
+
+    pub fn with_limits(
+        exports: Vec<(String, Arc<dyn BlockExport>)>,
+        limits: NbdLimits,
+    ) -> io::Result<NbdServer> {
+        limits.validate()?;
+        Ok(NbdServer::build(exports, limits))
+    }
+
+    fn build(exports: Vec<(String, Arc<dyn BlockExport>)>, limits: NbdLimits) -> NbdServer {
+        let mut map = Exports::new();
+        for (name, export) in exports {
+            if map.contains_key(&name) {
+                tracing::warn!(export = %name, "duplicate NBD export name; keeping the first");
+                continue;
+            }
+            map.insert(name, export);
+        }
+        NbdServer {
+            exports: map,
+            limits,
+            next_connection_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn limits(&self) -> &NbdLimits {
+        &self.limits
+    }
+
+    /// Serves connections from `listener` until `shutdown` resolves; then stops accepting, lets
+    /// in-flight requests finish (new ones get ESHUTDOWN), and returns. The socket file is left
+    /// for the caller to remove.
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        self.accept_loop(Listener::Unix(listener), shutdown).await
+    }
+
+    /// As [`NbdServer::serve_unix`], over TCP (with `TCP_NODELAY` on every connection).
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        self.accept_loop(Listener::Tcp(listener), shutdown).await
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: Listener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            while let Some(done) = connections.try_join_next() {
+                log_connection_end(done);
+            }
+            let slot = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok(stream) => {
+                    let conn = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+                    let task = self
+                        .clone()
+                        .run_connection(stream, conn, stop_rx.clone(), slot);
+                    connections.spawn(task);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "NBD accept failed; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(ACCEPT_RETRY_DELAY) => {}
+                    }
+                }
+            }
+        }
+        drop(listener);
+        self.drain(connections, stop_tx).await;
+        Ok(())
+    }
+
+    async fn drain(&self, mut connections: JoinSet<()>, stop_tx: watch::Sender<bool>) {
+        tracing::info!(connections = connections.len(), "NBD server shutting down");
+        stop_tx.send_replace(true);
+        let all_done = async {
+            while let Some(done) = connections.join_next().await {
+                log_connection_end(done);
+            }
+        };
+        if tokio::time::timeout(self.limits.shutdown_grace, all_done)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = ?self.limits.shutdown_grace,
+                "NBD connections did not drain in time; aborting them"
+            );
+            connections.shutdown().await;
+        }
+    }
+
+    async fn run_connection(
+        self: Arc<Self>,
+        stream: Accepted,
+        conn: u64,
+        stop: watch::Receiver<bool>,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        match stream {
+            Accepted::Unix(stream) => {
+                tracing::debug!(conn, "NBD connection accepted on Unix socket");
+                let (rd, wr) = stream.into_split();
+                self.negotiate_then_transmit(rd, wr, conn, stop).await;
+            }
+            Accepted::Tcp(stream, peer) => {
+                tracing::debug!(conn, %peer, "NBD connection accepted on TCP");
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::warn!(conn, error = %err, "cannot set TCP_NODELAY");
+                }
+                let (rd, wr) = stream.into_split();
+                self.negotiate_then_transmit(rd, wr, conn, stop).await;
+            }
+        }
+    }
+
+    async fn negotiate_then_transmit<R, W>(
+        &self,
+        mut rd: R,
+        mut wr: W,
+        conn: u64,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let haggle = handshake::negotiate(&mut rd, &mut wr, &self.exports, &self.limits, conn);
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout(self.limits.handshake_timeout, haggle) => outcome,
+            _ = shutdown_requested(&mut stop) => {
+                tracing::debug!(conn, "dropping NBD connection in handshake: server shutting down");
+                return;
+            }
+        };
+        let session = match outcome {
+            Ok(Ok(Some(session))) => session,
+            Ok(Ok(None)) => return,
+            Ok(Err(err)) => {
+                tracing::debug!(conn, error = %err, "NBD handshake ended");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(conn, "NBD handshake timed out; dropping connection");
+                return;
+            }
+        };
+        transmission::run(session, self.limits.clone(), conn, rd, wr, stop).await;
+    }
+}
+
+/// Resolves once the server is shutting down (or the server itself is gone).
+pub(super) async fn shutdown_requested(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+fn log_connection_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = done {
+        if err.is_panic() {
+            tracing::error!(error = %err, "NBD connection task panicked");
+        }
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+            Listener::Tcp(l) => l.accept().await.map(|(s, peer)| Accepted::Tcp(s, peer)),
+        }
+    }
+}

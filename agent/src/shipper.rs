@@ -1,0 +1,419 @@
+//! The shipper: streams one group's spool to the collector over a gRPC bidirectional stream.
+//!
+//! Per batch of spooled records: hash every 4 KiB block (blake3) and drop all-zero blocks, ask
+//! the collector which of the remaining chunks it lacks (`HaveQuery`), compress only those into
+//! multi-block zstd frames, and send the records with the frames. The collector answers
+//! `Durable(seq)` once records and chunks are on its disk; only then is spool space released.
+//!
+//! Bounded: at most [`MAX_BATCHES_IN_FLIGHT`] unacknowledged batches of at most
+//! [`BATCH_MAX_BYTES`] of block data each; the outbound channel holds a handful of messages.
+//! After a disconnect the shipper reconnects with capped exponential backoff and resumes after
+//! the collector's durable seq; the collector skips records it already has, so nothing is lost
+//! or applied twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL, MAX_FRAME_BLOCKS};
+use tideline_core::record::{Record, RecordKind};
+use tideline_core::spool::{SpoolEntry, SpoolOp, SpoolReader};
+use tideline_core::{block, ChunkHash, Seq, BLOCK_SIZE};
+use tideline_proto::v1::{self, agent_message::Msg as Out, collector_message::Msg as In};
+
+use crate::group::Group;
+
+pub const BATCH_MAX_BYTES: usize = 8 << 20;
+pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Largest gRPC message either side accepts (a 32 MiB NBD write plus framing fits).
+pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    pub collector_url: String,
+    pub agent_id: String,
+}
+
+/// What the shipper reports about itself.
+#[derive(Debug, Clone, Default)]
+pub struct ShipperStatus {
+    pub connected: bool,
+    pub durable_seq: Seq,
+    pub last_error: Option<String>,
+}
+
+/// Records and the unique non-zero chunks they name, ready to query and send.
+struct PreparedBatch {
+    records: Vec<v1::Record>,
+    last_seq: Seq,
+    /// Unique chunks in first-seen order, and their bytes (one block each, concatenated).
+    chunks: Vec<ChunkHash>,
+    chunk_data: Vec<u8>,
+}
+
+/// Runs until `shutdown` flips to true, reconnecting as needed.
+pub async fn run(
+    group: Arc<Group>,
+    volumes: Vec<v1::VolumeInfo>,
+    config: ShipperConfig,
+    status: watch::Sender<ShipperStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let session = Session {
+            group: group.clone(),
+            volumes: volumes.clone(),
+            config: config.clone(),
+            status: status.clone(),
+        };
+        let result = tokio::select! {
+            r = session.run() => r,
+            _ = shutdown.wait_for(|&stop| stop) => return,
+        };
+        let message = match result {
+            Ok(()) => "collector closed the stream".to_owned(),
+            Err(e) => e,
+        };
+        tracing::warn!(group = %group.name, error = %message, retry_in_ms = backoff.as_millis() as u64, "journal stream to collector ended");
+        status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(message);
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|&stop| stop) => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if status.borrow().connected {
+            backoff = BACKOFF_MIN;
+        }
+    }
+}
+
+struct Session {
+    group: Arc<Group>,
+    volumes: Vec<v1::VolumeInfo>,
+    config: ShipperConfig,
+    status: watch::Sender<ShipperStatus>,
+}
+
+type SessionResult = Result<(), String>;
+
+impl Session {
+    async fn run(self) -> SessionResult {
+        let endpoint = Endpoint::from_shared(self.config.collector_url.clone())
+            .map_err(|e| format!("bad collector URL {:?}: {e}", self.config.collector_url))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect to {}: {e}", self.config.collector_url))?;
+        let mut client = v1::ingest_client::IngestClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel(4);
+        let hello = v1::Hello {
+            agent_id: self.config.agent_id.clone(),
+            group: self.group.name.to_string(),
+            volumes: self.volumes.clone(),
+            spool_id: self.group.spool.spool_id(),
+        };
+        send(&tx, Out::Hello(hello)).await?;
+        let mut inbound = client
+            .journal(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("open journal stream: {}", s.message()))?
+            .into_inner();
+        let durable = match inbound.message().await {
+            Ok(Some(v1::CollectorMessage {
+                msg: Some(In::Welcome(w)),
+            })) => Seq(w.durable_seq),
+            Ok(_) => return Err("collector did not answer Hello with Welcome".into()),
+            Err(s) => return Err(format!("collector refused the group: {}", s.message())),
+        };
+        tracing::info!(group = %self.group.name, durable = durable.0, "journal stream open");
+        self.release(durable).await?;
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.durable_seq = durable;
+            s.last_error = None;
+        });
+        let (reply_tx, reply_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
+        let (durable_tx, durable_rx) = watch::channel(durable);
+        let receiver = tokio::spawn(receive(inbound, reply_tx, durable_tx));
+        let result = self.pump(durable, &tx, reply_rx, durable_rx).await;
+        receiver.abort();
+        result
+    }
+
+    async fn release(&self, durable: Seq) -> SessionResult {
+        let group = self.group.clone();
+        tokio::task::spawn_blocking(move || group.spool.release_through(durable))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends batches forever, releasing spool space as acknowledgements arrive.
+    async fn pump(
+        &self,
+        durable: Seq,
+        tx: &mpsc::Sender<v1::AgentMessage>,
+        mut replies: mpsc::Receiver<Vec<u32>>,
+        mut durable_rx: watch::Receiver<Seq>,
+    ) -> SessionResult {
+        let start = self
+            .group
+            .spool
+            .first_seq()
+            .map_or(durable.next(), |first| first.max(durable.next()));
+        if start > durable.next() {
+            return Err(format!(
+                "the collector holds the group up to {durable} but the spool starts at {start}: the collector lost records it had acknowledged"
+            ));
+        }
+        let mut reader = Some(self.group.spool.reader(start));
+        let mut in_flight: VecDeque<Seq> = VecDeque::new();
+        let mut query_id = 0u64;
+        let mut released = durable;
+        loop {
+            let acked = *durable_rx.borrow_and_update();
+            while in_flight.front().is_some_and(|&s| s <= acked) {
+                in_flight.pop_front();
+            }
+            if acked > released {
+                self.release(acked).await?;
+                released = acked;
+                self.status.send_modify(|s| s.durable_seq = acked);
+            }
+            if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+                durable_rx
+                    .changed()
+                    .await
+                    .map_err(|_| "collector stream closed".to_owned())?;
+                continue;
+            }
+            let (back, prepared) = self.prepare(reader.take()).await?;
+            reader = Some(back);
+            let Some(batch) = prepared else {
+                self.idle(tx, &reader, &mut durable_rx).await?;
+                continue;
+            };
+            query_id += 1;
+            let missing = self.query(tx, &mut replies, query_id, &batch).await?;
+            let last_seq = batch.last_seq;
+            let message = tokio::task::spawn_blocking(move || build_batch(batch, &missing))
+                .await
+                .map_err(|e| e.to_string())?;
+            send(tx, Out::Batch(message)).await?;
+            in_flight.push_back(last_seq);
+        }
+    }
+
+    async fn prepare(
+        &self,
+        reader: Option<SpoolReader>,
+    ) -> Result<(SpoolReader, Option<PreparedBatch>), String> {
+        let group = self.group.clone();
+        let mut reader = reader.ok_or("spool reader lost")?;
+        tokio::task::spawn_blocking(move || {
+            let batch = prepare_batch(&group, &mut reader);
+            batch.map(|b| (reader, b))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Nothing to send: wait for new records, sending a heartbeat meanwhile so the collector
+    /// knows how recent "everything" is.
+    async fn idle(
+        &self,
+        tx: &mpsc::Sender<v1::AgentMessage>,
+        reader: &Option<SpoolReader>,
+        durable_rx: &mut watch::Receiver<Seq>,
+    ) -> SessionResult {
+        let (last_seq, time_ns) = self.group.spool.heartbeat();
+        send(
+            tx,
+            Out::Heartbeat(v1::Heartbeat {
+                last_seq: last_seq.0,
+                time_ns: time_ns.0,
+            }),
+        )
+        .await?;
+        let waiting_for = reader
+            .as_ref()
+            .map_or(last_seq, |r| Seq(r.next_seq().0 - 1));
+        let group = self.group.clone();
+        let wait = tokio::task::spawn_blocking(move || {
+            group.spool.wait_beyond(waiting_for, HEARTBEAT_EVERY)
+        });
+        tokio::select! {
+            r = wait => { r.map_err(|e| e.to_string())?; }
+            r = durable_rx.changed() => { r.map_err(|_| "collector stream closed".to_owned())?; }
+        }
+        Ok(())
+    }
+
+    async fn query(
+        &self,
+        tx: &mpsc::Sender<v1::AgentMessage>,
+        replies: &mut mpsc::Receiver<Vec<u32>>,
+        query_id: u64,
+        batch: &PreparedBatch,
+    ) -> Result<Vec<u32>, String> {
+        if batch.chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hashes = batch
+            .chunks
+            .iter()
+            .map(|h| Bytes::copy_from_slice(&h.0))
+            .collect();
+        send(tx, Out::HaveQuery(v1::HaveQuery { query_id, hashes })).await?;
+        let missing = replies.recv().await.ok_or("collector stream closed")?;
+        if missing.iter().any(|&i| i as usize >= batch.chunks.len()) {
+            return Err("collector answered a have-query with an index out of range".into());
+        }
+        Ok(missing)
+    }
+}
+
+async fn send(tx: &mpsc::Sender<v1::AgentMessage>, msg: Out) -> SessionResult {
+    tx.send(v1::AgentMessage { msg: Some(msg) })
+        .await
+        .map_err(|_| "journal stream closed".to_owned())
+}
+
+/// Dispatches what the collector sends: have-replies to the pump, durable seqs to a watch.
+async fn receive(
+    mut inbound: tonic::Streaming<v1::CollectorMessage>,
+    replies: mpsc::Sender<Vec<u32>>,
+    durable: watch::Sender<Seq>,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(v1::CollectorMessage {
+                msg: Some(In::HaveReply(reply)),
+            })) => {
+                if replies.send(reply.missing).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(v1::CollectorMessage {
+                msg: Some(In::Durable(d)),
+            })) => {
+                durable.send_modify(|s| *s = (*s).max(Seq(d.seq)));
+            }
+            Ok(Some(_)) => tracing::warn!("unexpected message from collector ignored"),
+            Ok(None) => return,
+            Err(status) => {
+                tracing::error!(code = ?status.code(), message = status.message(), "collector rejected the journal stream");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads spooled entries into a batch of at most [`BATCH_MAX_BYTES`] of block data (at least
+/// one entry), hashing blocks and dropping zero blocks.
+fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<PreparedBatch>, String> {
+    let mut batch = PreparedBatch {
+        records: Vec::new(),
+        last_seq: Seq(0),
+        chunks: Vec::new(),
+        chunk_data: Vec::new(),
+    };
+    let mut seen: HashMap<ChunkHash, ()> = HashMap::new();
+    let mut data_bytes = 0usize;
+    while data_bytes < BATCH_MAX_BYTES {
+        let Some(entry) = reader.next_entry(&group.spool).map_err(|e| e.to_string())? else {
+            break;
+        };
+        data_bytes += entry_data_len(&entry);
+        let record = to_record(entry, &mut seen, &mut batch);
+        batch.last_seq = record.seq;
+        batch.records.push(v1::Record::from(&record));
+    }
+    Ok((!batch.records.is_empty()).then_some(batch))
+}
+
+fn entry_data_len(entry: &SpoolEntry) -> usize {
+    match &entry.op {
+        SpoolOp::Write { data, .. } => data.len(),
+        SpoolOp::Other(_) => 64,
+    }
+}
+
+fn to_record(
+    entry: SpoolEntry,
+    seen: &mut HashMap<ChunkHash, ()>,
+    batch: &mut PreparedBatch,
+) -> Record {
+    let kind = match entry.op {
+        SpoolOp::Other(kind) => kind,
+        SpoolOp::Write {
+            volume,
+            first,
+            data,
+            origin,
+        } => {
+            let blocks = data
+                .chunks(BLOCK_SIZE)
+                .map(|b| {
+                    let chunk = block::chunk_of(b);
+                    if let Some(hash) = chunk {
+                        if seen.insert(hash, ()).is_none() {
+                            batch.chunks.push(hash);
+                            batch.chunk_data.extend_from_slice(b);
+                        }
+                    }
+                    chunk
+                })
+                .collect();
+            RecordKind::Write {
+                volume,
+                first,
+                blocks,
+                origin,
+            }
+        }
+    };
+    Record {
+        seq: entry.seq,
+        time: entry.time,
+        kind,
+    }
+}
+
+/// Compresses the chunks the collector lacks into frames and builds the batch message.
+fn build_batch(batch: PreparedBatch, missing: &[u32]) -> v1::Batch {
+    let mut frames = Vec::new();
+    for group in missing.chunks(MAX_FRAME_BLOCKS) {
+        let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
+        let mut hashes = Vec::with_capacity(group.len());
+        for &i in group {
+            let i = i as usize;
+            raw.extend_from_slice(&batch.chunk_data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+            hashes.push(Bytes::copy_from_slice(&batch.chunks[i].0));
+        }
+        frames.push(v1::Frame {
+            hashes,
+            zstd_data: Bytes::from(frame::compress(&raw, DEFAULT_ZSTD_LEVEL)),
+        });
+    }
+    v1::Batch {
+        records: batch.records,
+        frames,
+    }
+}

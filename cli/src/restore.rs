@@ -1,0 +1,148 @@
+//! Restore to a file: stream extents from the collector into a sparse image.
+//!
+//! The image is written to `OUT.partial` next to OUT and renamed into place only after every
+//! extent arrived and the file was fsynced, so a failed restore never leaves a plausible-looking
+//! but wrong image behind.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use tideline_proto::v1::{self, restore_message::Msg};
+
+use crate::CatalogClient;
+
+pub struct RestoreReport {
+    pub out: PathBuf,
+    pub size_bytes: u64,
+    pub data_bytes: u64,
+    pub seq: u64,
+    pub time_ns: i64,
+    pub seconds: f64,
+}
+
+impl RestoreReport {
+    pub fn mb_per_s(&self) -> f64 {
+        self.size_bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+impl std::fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "restored {} ({} of data) as of {} (seq {}) to {} in {:.2} s ({:.0} MB/s)",
+            crate::human_bytes(self.size_bytes),
+            crate::human_bytes(self.data_bytes),
+            crate::timefmt::format(self.time_ns),
+            self.seq,
+            self.out.display(),
+            self.seconds,
+            self.mb_per_s()
+        )
+    }
+}
+
+pub async fn to_file(
+    mut client: CatalogClient,
+    volume: &str,
+    point: v1::restore_request::Point,
+    out: &Path,
+    force: bool,
+) -> anyhow::Result<RestoreReport> {
+    if out.exists() && !force {
+        bail!(
+            "{} exists; refusing to overwrite it (pass --force to replace it)",
+            out.display()
+        );
+    }
+    let started = Instant::now();
+    let partial = partial_path(out);
+    let result = async {
+        let mut stream = client
+            .restore(v1::RestoreRequest {
+                volume: volume.to_owned(),
+                point: Some(point),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("restore {volume}: {}", s.message()))?
+            .into_inner();
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&partial)
+            .with_context(|| format!("create {}", partial.display()))?;
+        let header = match stream.message().await {
+            Ok(Some(v1::RestoreMessage {
+                msg: Some(Msg::Header(h)),
+            })) => h,
+            Ok(_) => bail!("collector sent no restore header"),
+            Err(s) => bail!("restore {volume}: {}", s.message()),
+        };
+        let mut data_bytes = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(v1::RestoreMessage {
+                    msg: Some(Msg::Extent(e)),
+                })) => {
+                    write_extent(&file, &header, &e)?;
+                    data_bytes += e.data.len() as u64;
+                }
+                Ok(Some(_)) => bail!("unexpected message in restore stream"),
+                Ok(None) => break,
+                Err(s) => bail!("restore {volume} failed: {}", s.message()),
+            }
+        }
+        file.set_len(header.size_bytes)
+            .context("size restored image")?;
+        file.sync_all().context("fsync restored image")?;
+        Ok((header, data_bytes))
+    }
+    .await;
+    match result {
+        Ok((header, data_bytes)) => {
+            std::fs::rename(&partial, out)
+                .with_context(|| format!("rename into {}", out.display()))?;
+            Ok(RestoreReport {
+                out: out.to_owned(),
+                size_bytes: header.size_bytes,
+                data_bytes,
+                seq: header.seq,
+                time_ns: header.time_ns,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
+fn write_extent(
+    file: &File,
+    header: &v1::RestoreHeader,
+    extent: &v1::Extent,
+) -> anyhow::Result<()> {
+    let end = extent.offset_bytes.checked_add(extent.data.len() as u64);
+    if end.is_none_or(|end| end > header.size_bytes) {
+        bail!(
+            "collector sent an extent past the end of the volume (offset {})",
+            extent.offset_bytes
+        );
+    }
+    file.write_all_at(&extent.data, extent.offset_bytes)
+        .with_context(|| format!("write restored image at offset {}", extent.offset_bytes))
+}
+
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial");
+    out.with_file_name(name)
+}

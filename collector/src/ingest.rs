@@ -1,0 +1,224 @@
+//! The Ingest service: one bidirectional journal stream per agent group.
+//!
+//! Each stream is handled by one task that processes messages in order; while a batch is being
+//! made durable the task does not read the next message, so HTTP/2 flow control pushes back on
+//! the agent (backpressure, not buffering). Replies go through a bounded channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use tideline_core::record::Record;
+use tideline_core::store::{IncomingFrame, Store, StoreError, VolumeMeta};
+use tideline_core::{GroupName, Seq, TimeNs, BLOCK_SIZE_BYTES};
+use tideline_proto::v1::{self, agent_message::Msg as In, collector_message::Msg as Out};
+use tideline_proto::{volume_name, WireFrame};
+
+use crate::live::Live;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct IngestService {
+    store: Arc<Store>,
+    live: Arc<Live>,
+}
+
+impl IngestService {
+    pub fn new(store: Arc<Store>, live: Arc<Live>) -> IngestService {
+        IngestService { store, live }
+    }
+}
+
+type Replies = mpsc::Sender<Result<v1::CollectorMessage, Status>>;
+
+fn reply(msg: Out) -> Result<v1::CollectorMessage, Status> {
+    Ok(v1::CollectorMessage { msg: Some(msg) })
+}
+
+/// Maps a store error to the status an agent (or a lying client) receives.
+pub fn store_status(e: StoreError) -> Status {
+    let message = e.to_string();
+    match e {
+        StoreError::ChunkMismatch { .. } | StoreError::MissingChunk { .. } => {
+            Status::invalid_argument(message)
+        }
+        StoreError::SeqGap { .. } => Status::out_of_range(message),
+        StoreError::UnknownVolume { .. } => Status::not_found(message),
+        StoreError::NotRestorable { .. } => Status::failed_precondition(message),
+        _ => Status::failed_precondition(message),
+    }
+}
+
+fn blocking_status(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("store task failed: {e}"))
+}
+
+fn parse_hello(hello: v1::Hello) -> Result<(GroupName, Vec<VolumeMeta>, u64), Status> {
+    let group = GroupName::new(hello.group.as_str())
+        .map_err(|e| Status::invalid_argument(format!("hello.group: {e}")))?;
+    if hello.volumes.is_empty() {
+        return Err(Status::invalid_argument(
+            "hello.volumes: a group needs at least one volume",
+        ));
+    }
+    let mut volumes = Vec::new();
+    for v in &hello.volumes {
+        let name = volume_name("hello.volumes.name", &v.name)?;
+        if v.size_bytes == 0 || v.size_bytes % BLOCK_SIZE_BYTES != 0 {
+            return Err(Status::invalid_argument(format!(
+                "hello.volumes: volume {name} size {} is not a positive multiple of {BLOCK_SIZE_BYTES}",
+                v.size_bytes
+            )));
+        }
+        volumes.push(VolumeMeta {
+            name,
+            size_bytes: v.size_bytes,
+        });
+    }
+    Ok((group, volumes, hello.spool_id))
+}
+
+#[tonic::async_trait]
+impl v1::ingest_server::Ingest for IngestService {
+    type JournalStream = ReceiverStream<Result<v1::CollectorMessage, Status>>;
+
+    async fn journal(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::JournalStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 30 s"))??;
+        let Some(v1::AgentMessage {
+            msg: Some(In::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first message of a journal stream must be Hello",
+            ));
+        };
+        let agent = hello.agent_id.clone();
+        let (group, volumes, spool_id) = parse_hello(hello)?;
+        let store = self.store.clone();
+        let g = group.clone();
+        let durable =
+            tokio::task::spawn_blocking(move || store.register_group(&g, spool_id, &volumes))
+                .await
+                .map_err(blocking_status)?
+                .map_err(store_status)?;
+        tracing::info!(%group, %agent, durable = durable.0, "journal stream opened");
+        let (tx, rx) = mpsc::channel(16);
+        let _ = tx
+            .send(reply(Out::Welcome(v1::Welcome {
+                durable_seq: durable.0,
+            })))
+            .await;
+        let stream = JournalStream {
+            store: self.store.clone(),
+            live: self.live.clone(),
+            group,
+            replies: tx,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct JournalStream {
+    store: Arc<Store>,
+    live: Arc<Live>,
+    group: GroupName,
+    replies: Replies,
+}
+
+impl JournalStream {
+    async fn run(self, mut inbound: Streaming<v1::AgentMessage>) {
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(v1::AgentMessage { msg: Some(m) })) => m,
+                Ok(Some(_)) => continue,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(group = %self.group, message = status.message(), "journal stream broken");
+                    break;
+                }
+            };
+            if let Err(status) = self.handle(message).await {
+                tracing::warn!(group = %self.group, code = ?status.code(), message = status.message(), "journal stream refused");
+                let _ = self.replies.send(Err(status)).await;
+                break;
+            }
+        }
+    }
+
+    async fn handle(&self, message: In) -> Result<(), Status> {
+        match message {
+            In::Hello(_) => Err(Status::invalid_argument("Hello sent twice")),
+            In::HaveQuery(query) => {
+                let hashes = query
+                    .hashes
+                    .iter()
+                    .map(|h| {
+                        tideline_proto::chunk_hash("have_query.hashes", h, false)
+                            .map(|h| h.unwrap_or(tideline_core::ChunkHash([0; 32])))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let missing = self.store.missing(&hashes);
+                self.send(Out::HaveReply(v1::HaveReply {
+                    query_id: query.query_id,
+                    missing,
+                }))
+                .await
+            }
+            In::Batch(batch) => self.ingest(batch).await,
+            In::Heartbeat(hb) => {
+                self.live
+                    .heartbeat(&self.group, Seq(hb.last_seq), TimeNs(hb.time_ns));
+                Ok(())
+            }
+        }
+    }
+
+    async fn ingest(&self, batch: v1::Batch) -> Result<(), Status> {
+        let records = batch
+            .records
+            .iter()
+            .map(Record::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let frames = batch
+            .frames
+            .into_iter()
+            .map(WireFrame::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let newest_time = records.last().map(|r| r.time).unwrap_or_default();
+        let store = self.store.clone();
+        let group = self.group.clone();
+        let durable = tokio::task::spawn_blocking(move || {
+            let incoming: Vec<IncomingFrame<'_>> = frames
+                .iter()
+                .map(|f| IncomingFrame {
+                    hashes: &f.hashes,
+                    zstd_data: &f.zstd_data,
+                })
+                .collect();
+            store.ingest(&group, &records, &incoming)
+        })
+        .await
+        .map_err(blocking_status)?
+        .map_err(store_status)?;
+        self.live.durable(&self.group, durable, newest_time);
+        self.send(Out::Durable(v1::Durable { seq: durable.0 }))
+            .await
+    }
+
+    async fn send(&self, msg: Out) -> Result<(), Status> {
+        self.replies
+            .send(reply(msg))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))
+    }
+}

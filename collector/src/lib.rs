@@ -1,0 +1,75 @@
+//! Tideline collector: receives journals from agents, stores them durably, and serves restores.
+//!
+//! The storage engine is the synchronous [`tideline_core::store::Store`]; this crate is its
+//! network face. Every store call runs on tokio's blocking pool. Wire messages are converted
+//! into core types by `tideline-proto` as they arrive; anything that does not convert is
+//! refused with `INVALID_ARGUMENT` and nothing from it is stored.
+
+pub mod catalog;
+pub mod config;
+pub mod ingest;
+pub mod live;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use config::CollectorConfig;
+use live::Live;
+use tideline_core::store::{Store, StoreConfig};
+use tideline_proto::v1;
+
+/// Largest gRPC message accepted or sent (a 32 MiB client write plus framing fits).
+pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
+
+/// Opens the store and serves the Ingest and Catalog services on `listener` until `shutdown`.
+pub async fn run(
+    config: CollectorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let store_config = StoreConfig::new(&config.data_dir);
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await?
+        .with_context(|| format!("open store in {}", config.data_dir.display()))?;
+    let store = Arc::new(store);
+    let live = Arc::new(Live::from_store(&store));
+    let ingest = ingest::IngestService::new(store.clone(), live.clone());
+    let catalog = catalog::CatalogService::new(store.clone(), live.clone());
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<v1::ingest_server::IngestServer<ingest::IngestService>>()
+        .await;
+    health_reporter
+        .set_serving::<v1::catalog_server::CatalogServer<catalog::CatalogService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tideline_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("build reflection service")?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "collector serving");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            v1::ingest_server::IngestServer::new(ingest)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1::catalog_server::CatalogServer::new(catalog)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("serve gRPC")?;
+    tracing::info!("collector stopped");
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! What the collector knows beyond the store: how recent "everything" is for each group.
+//!
+//! A group's *durable-through time* is the latest moment T such that every record the agent
+//! stamped at or before T is durable here. It advances with each durable batch (to the newest
+//! record's time) and with agent heartbeats ("as of T my newest record is S"), which count once
+//! S is durable. It drives `tideline wait`, the restorable window's newest end, and the RPO.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use tideline_core::store::Store;
+use tideline_core::{GroupName, Seq, TimeNs};
+
+/// Heartbeats waiting for their seq to become durable; older ones are dropped past this.
+const MAX_PENDING_HEARTBEATS: usize = 64;
+
+#[derive(Debug, Clone, Default)]
+pub struct GroupLive {
+    pub durable_seq: Seq,
+    pub durable_through: TimeNs,
+    pending_heartbeats: VecDeque<(Seq, TimeNs)>,
+}
+
+impl GroupLive {
+    fn settle_heartbeats(&mut self) {
+        while let Some(&(seq, time)) = self.pending_heartbeats.front() {
+            if seq > self.durable_seq {
+                break;
+            }
+            self.durable_through = self.durable_through.max(time);
+            self.pending_heartbeats.pop_front();
+        }
+    }
+}
+
+pub struct Live {
+    groups: Mutex<HashMap<GroupName, GroupLive>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Live {
+    pub fn from_store(store: &Store) -> Live {
+        let mut groups: HashMap<GroupName, GroupLive> = HashMap::new();
+        for volume in store.volumes() {
+            let entry = groups.entry(volume.group.clone()).or_default();
+            entry.durable_seq = entry.durable_seq.max(volume.durable_seq);
+            if let Some(time) = volume.newest_record_time {
+                entry.durable_through = entry.durable_through.max(time);
+            }
+        }
+        Live {
+            groups: Mutex::new(groups),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn update<R>(&self, group: &GroupName, f: impl FnOnce(&mut GroupLive) -> R) -> R {
+        let result = {
+            let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+            f(groups.entry(group.clone()).or_default())
+        };
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        result
+    }
+
+    pub fn get(&self, group: &GroupName) -> GroupLive {
+        let groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        groups.get(group).cloned().unwrap_or_default()
+    }
+
+    /// Records up to `seq`, the newest stamped `time`, are durable.
+    pub fn durable(&self, group: &GroupName, seq: Seq, time: TimeNs) {
+        self.update(group, |g| {
+            g.durable_seq = g.durable_seq.max(seq);
+            g.durable_through = g.durable_through.max(time);
+            g.settle_heartbeats();
+        });
+    }
+
+    pub fn heartbeat(&self, group: &GroupName, last_seq: Seq, time: TimeNs) {
+        self.update(group, |g| {
+            if g.pending_heartbeats.len() == MAX_PENDING_HEARTBEATS {
+                g.pending_heartbeats.pop_front();
+            }
+            g.pending_heartbeats.push_back((last_seq, time));
+            g.settle_heartbeats();
+        });
+    }
+
+    /// Waits until the group is durable through `until`, or `timeout` passes.
+    pub async fn wait_durable(
+        &self,
+        group: &GroupName,
+        until: TimeNs,
+        timeout: Duration,
+    ) -> GroupLive {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let live = self.get(group);
+            if live.durable_through >= until {
+                return live;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return self.get(group),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn heartbeats_count_only_once_their_seq_is_durable() {
+        let live = Live {
+            groups: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+        };
+        let g = GroupName::new("g").unwrap();
+        live.durable(&g, Seq(5), TimeNs(100));
+        live.heartbeat(&g, Seq(7), TimeNs(300));
+        assert_eq!(live.get(&g).durable_through, TimeNs(100));
+        live.durable(&g, Seq(7), TimeNs(250));
+        assert_eq!(live.get(&g).durable_through, TimeNs(300));
+        live.heartbeat(&g, Seq(7), TimeNs(400));
+        assert_eq!(live.get(&g).durable_through, TimeNs(400));
+    }
+}

@@ -1,0 +1,113 @@
+//! Compressed frames: many blocks compressed together with zstd.
+//!
+//! Compressing one 4 KiB block at a time costs about a third of zstd's speed and a tenth of its
+//! ratio on filesystem data (see REFERENCES), so the shipper batches the blocks the collector
+//! lacks into frames of up to [`MAX_FRAME_BLOCKS`] blocks, and the collector stores frames as
+//! they arrive. A frame is always checked against the hashes that name its blocks.
+
+use crate::types::{ChunkHash, BLOCK_SIZE};
+
+/// Most blocks in one frame (1 MiB of uncompressed data).
+pub const MAX_FRAME_BLOCKS: usize = 256;
+/// zstd level used on the write path: fast, and most of the ratio.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame names {0} blocks; between 1 and {MAX_FRAME_BLOCKS} are allowed")]
+    BadBlockCount(usize),
+    #[error("frame does not decompress: {0}")]
+    Undecodable(String),
+    #[error("frame decompresses to {actual} bytes, expected {expected}")]
+    WrongLength { expected: usize, actual: usize },
+    #[error("block {index} of the frame does not match its hash {expected}")]
+    HashMismatch { index: usize, expected: ChunkHash },
+}
+
+/// Compresses whole blocks into one frame.
+pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
+    debug_assert_eq!(blocks.len() % BLOCK_SIZE, 0);
+    // Compressing an in-memory slice cannot fail for a valid level; fall back to level 1.
+    zstd::bulk::compress(blocks, level)
+        .or_else(|_| zstd::bulk::compress(blocks, DEFAULT_ZSTD_LEVEL))
+        .unwrap_or_default()
+}
+
+/// Decompresses a frame that should hold exactly `block_count` blocks, allocating no more.
+pub fn decompress(compressed: &[u8], block_count: usize) -> Result<Vec<u8>, FrameError> {
+    if block_count == 0 || block_count > MAX_FRAME_BLOCKS {
+        return Err(FrameError::BadBlockCount(block_count));
+    }
+    let expected = block_count * BLOCK_SIZE;
+    let data = zstd::bulk::decompress(compressed, expected)
+        .map_err(|e| FrameError::Undecodable(e.to_string()))?;
+    if data.len() != expected {
+        return Err(FrameError::WrongLength {
+            expected,
+            actual: data.len(),
+        });
+    }
+    Ok(data)
+}
+
+/// Checks that block `i` of `data` hashes to `hashes[i]`, for every block.
+pub fn verify(hashes: &[ChunkHash], data: &[u8]) -> Result<(), FrameError> {
+    if data.len() != hashes.len() * BLOCK_SIZE {
+        return Err(FrameError::WrongLength {
+            expected: hashes.len() * BLOCK_SIZE,
+            actual: data.len(),
+        });
+    }
+    for (index, (expected, block)) in hashes.iter().zip(data.chunks(BLOCK_SIZE)).enumerate() {
+        if ChunkHash::of(block) != *expected {
+            return Err(FrameError::HashMismatch {
+                index,
+                expected: *expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Decompresses and verifies a frame in one step: what a receiver does with untrusted bytes.
+pub fn open(compressed: &[u8], hashes: &[ChunkHash]) -> Result<Vec<u8>, FrameError> {
+    let data = decompress(compressed, hashes.len())?;
+    verify(hashes, &data)?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocks(n: usize) -> Vec<u8> {
+        (0..n * BLOCK_SIZE).map(|i| (i / 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn round_trip_and_verify() {
+        let data = blocks(3);
+        let hashes: Vec<_> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
+        let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
+        assert!(frame.len() < data.len());
+        assert_eq!(open(&frame, &hashes).unwrap(), data);
+    }
+
+    #[test]
+    fn lies_are_caught() {
+        let data = blocks(2);
+        let mut hashes: Vec<_> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
+        let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
+        hashes[1] = ChunkHash::of(b"something else");
+        assert!(matches!(
+            open(&frame, &hashes),
+            Err(FrameError::HashMismatch { index: 1, .. })
+        ));
+        assert!(matches!(
+            open(&frame, &hashes[..1]),
+            Err(FrameError::Undecodable(_))
+        ));
+        assert!(open(b"not zstd at all", &hashes).is_err());
+        assert_eq!(decompress(&frame, 0), Err(FrameError::BadBlockCount(0)));
+    }
+}

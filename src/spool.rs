@@ -1,0 +1,836 @@
+//! The agent's spool: a crash-safe, bounded, local journal of one consistency group.
+//!
+//! Every write is appended here *before* the client is answered, so a record survives the agent
+//! being killed (the bytes are in the kernel's page cache) and, after the next flush, a power
+//! loss (the segment is fsynced). The shipper reads the spool in `seq` order and the agent
+//! deletes whole segments once the collector says their records are durable.
+//!
+//! Layout of `DIR` (one directory per group):
+//! * `spool.id`: the spool's random 64-bit id, written once (temp file, fsync, rename, fsync dir).
+//! * `NNNNNNNNNNNNNNNNNNNN.seg`: segments named after their first `seq`, each a sequence of
+//!   [`crate::framed`] entries holding one [`SpoolEntry`] each.
+//!
+//! Recovery on open: segments are scanned in order; a torn tail of the newest segment is
+//! truncated (those writes were never acknowledged as durable: they were neither flushed nor, as
+//! the process died mid-append, acknowledged at all); corruption anywhere else refuses to open.
+//! Records must be contiguous across segments, else opening fails naming the gap.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::framed::{self, ENTRY_HEADER_BYTES, ENTRY_MAGIC, MAX_ENTRY_BODY_BYTES};
+use crate::record::{DecodeError, Record, RecordKind, WriteOrigin};
+use crate::types::{BlockNo, Seq, TimeNs, VolumeName, BLOCK_SIZE};
+
+/// Default size at which a new segment is started.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+/// Room kept free past the limit for small control records (gap markers, flushes).
+const CONTROL_RESERVE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// Most bytes the spool may hold; an append past it fails with [`SpoolError::Full`].
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+impl SpoolConfig {
+    pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.into(),
+            max_bytes,
+            segment_bytes: DEFAULT_SEGMENT_BYTES.min(max_bytes / 4).max(1 << 20),
+        }
+    }
+}
+
+/// What the spool holds for one journal record. Writes carry their block data; the shipper
+/// hashes and compresses it off the write path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolEntry {
+    pub seq: Seq,
+    pub time: TimeNs,
+    pub op: SpoolOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpoolOp {
+    /// Whole blocks starting at `first`; `data.len()` is a multiple of [`BLOCK_SIZE`].
+    Write {
+        volume: VolumeName,
+        first: BlockNo,
+        data: Vec<u8>,
+        origin: WriteOrigin,
+    },
+    /// Any record kind other than `Write`, spooled as its journal record.
+    Other(RecordKind),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {dir} is full ({used_bytes} of {max_bytes} bytes): the collector is behind or unreachable")]
+    Full {
+        dir: String,
+        used_bytes: u64,
+        max_bytes: u64,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Scan(#[from] framed::ScanError),
+    #[error("spool {dir}: segment {segment} starts at {found} but {expected} was expected; records are missing. Move the spool directory aside to start afresh (a full resync follows)")]
+    Gap {
+        dir: String,
+        segment: String,
+        expected: Seq,
+        found: Seq,
+    },
+    #[error("spool entry at {segment} byte {offset}: {source}")]
+    Decode {
+        segment: String,
+        offset: u64,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SpoolError {
+    let context = context.into();
+    move |source| SpoolError::Io { context, source }
+}
+
+const TAG_WRITE: u8 = 1;
+const TAG_RECORD: u8 = 2;
+
+impl SpoolEntry {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match &self.op {
+            SpoolOp::Write {
+                volume,
+                first,
+                data,
+                origin,
+            } => {
+                out.push(TAG_WRITE);
+                out.extend_from_slice(&self.seq.0.to_le_bytes());
+                out.extend_from_slice(&self.time.0.to_le_bytes());
+                out.push(u8::from(*origin == WriteOrigin::Resync));
+                out.push(volume.as_str().len() as u8);
+                out.extend_from_slice(volume.as_str().as_bytes());
+                out.extend_from_slice(&first.0.to_le_bytes());
+                out.extend_from_slice(data);
+            }
+            SpoolOp::Other(kind) => {
+                out.push(TAG_RECORD);
+                Record {
+                    seq: self.seq,
+                    time: self.time,
+                    kind: kind.clone(),
+                }
+                .encode(out);
+            }
+        }
+    }
+
+    fn decode(body: &[u8]) -> Result<SpoolEntry, DecodeError> {
+        let (&tag, rest) = body
+            .split_first()
+            .ok_or(DecodeError::Truncated { at: 0, needed: 1 })?;
+        match tag {
+            TAG_RECORD => {
+                let record = Record::decode(rest)?;
+                Ok(SpoolEntry {
+                    seq: record.seq,
+                    time: record.time,
+                    op: SpoolOp::Other(record.kind),
+                })
+            }
+            TAG_WRITE => decode_write(rest),
+            other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+
+    /// Bytes this entry occupies in a segment.
+    fn encoded_len(&self) -> u64 {
+        let body = match &self.op {
+            SpoolOp::Write { volume, data, .. } => {
+                1 + 8 + 8 + 1 + 1 + volume.as_str().len() + 8 + data.len()
+            }
+            SpoolOp::Other(_) => 256,
+        };
+        ENTRY_HEADER_BYTES + body as u64
+    }
+}
+
+fn decode_write(rest: &[u8]) -> Result<SpoolEntry, DecodeError> {
+    let fixed = 8 + 8 + 1 + 1;
+    if rest.len() < fixed {
+        return Err(DecodeError::Truncated {
+            at: 1,
+            needed: fixed - rest.len(),
+        });
+    }
+    let word = |at: usize| {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&rest[at..at + 8]);
+        raw
+    };
+    let seq = Seq(u64::from_le_bytes(word(0)));
+    let time = TimeNs(i64::from_le_bytes(word(8)));
+    let origin = if rest[16] == 0 {
+        WriteOrigin::Client
+    } else {
+        WriteOrigin::Resync
+    };
+    let name_len = usize::from(rest[17]);
+    let data_at = fixed + name_len + 8;
+    if rest.len() < data_at {
+        return Err(DecodeError::Truncated {
+            at: rest.len(),
+            needed: data_at - rest.len(),
+        });
+    }
+    let name = std::str::from_utf8(&rest[fixed..fixed + name_len])
+        .map_err(|_| DecodeError::BadName("not UTF-8".into()))?;
+    let volume = VolumeName::new(name).map_err(|e| DecodeError::BadName(e.to_string()))?;
+    let first = BlockNo(u64::from_le_bytes(word(fixed + name_len)));
+    let data = rest[data_at..].to_vec();
+    if data.is_empty() || data.len() % BLOCK_SIZE != 0 {
+        return Err(DecodeError::OutOfRange("write data length"));
+    }
+    Ok(SpoolEntry {
+        seq,
+        time,
+        op: SpoolOp::Write {
+            volume,
+            first,
+            data,
+            origin,
+        },
+    })
+}
+
+#[derive(Debug)]
+struct Segment {
+    first_seq: Seq,
+    /// Newest seq in the segment; `first_seq - 1` while empty.
+    last_seq: Seq,
+    path: PathBuf,
+    len_bytes: u64,
+}
+
+struct Inner {
+    segments: VecDeque<Segment>,
+    active: File,
+    next_seq: Seq,
+    last_time: TimeNs,
+    used_bytes: u64,
+    /// Newest seq the collector has made durable (segments at or below it can go).
+    released_through: Seq,
+    encode_buf: Vec<u8>,
+}
+
+/// One group's spool. Appends are serialised by an internal mutex; readers (the shipper) use
+/// [`SpoolReader`] and never block writers for longer than a length check.
+pub struct Spool {
+    config: SpoolConfig,
+    spool_id: u64,
+    inner: Mutex<Inner>,
+    appended: Condvar,
+}
+
+fn segment_path(dir: &Path, first: Seq) -> PathBuf {
+    dir.join(format!("{:020}.seg", first.0))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(format!("fsync directory {}", dir.display())))
+}
+
+fn load_or_create_id(dir: &Path) -> Result<u64, SpoolError> {
+    let path = dir.join("spool.id");
+    match fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16).map_err(|_| SpoolError::Io {
+            context: format!("read {}", path.display()),
+            source: io::Error::new(io::ErrorKind::InvalidData, "not a hexadecimal spool id"),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let id = random_u64();
+            let tmp = dir.join("spool.id.tmp");
+            let write = || -> io::Result<()> {
+                let mut f = File::create(&tmp)?;
+                writeln!(f, "{id:016x}")?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)
+            };
+            write().map_err(io_err(format!("write {}", path.display())))?;
+            fsync_dir(dir)?;
+            Ok(id)
+        }
+        Err(e) => Err(io_err(format!("read {}", path.display()))(e)),
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let now = TimeNs::now().0 as u64;
+        bytes = (now ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes)
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `config.dir`, recovering from a crash as the module
+    /// documentation describes.
+    pub fn open(config: SpoolConfig) -> Result<Spool, SpoolError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir)
+            .map_err(io_err(format!("create spool directory {}", dir.display())))?;
+        let spool_id = load_or_create_id(&dir)?;
+        let mut firsts = list_segments(&dir)?;
+        firsts.sort();
+        let mut segments = VecDeque::new();
+        let mut next_seq = Seq(1);
+        let mut last_time = TimeNs(0);
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = segment_path(&dir, first);
+            if i > 0 && first != next_seq {
+                return Err(SpoolError::Gap {
+                    dir: dir.display().to_string(),
+                    segment: path.display().to_string(),
+                    expected: next_seq,
+                    found: first,
+                });
+            }
+            let (last, len_bytes, time) = recover_segment(&path, first, i + 1 == count)?;
+            if let Some(time) = time {
+                last_time = last_time.max(time);
+            }
+            next_seq = last.next();
+            segments.push_back(Segment {
+                first_seq: first,
+                last_seq: last,
+                path,
+                len_bytes,
+            });
+        }
+        if segments.is_empty() {
+            let path = segment_path(&dir, next_seq);
+            File::create(&path).map_err(io_err(format!("create {}", path.display())))?;
+            fsync_dir(&dir)?;
+            segments.push_back(Segment {
+                first_seq: next_seq,
+                last_seq: Seq(next_seq.0 - 1),
+                path,
+                len_bytes: 0,
+            });
+        }
+        let active_path = &segments.back().map(|s| s.path.clone()).unwrap_or_default();
+        let active = OpenOptions::new()
+            .append(true)
+            .open(active_path)
+            .map_err(io_err(format!("open {}", active_path.display())))?;
+        let used_bytes = segments.iter().map(|s| s.len_bytes).sum();
+        Ok(Spool {
+            config,
+            spool_id,
+            inner: Mutex::new(Inner {
+                segments,
+                active,
+                next_seq,
+                last_time,
+                used_bytes,
+                released_through: Seq(0),
+                encode_buf: Vec::new(),
+            }),
+            appended: Condvar::new(),
+        })
+    }
+
+    pub fn spool_id(&self) -> u64 {
+        self.spool_id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves only fully written entries behind (the file is
+        // append-only and the lengths are updated last), so the state is still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Oldest seq still held (the shipper starts here after a restart), or `None` when empty.
+    pub fn first_seq(&self) -> Option<Seq> {
+        let inner = self.lock();
+        inner
+            .segments
+            .iter()
+            .find(|s| s.last_seq >= s.first_seq)
+            .map(|s| s.first_seq)
+    }
+
+    /// Newest seq appended, `Seq(0)` when nothing ever was.
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.lock().next_seq.0 - 1)
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().used_bytes
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.config.max_bytes
+    }
+
+    /// Newest seq and the time as of which it is the newest: what a heartbeat reports.
+    pub fn heartbeat(&self) -> (Seq, TimeNs) {
+        let mut inner = self.lock();
+        // Later appends are stamped strictly after this time, so "as of this time the newest
+        // record is this seq" stays true.
+        inner.last_time = TimeNs::now().max(inner.last_time);
+        (Seq(inner.next_seq.0 - 1), inner.last_time)
+    }
+
+    /// Appends one entry, stamping it with the next `seq` and a time that never goes backwards.
+    /// The entry is in the page cache when this returns (safe against the process dying); call
+    /// [`Spool::sync`] to make it durable against power loss.
+    pub fn append(&self, op: SpoolOp) -> Result<(Seq, TimeNs), SpoolError> {
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        let time = TimeNs::now().max(TimeNs(inner.last_time.0 + 1));
+        let entry = SpoolEntry { seq, time, op };
+        let limit = match entry.op {
+            SpoolOp::Write { .. } => self.config.max_bytes,
+            SpoolOp::Other(_) => self.config.max_bytes + CONTROL_RESERVE_BYTES,
+        };
+        if inner.used_bytes + entry.encoded_len() > limit {
+            return Err(SpoolError::Full {
+                dir: self.config.dir.display().to_string(),
+                used_bytes: inner.used_bytes,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        self.rotate_if_needed(&mut inner)?;
+        let mut buf = std::mem::take(&mut inner.encode_buf);
+        buf.clear();
+        let mut body = Vec::with_capacity(entry.encoded_len() as usize);
+        entry.encode(&mut body);
+        if body.len() > MAX_ENTRY_BODY_BYTES as usize {
+            return Err(SpoolError::Io {
+                context: "append to spool".into(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "entry larger than the spool's limit",
+                ),
+            });
+        }
+        framed::encode_entry(&mut buf, &body);
+        let result = inner.active.write_all(&buf);
+        let written = buf.len() as u64;
+        inner.encode_buf = buf;
+        if let Err(e) = result {
+            // Cut off whatever part of the entry reached the file, so the next append starts
+            // on an entry boundary.
+            let keep = inner.segments.back().map(|s| s.len_bytes).unwrap_or(0);
+            let _ = inner.active.set_len(keep);
+            return Err(io_err("append to spool")(e));
+        }
+        inner.next_seq = seq.next();
+        inner.last_time = time;
+        inner.used_bytes += written;
+        if let Some(active) = inner.segments.back_mut() {
+            active.last_seq = seq;
+            active.len_bytes += written;
+        }
+        drop(inner);
+        self.appended.notify_all();
+        Ok((seq, time))
+    }
+
+    fn rotate_if_needed(&self, inner: &mut Inner) -> Result<(), SpoolError> {
+        let Some(active) = inner.segments.back() else {
+            return Ok(());
+        };
+        if active.len_bytes < self.config.segment_bytes {
+            return Ok(());
+        }
+        // The old segment's data must be durable before a newer segment can exist without it.
+        inner
+            .active
+            .sync_data()
+            .map_err(io_err("fsync spool segment"))?;
+        let path = segment_path(&self.config.dir, inner.next_seq);
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(format!("create {}", path.display())))?;
+        fsync_dir(&self.config.dir)?;
+        inner.active = file;
+        inner.segments.push_back(Segment {
+            first_seq: inner.next_seq,
+            last_seq: Seq(inner.next_seq.0 - 1),
+            path,
+            len_bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// Makes every appended entry durable (fsync of the active segment; older segments were
+    /// fsynced when they were closed).
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        let file = {
+            let inner = self.lock();
+            inner
+                .active
+                .try_clone()
+                .map_err(io_err("clone spool segment handle"))?
+        };
+        // fsync outside the lock so appends continue meanwhile; whatever was appended before
+        // this call is covered.
+        file.sync_data().map_err(io_err("fsync spool segment"))
+    }
+
+    /// The collector holds everything up to `seq` durably: drop segments wholly at or below it.
+    pub fn release_through(&self, seq: Seq) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        inner.released_through = inner.released_through.max(seq);
+        while inner.segments.len() > 1 {
+            let Some(oldest) = inner.segments.front() else {
+                break;
+            };
+            if oldest.last_seq > seq {
+                break;
+            }
+            let path = oldest.path.clone();
+            let len = oldest.len_bytes;
+            fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
+            inner.segments.pop_front();
+            inner.used_bytes -= len;
+        }
+        Ok(())
+    }
+
+    /// Blocks until an entry newer than `seq` exists or `timeout` passes; returns the newest seq.
+    pub fn wait_beyond(&self, seq: Seq, timeout: Duration) -> Seq {
+        let inner = self.lock();
+        let (inner, _) = self
+            .appended
+            .wait_timeout_while(inner, timeout, |inner| inner.next_seq.0 - 1 <= seq.0)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Seq(inner.next_seq.0 - 1)
+    }
+
+    /// Where to find the entry with this seq: (segment path, byte offset to start scanning,
+    /// readable length of that segment). `None` when it was released or not yet written.
+    fn locate(&self, seq: Seq) -> Option<(PathBuf, Seq, u64)> {
+        let inner = self.lock();
+        inner
+            .segments
+            .iter()
+            .find(|s| s.first_seq <= seq && seq <= s.last_seq)
+            .map(|s| (s.path.clone(), s.first_seq, s.len_bytes))
+    }
+
+    /// A reader positioned at `from` (which must still be in the spool).
+    pub fn reader(&self, from: Seq) -> SpoolReader {
+        SpoolReader {
+            next: from,
+            current: None,
+        }
+    }
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<Seq>, SpoolError> {
+    let mut firsts = Vec::new();
+    let entries = fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err(format!("list {}", dir.display())))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else {
+            continue;
+        };
+        if let Ok(first) = stem.parse::<u64>() {
+            firsts.push(Seq(first));
+        }
+    }
+    Ok(firsts)
+}
+
+/// Scans one segment, truncating a torn tail if it is the newest. Returns its last seq, its
+/// valid length and its newest time.
+fn recover_segment(
+    path: &Path,
+    first: Seq,
+    newest: bool,
+) -> Result<(Seq, u64, Option<TimeNs>), SpoolError> {
+    let mut expected = first;
+    let mut newest_time = None;
+    let end = framed::scan_file(path, |_, body| {
+        let entry = SpoolEntry::decode(body).map_err(|e| e.to_string())?;
+        if entry.seq != expected {
+            return Err(format!(
+                "holds {} where {} was expected",
+                entry.seq, expected
+            ));
+        }
+        expected = expected.next();
+        newest_time = Some(entry.time);
+        Ok(())
+    })?;
+    if end.torn_bytes > 0 {
+        let shown = path.display().to_string();
+        if !newest {
+            return Err(SpoolError::Scan(framed::ScanError::Corrupt {
+                path: shown,
+                offset: end.valid_len_bytes,
+                reason: "an older segment ends in a damaged entry",
+            }));
+        }
+        tracing::warn!(
+            segment = %shown,
+            torn_bytes = end.torn_bytes,
+            "truncating torn tail of spool segment (entries never acknowledged as durable)"
+        );
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(format!("open {shown}")))?;
+        file.set_len(end.valid_len_bytes)
+            .and_then(|_| file.sync_all())
+            .map_err(io_err(format!("truncate {shown}")))?;
+    }
+    Ok((Seq(expected.0 - 1), end.valid_len_bytes, newest_time))
+}
+
+/// Reads spool entries in `seq` order, for the shipper. Holds its own file handle, so segment
+/// removal by [`Spool::release_through`] never disturbs an open read (Unix semantics).
+pub struct SpoolReader {
+    next: Seq,
+    current: Option<ReaderSegment>,
+}
+
+struct ReaderSegment {
+    file: File,
+    path: PathBuf,
+    offset: u64,
+}
+
+impl SpoolReader {
+    pub fn next_seq(&self) -> Seq {
+        self.next
+    }
+
+    /// The next entry, or `None` when the reader has caught up with the writer.
+    pub fn next_entry(&mut self, spool: &Spool) -> Result<Option<SpoolEntry>, SpoolError> {
+        let Some((path, _first, readable_len)) = spool.locate(self.next) else {
+            return Ok(None);
+        };
+        let stale = self
+            .current
+            .as_ref()
+            .map(|c| c.path != path)
+            .unwrap_or(true);
+        if stale {
+            let file = File::open(&path).map_err(io_err(format!("open {}", path.display())))?;
+            self.current = Some(ReaderSegment {
+                file,
+                path,
+                offset: 0,
+            });
+        }
+        let Some(current) = self.current.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            if current.offset >= readable_len {
+                return Ok(None);
+            }
+            let (entry, len) = read_entry_at(current, readable_len)?;
+            current.offset += len;
+            if entry.seq == self.next {
+                self.next = entry.seq.next();
+                return Ok(Some(entry));
+            }
+            // Skip entries before the requested seq (first read after a restart).
+        }
+    }
+}
+
+fn read_entry_at(
+    current: &ReaderSegment,
+    readable_len: u64,
+) -> Result<(SpoolEntry, u64), SpoolError> {
+    let shown = || current.path.display().to_string();
+    let mut header = [0u8; ENTRY_HEADER_BYTES as usize];
+    current
+        .file
+        .read_exact_at(&mut header, current.offset)
+        .map_err(io_err(format!("read {}", shown())))?;
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (magic, len, crc) = (word(0), word(4), word(8));
+    let total = ENTRY_HEADER_BYTES + u64::from(len);
+    if magic != ENTRY_MAGIC || len > MAX_ENTRY_BODY_BYTES || current.offset + total > readable_len {
+        return Err(SpoolError::Scan(framed::ScanError::Corrupt {
+            path: shown(),
+            offset: current.offset,
+            reason: "entry header damaged after it was written",
+        }));
+    }
+    let mut body = vec![0u8; len as usize];
+    current
+        .file
+        .read_exact_at(&mut body, current.offset + ENTRY_HEADER_BYTES)
+        .map_err(io_err(format!("read {}", shown())))?;
+    if crc32c::crc32c(&body) != crc {
+        return Err(SpoolError::Scan(framed::ScanError::Corrupt {
+            path: shown(),
+            offset: current.offset,
+            reason: "entry checksum mismatch after it was written",
+        }));
+    }
+    let entry = SpoolEntry::decode(&body).map_err(|source| SpoolError::Decode {
+        segment: shown(),
+        offset: current.offset,
+        source,
+    })?;
+    Ok((entry, total))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn vol() -> VolumeName {
+        VolumeName::new("v").unwrap()
+    }
+
+    fn write(n: u8) -> SpoolOp {
+        SpoolOp::Write {
+            volume: vol(),
+            first: BlockNo(u64::from(n)),
+            data: vec![n; BLOCK_SIZE],
+            origin: WriteOrigin::Client,
+        }
+    }
+
+    fn small(dir: &Path) -> SpoolConfig {
+        SpoolConfig {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            segment_bytes: 3 * (BLOCK_SIZE as u64 + 64),
+        }
+    }
+
+    fn read_all(spool: &Spool, from: Seq) -> Vec<SpoolEntry> {
+        let mut reader = spool.reader(from);
+        let mut out = Vec::new();
+        while let Some(e) = reader.next_entry(spool).unwrap() {
+            out.push(e);
+        }
+        out
+    }
+
+    #[test]
+    fn append_read_reopen_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        let id = spool.spool_id();
+        for n in 1..=10u8 {
+            let (seq, _) = spool.append(write(n)).unwrap();
+            assert_eq!(seq, Seq(u64::from(n)));
+        }
+        spool.append(SpoolOp::Other(RecordKind::Flush)).unwrap();
+        assert_eq!(read_all(&spool, Seq(1)).len(), 11);
+        drop(spool);
+
+        let spool = Spool::open(small(dir.path())).unwrap();
+        assert_eq!(spool.spool_id(), id);
+        assert_eq!(spool.last_seq(), Seq(11));
+        let entries = read_all(&spool, Seq(4));
+        assert_eq!(entries.first().unwrap().seq, Seq(4));
+        assert_eq!(entries.first().unwrap().op, write(4));
+        let before = spool.used_bytes();
+        spool.release_through(Seq(7)).unwrap();
+        assert!(spool.used_bytes() < before);
+        assert!(spool.first_seq().unwrap() <= Seq(8));
+        assert_eq!(read_all(&spool, Seq(8)).len(), 4);
+        let times: Vec<_> = read_all(&spool, spool.first_seq().unwrap())
+            .iter()
+            .map(|e| e.time)
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_seq_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+        spool.append(write(1)).unwrap();
+        spool.append(write(2)).unwrap();
+        drop(spool);
+        let seg = segment_path(dir.path(), Seq(1));
+        let len = fs::metadata(&seg).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&seg).unwrap();
+        file.set_len(len - 100).unwrap();
+        let spool = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+        assert_eq!(spool.last_seq(), Seq(1));
+        assert_eq!(spool.append(write(9)).unwrap().0, Seq(2));
+        assert_eq!(read_all(&spool, Seq(1)).len(), 2);
+    }
+
+    #[test]
+    fn full_spool_refuses_writes_but_keeps_room_for_control_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig {
+            dir: dir.path().to_owned(),
+            max_bytes: 3 * BLOCK_SIZE as u64,
+            segment_bytes: 1 << 20,
+        };
+        let spool = Spool::open(config).unwrap();
+        spool.append(write(1)).unwrap();
+        spool.append(write(2)).unwrap();
+        let err = spool.append(write(3)).unwrap_err();
+        assert!(err.to_string().contains("is full"), "{err}");
+        spool
+            .append(SpoolOp::Other(RecordKind::Gap { volume: vol() }))
+            .unwrap();
+    }
+
+    #[test]
+    fn wait_beyond_wakes_on_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool =
+            std::sync::Arc::new(Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap());
+        let writer = {
+            let spool = spool.clone();
+            std::thread::spawn(move || spool.append(write(1)).unwrap())
+        };
+        let newest = spool.wait_beyond(Seq(0), Duration::from_secs(10));
+        assert_eq!(newest, Seq(1));
+        writer.join().unwrap();
+    }
+}

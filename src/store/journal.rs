@@ -1,0 +1,275 @@
+//! The in-memory journal index: every record of every group, by seq and by time, and for each
+//! volume the seqs where its journal became complete or lost track (its restore windows).
+//!
+//! Records of a group are held in seq order; seqs are contiguous and times non-decreasing
+//! (ingest refuses anything else), so a point in time is a prefix found by binary search.
+//! A restore replays the prefix from the start of the journal; image layers (periodic block
+//! maps) will bound that replay once they exist.
+
+use std::collections::BTreeMap;
+
+use crate::record::{Record, RecordKind};
+use crate::types::{BlockNo, ChunkHash, GroupName, Seq, TimeNs, VolumeName};
+
+use super::PointInTime;
+
+/// One consistency group: its agent spool, its volumes and its journal.
+#[derive(Debug)]
+pub(crate) struct GroupState {
+    pub spool_id: u64,
+    /// Member volumes, in the order they were first registered.
+    pub volumes: Vec<VolumeName>,
+    /// Every durable record, seq-contiguous, time non-decreasing.
+    pub records: Vec<Record>,
+}
+
+impl GroupState {
+    pub fn durable(&self) -> Seq {
+        self.records.last().map_or(Seq::ZERO, |r| r.seq)
+    }
+
+    /// The record with `seq`, if the journal holds it.
+    pub fn record(&self, seq: Seq) -> Option<&Record> {
+        let first = self.records.first()?.seq;
+        let index = seq.0.checked_sub(first.0)?;
+        self.records.get(usize::try_from(index).ok()?)
+    }
+
+    /// How many records a restore at `point` applies.
+    pub fn prefix_len(&self, point: PointInTime) -> usize {
+        match point {
+            PointInTime::Latest => self.records.len(),
+            PointInTime::Seq(seq) => self.records.partition_point(|r| r.seq <= seq),
+            PointInTime::Time(time) => self.records.partition_point(|r| r.time <= time),
+        }
+    }
+
+    fn describe(&self, seq: Seq) -> String {
+        match self.record(seq) {
+            Some(r) => format!("{seq} (time {} ns)", r.time.0),
+            None => seq.to_string(),
+        }
+    }
+}
+
+/// Where a volume's journal became complete (baseline or resync finished) or lost track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MarkerKind {
+    Complete,
+    Gap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Marker {
+    pub seq: Seq,
+    pub kind: MarkerKind,
+}
+
+#[derive(Debug)]
+pub(crate) struct VolumeState {
+    pub group: GroupName,
+    pub size_bytes: u64,
+    /// Complete and Gap records naming this volume, in seq order.
+    pub markers: Vec<Marker>,
+}
+
+impl VolumeState {
+    /// Blocks in the volume, counting a partial last block.
+    pub fn block_count(&self) -> u64 {
+        block_count(self.size_bytes)
+    }
+
+    /// True when the newest marker is a Complete: the latest point is restorable.
+    pub fn complete(&self) -> bool {
+        matches!(self.markers.last(), Some(m) if m.kind == MarkerKind::Complete)
+    }
+
+    /// Why the state after applying every record up to `last_applied` (None: no record at
+    /// all) cannot be restored, or Ok.
+    pub fn check_restorable(
+        &self,
+        group: &GroupState,
+        point: PointInTime,
+        last_applied: Option<Seq>,
+    ) -> Result<(), String> {
+        let first_complete = self.markers.iter().find(|m| m.kind == MarkerKind::Complete);
+        let upto = last_applied.map_or(0, |seq| self.markers.partition_point(|m| m.seq <= seq));
+        let Some(last) = upto.checked_sub(1).map(|i| self.markers[i]) else {
+            return Err(match first_complete {
+                None => format!(
+                    "its baseline has not finished yet: no point is restorable until the agent's first full copy of the volume reaches the collector (a Complete record; {} records of the group so far)",
+                    group.records.len()
+                ),
+                Some(c) => format!(
+                    "{point} is before the volume's baseline finished at {}; the oldest restorable point is that one",
+                    group.describe(c.seq)
+                ),
+            });
+        };
+        match last.kind {
+            MarkerKind::Complete => Ok(()),
+            MarkerKind::Gap => {
+                let resumed = self.markers[upto..]
+                    .iter()
+                    .find(|m| m.kind == MarkerKind::Complete);
+                let after = match resumed {
+                    Some(c) => format!(
+                        ", or one from {} on, when the resync had finished",
+                        group.describe(c.seq)
+                    ),
+                    None => ", or wait for the agent's resync to finish".to_string(),
+                };
+                Err(format!(
+                    "{point} falls inside a journal gap that starts at {}: the agent's spool overflowed, and writes in the gap were tracked only as dirty blocks; restore a point before the gap{after}",
+                    group.describe(last.seq)
+                ))
+            }
+        }
+    }
+
+    /// Times of the oldest and the newest restorable record.
+    pub fn window(&self, group: &GroupState) -> Option<(TimeNs, TimeNs)> {
+        let first_complete = self
+            .markers
+            .iter()
+            .find(|m| m.kind == MarkerKind::Complete)?;
+        let oldest = group.record(first_complete.seq)?.time;
+        let last_complete = self
+            .markers
+            .iter()
+            .rposition(|m| m.kind == MarkerKind::Complete)?;
+        let newest = match self.markers[last_complete..]
+            .iter()
+            .find(|m| m.kind == MarkerKind::Gap)
+        {
+            // The Complete at `last_complete` is before the gap, so seq - 1 is still restorable.
+            Some(gap) => group.record(Seq(gap.seq.0.saturating_sub(1)))?.time,
+            None => group.records.last()?.time,
+        };
+        Some((oldest, newest))
+    }
+}
+
+/// Blocks in a volume of `size_bytes`, counting a partial last block.
+pub(crate) fn block_count(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(crate::types::BLOCK_SIZE_BYTES)
+}
+
+/// The non-zero blocks of `volume` after applying `records` in order, sorted by block.
+pub(crate) fn replay(records: &[Record], volume: &VolumeName) -> Vec<(BlockNo, ChunkHash)> {
+    let mut map: BTreeMap<u64, ChunkHash> = BTreeMap::new();
+    for record in records {
+        match &record.kind {
+            RecordKind::Write {
+                volume: v,
+                first,
+                blocks,
+                ..
+            } if v == volume => {
+                for (block, chunk) in (first.0..).zip(blocks) {
+                    match chunk {
+                        Some(hash) => {
+                            map.insert(block, *hash);
+                        }
+                        None => {
+                            map.remove(&block);
+                        }
+                    }
+                }
+            }
+            RecordKind::Trim {
+                volume: v,
+                first,
+                count,
+            }
+            | RecordKind::WriteZeroes {
+                volume: v,
+                first,
+                count,
+            } if v == volume => {
+                let end = first.0.saturating_add(*count);
+                let zeroed: Vec<u64> = map.range(first.0..end).map(|(block, _)| *block).collect();
+                for block in zeroed {
+                    map.remove(&block);
+                }
+            }
+            _ => {}
+        }
+    }
+    map.into_iter()
+        .map(|(block, hash)| (BlockNo(block), hash))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::record::WriteOrigin;
+
+    fn vol(name: &str) -> VolumeName {
+        VolumeName::new(name).unwrap()
+    }
+
+    fn h(n: u8) -> ChunkHash {
+        ChunkHash::of(&[n])
+    }
+
+    #[test]
+    fn replay_applies_writes_trims_and_zeroes_of_one_volume_only() {
+        let (a, b) = (vol("a"), vol("b"));
+        let kinds = vec![
+            RecordKind::Write {
+                volume: a.clone(),
+                first: BlockNo(2),
+                blocks: vec![Some(h(1)), Some(h(2)), Some(h(3)), Some(h(4))],
+                origin: WriteOrigin::Client,
+            },
+            RecordKind::Write {
+                volume: b.clone(),
+                first: BlockNo(0),
+                blocks: vec![Some(h(9))],
+                origin: WriteOrigin::Client,
+            },
+            RecordKind::Trim {
+                volume: a.clone(),
+                first: BlockNo(3),
+                count: 1,
+            },
+            RecordKind::Write {
+                volume: a.clone(),
+                first: BlockNo(5),
+                blocks: vec![None, Some(h(6))],
+                origin: WriteOrigin::Resync,
+            },
+            RecordKind::WriteZeroes {
+                volume: b.clone(),
+                first: BlockNo(0),
+                count: u64::MAX,
+            },
+        ];
+        let records: Vec<Record> = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| Record {
+                seq: Seq(i as u64 + 1),
+                time: TimeNs(i as i64),
+                kind,
+            })
+            .collect();
+        assert_eq!(
+            replay(&records, &a),
+            vec![(BlockNo(2), h(1)), (BlockNo(4), h(3)), (BlockNo(6), h(6))]
+        );
+        assert_eq!(replay(&records[..2], &b), vec![(BlockNo(0), h(9))]);
+        assert_eq!(replay(&records, &b), vec![]);
+    }
+
+    #[test]
+    fn block_count_rounds_up() {
+        assert_eq!(block_count(0), 0);
+        assert_eq!(block_count(1), 1);
+        assert_eq!(block_count(4096), 1);
+        assert_eq!(block_count(4097), 2);
+    }
+}

@@ -1,0 +1,1351 @@
+//! The collector's storage engine: chunk packs, the catalog log and the journal index.
+//!
+//! A [`Store`] is one directory. It is synchronous and thread-safe: every method takes `&self`;
+//! ingests are serialised by one writer mutex, reads (plans, chunk reads, restores) run
+//! concurrently and never wait for an fsync.
+//!
+//! # Files
+//!
+//! ```text
+//! DIR/lock                 held with flock(LOCK_EX) while a Store is open: one process per store
+//! DIR/catalog.log          append-only framed log (crate::framed) of catalog entries: the commit
+//!                          point of everything (format: catalog.rs)
+//! DIR/packs/NNNNNN.pack    append-only framed entries, one per compressed frame (format: pack.rs)
+//! ```
+//!
+//! A pack entry body is `u16 n | n x 32-byte hash | zstd bytes`. A new pack is started when
+//! appending a frame would take the current one past `pack_target_bytes` (a single larger frame
+//! still gets a pack of its own). The catalog holds `GroupRegistered {group, spool_id,
+//! volumes}` and `Batch {group, frames, new chunk locations (hash, pack, frame offset, frame
+//! length, index in frame), records}` entries, each with a 1-byte tag and a 1-byte version.
+//!
+//! # Durability protocol (ingest)
+//!
+//! 1. Verify in memory, before taking the writer lock: every frame decompresses to exactly its
+//!    block count and every block hashes to the hash the sender gave it. Any mismatch refuses
+//!    the whole batch; nothing is written.
+//! 2. Under the writer lock, check the records against the journal: seqs at or below the
+//!    group's durable seq are skipped (idempotent resend); the first new seq is durable + 1 and
+//!    the rest contiguous; times do not go backwards; volumes belong to the group; blocks lie
+//!    inside the volume; every chunk a write names is stored or in this batch.
+//! 3. Append the frames holding at least one chunk the store lacks to the current pack
+//!    (`pwrite`), then **fsync every pack written** (and the packs directory when a pack was
+//!    created).
+//! 4. Append one `Batch` entry to `catalog.log` and **fsync it**. This is the commit point.
+//! 5. Only now publish in memory (chunk index, journal, windows) and return the new durable
+//!    seq. So `missing()` stops reporting a chunk only once it is durable, and a seq is
+//!    acknowledged only once its records and chunks are durable.
+//!
+//! `register_group` appends a `GroupRegistered` entry and fsyncs it the same way (only when
+//! something changed). If a write in steps 3-4 fails, the files are truncated back to where the
+//! batch started and the error is returned: the batch never happened. If an fsync fails, or
+//! the truncation does, the durable state of the files is unknown: the store refuses further
+//! writes ([`StoreError::Poisoned`]) until it is reopened, which recovers as below.
+//!
+//! # Recovery rules (open)
+//!
+//! * `catalog.log` is replayed with [`framed::scan_file`]. A torn tail (an entry cut short, or a
+//!   bad entry with nothing valid after it) is a batch whose fsync never returned, so it was
+//!   never acknowledged: it is truncated away (`set_len` + fsync). A bad entry followed by a
+//!   valid one means acknowledged bytes changed: corruption; the store refuses to open and says
+//!   where. An entry that decodes badly or contradicts the journal is refused the same way.
+//! * Each pack is truncated to the end of the last frame the catalog references: bytes after
+//!   it belong to batches that never committed. Pack files past the last referenced one are
+//!   emptied. A pack shorter than the catalog says, or missing, is logged and left alone: only
+//!   reads of the frames it lost fail, and new frames go to a fresh pack.
+//! * Packs are never scanned. A damaged pack byte does not stop the collector from starting;
+//!   it fails reads of that one frame (every block read back is checked against its blake3),
+//!   and those errors name the pack file and the frame's byte offset.
+//!
+//! # Memory
+//!
+//! The chunk index (hash -> pack, offset, length, index: about 80 bytes a chunk), every
+//! group's records, and an LRU cache of `frame_cache_frames` decompressed, verified frames so
+//! that a sequential restore decompresses each frame once. Pack files are opened on first read
+//! and kept open.
+
+mod catalog;
+mod journal;
+mod materialise;
+mod pack;
+#[cfg(test)]
+mod tests;
+
+pub use materialise::{
+    extents, materialise, plan_data_bytes, Extents, MaterialiseStats, MATERIALISE_EXTENT_BYTES,
+};
+pub use pack::{PackId, PACKS_DIR};
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
+
+use crate::frame::{self, FrameError, MAX_FRAME_BLOCKS};
+use crate::framed::{self, ScanError, ENTRY_HEADER_BYTES, MAX_ENTRY_BODY_BYTES};
+use crate::record::{Record, RecordKind, MAX_BLOCKS_PER_RECORD};
+use crate::types::{
+    BlockNo, ChunkHash, GroupName, Seq, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+};
+
+use catalog::{Batch, Entry, FramePos, GroupRegistered, NewChunk};
+use journal::{GroupState, Marker, MarkerKind, VolumeState};
+use pack::{ChunkLoc, FrameCache, LoadedFrame, Packs};
+
+/// Name of the catalog log inside the store directory.
+pub const CATALOG_FILE: &str = "catalog.log";
+/// Name of the lock file inside the store directory.
+pub const LOCK_FILE: &str = "lock";
+/// Default for [`StoreConfig::pack_target_bytes`].
+pub const DEFAULT_PACK_TARGET_BYTES: u64 = 64 << 20;
+/// Default for [`StoreConfig::frame_cache_frames`].
+pub const DEFAULT_FRAME_CACHE_FRAMES: usize = 16;
+
+/// How to open a [`Store`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The store directory; created if missing.
+    pub dir: PathBuf,
+    /// A new pack file is started when a frame would take the current one past this size.
+    /// Default 64 MiB.
+    pub pack_target_bytes: u64,
+    /// Decompressed frames kept in memory (each up to 1 MiB); 0 disables the cache. Default 16.
+    pub frame_cache_frames: usize,
+}
+
+impl StoreConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            dir: dir.into(),
+            pack_target_bytes: DEFAULT_PACK_TARGET_BYTES,
+            frame_cache_frames: DEFAULT_FRAME_CACHE_FRAMES,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.pack_target_bytes == 0 {
+            return Err(StoreError::InvalidConfig(
+                "pack_target_bytes must be at least 1 (default 64 MiB)".into(),
+            ));
+        }
+        if self.frame_cache_frames > 1 << 16 {
+            return Err(StoreError::InvalidConfig(format!(
+                "frame_cache_frames is {}, but each frame may take 1 MiB of memory; use at most 65536 (default 16)",
+                self.frame_cache_frames
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A protected volume as its agent registers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeMeta {
+    pub name: VolumeName,
+    pub size_bytes: u64,
+}
+
+/// A compressed frame received with a batch: `hashes[i]` names block `i` of the decompressed
+/// data. Untrusted until [`Store::ingest`] has verified it.
+#[derive(Clone, Copy, Debug)]
+pub struct IncomingFrame<'a> {
+    pub hashes: &'a [ChunkHash],
+    pub zstd_data: &'a [u8],
+}
+
+/// Which state of a volume to restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PointInTime {
+    /// After every durable record.
+    Latest,
+    /// After every record with time <= T.
+    Time(TimeNs),
+    /// After every record with seq <= S.
+    Seq(Seq),
+}
+
+impl fmt::Display for PointInTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PointInTime::Latest => f.write_str("the latest point"),
+            PointInTime::Time(t) => write!(f, "time {} ns", t.0),
+            PointInTime::Seq(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// What [`Store::volumes`] reports about one volume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeSummary {
+    pub name: VolumeName,
+    pub group: GroupName,
+    pub size_bytes: u64,
+    /// The group's durable seq.
+    pub durable_seq: Seq,
+    /// Time of the group's newest durable record (any kind): the volume is known up to there,
+    /// so RPO = now - this.
+    pub newest_record_time: Option<TimeNs>,
+    /// Times of the oldest and the newest restorable record. Points in a gap inside the window
+    /// are not restorable; [`Store::plan`] says so.
+    pub window: Option<(TimeNs, TimeNs)>,
+    /// A Complete record was seen and no Gap followed it: the latest point is restorable.
+    pub complete: bool,
+}
+
+/// The block map of a volume at a point in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestorePlan {
+    pub volume: VolumeName,
+    pub size_bytes: u64,
+    /// Seq of the newest record applied (of any kind, in the volume's group).
+    pub seq: Seq,
+    /// Time of that record.
+    pub time: TimeNs,
+    /// The non-zero blocks, sorted by block number.
+    pub blocks: Vec<(BlockNo, ChunkHash)>,
+}
+
+/// Sizes of the chunk store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Distinct chunks stored.
+    pub chunk_count: u64,
+    /// `chunk_count * 4096`: what the chunks take uncompressed.
+    pub logical_chunk_bytes: u64,
+    /// zstd bytes of the stored frames.
+    pub stored_bytes: u64,
+    /// Bytes of all pack files (frames plus their headers and hash lists).
+    pub pack_file_bytes: u64,
+}
+
+/// Why a chunk could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkReadError {
+    #[error("chunk {hash} is not in the store")]
+    Unknown { hash: ChunkHash },
+    #[error("pack {pack} byte {offset}: {reason}")]
+    Corrupt {
+        pack: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("read pack {pack} byte {offset}: {source}")]
+    Io {
+        pack: String,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Everything that can go wrong in the store, each saying what, where and what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store configuration: {0}")]
+    InvalidConfig(String),
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("store directory {dir} is in use by another process (it holds {dir}/{LOCK_FILE}); stop that collector first, or give this one another store directory")]
+    Locked { dir: String },
+    #[error("open the store's catalog: {0}")]
+    Catalog(#[source] ScanError),
+    #[error("group {group} is not registered at the collector; the agent registers it when it connects, so reconnect it")]
+    UnknownGroup { group: GroupName },
+    #[error("volume {volume} is not known to this collector; `tideline volumes` lists the protected volumes")]
+    UnknownVolume { volume: VolumeName },
+    #[error("volume {volume} already belongs to group {existing} at the collector, not {requested}; a volume is in one group only: keep its original group, or protect it under a new volume name")]
+    VolumeInOtherGroup {
+        volume: VolumeName,
+        existing: GroupName,
+        requested: GroupName,
+    },
+    #[error("volume {volume} was registered with {registered_bytes} bytes and now reports {reported_bytes}; a protected volume cannot change size: protect the resized volume under a new name")]
+    VolumeSizeChanged {
+        volume: VolumeName,
+        registered_bytes: u64,
+        reported_bytes: u64,
+    },
+    #[error("group {group} at the collector was written by another agent spool; restart the agent with its original --spool-dir, or protect under a new group name")]
+    SpoolMismatch {
+        group: GroupName,
+        registered_spool_id: u64,
+        offered_spool_id: u64,
+    },
+    #[error("cannot register group {group}: {reason}")]
+    InvalidRegistration { group: GroupName, reason: String },
+    #[error("frame {frame} of the batch is unusable ({reason}); nothing from the batch was stored: resend it")]
+    BadFrame { frame: usize, reason: String },
+    #[error("frame {frame}, block {block} does not match its hash {expected}; nothing from the batch was stored: resend it (its bytes were damaged in the agent's spool or on the way)")]
+    ChunkMismatch {
+        frame: usize,
+        block: usize,
+        expected: ChunkHash,
+    },
+    #[error("group {group}: expected {expected} next but got {got}; the agent must resume from the collector's durable seq (register_group returns it)")]
+    SeqGap {
+        group: GroupName,
+        expected: Seq,
+        got: Seq,
+    },
+    #[error("group {group}, {seq}: time {time} ns is before the previous record's {previous} ns; record times must not go backwards (the agent makes its clock monotonic)")]
+    TimeWentBackwards {
+        group: GroupName,
+        seq: Seq,
+        time: i64,
+        previous: i64,
+    },
+    #[error("group {group}, {seq}: volume {volume} is not a member of the group; register it with the group before sending its records")]
+    ForeignVolume {
+        group: GroupName,
+        seq: Seq,
+        volume: VolumeName,
+    },
+    #[error("{seq}: blocks {first}..{end} lie outside volume {volume}, which has {size_bytes} bytes ({blocks} blocks)")]
+    OutOfRange {
+        seq: Seq,
+        volume: VolumeName,
+        first: u64,
+        end: u64,
+        size_bytes: u64,
+        blocks: u64,
+    },
+    #[error("{seq} is malformed: {reason}")]
+    InvalidRecord { seq: Seq, reason: String },
+    #[error("{seq} names chunk {hash}, which is neither stored nor in the batch's frames; send the chunks `missing` reports with the records that name them")]
+    MissingChunk { hash: ChunkHash, seq: Seq },
+    #[error("the batch would take a {bytes}-byte catalog entry, over the {max}-byte limit; send fewer records per batch")]
+    BatchTooLarge { bytes: usize, max: u32 },
+    #[error("volume {volume} cannot be restored there: {reason}")]
+    NotRestorable { volume: VolumeName, reason: String },
+    #[error("volume {volume}: block at offset {offset_bytes} is corrupt: {source}; the pack changed on disk after it was written: check the disk, and restore from a replica site if there is one")]
+    CorruptBlock {
+        volume: VolumeName,
+        offset_bytes: u64,
+        #[source]
+        source: ChunkReadError,
+    },
+    #[error("volume {volume}: read block at offset {offset_bytes}: {source}")]
+    ReadBlock {
+        volume: VolumeName,
+        offset_bytes: u64,
+        #[source]
+        source: ChunkReadError,
+    },
+    #[error("the store refuses writes since an earlier failure ({0}); restart the collector so that it recovers from its files")]
+    Poisoned(String),
+}
+
+fn io_error(action: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let action = action.into();
+    move |source| StoreError::Io { action, source }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Everything the store knows, rebuilt from the catalog at open.
+#[derive(Default)]
+struct State {
+    groups: BTreeMap<GroupName, GroupState>,
+    volumes: BTreeMap<VolumeName, VolumeState>,
+    chunks: HashMap<ChunkHash, ChunkLoc>,
+    /// zstd bytes of all referenced frames.
+    stored_bytes: u64,
+    /// Length of every pack file.
+    pack_lens: BTreeMap<PackId, u64>,
+    /// End of the last referenced frame of every pack (recovery truncates packs to it).
+    referenced_ends: BTreeMap<PackId, u64>,
+}
+
+impl State {
+    /// Applies a group registration. Checks everything before changing anything.
+    fn apply_registration(&mut self, reg: &GroupRegistered) -> Result<(), String> {
+        for v in &reg.volumes {
+            if let Some(existing) = self.volumes.get(&v.name) {
+                if existing.group != reg.group {
+                    return Err(format!(
+                        "volume {} is registered to group {} and to group {}",
+                        v.name, existing.group, reg.group
+                    ));
+                }
+            }
+        }
+        let group = self
+            .groups
+            .entry(reg.group.clone())
+            .or_insert_with(|| GroupState {
+                spool_id: reg.spool_id,
+                volumes: Vec::new(),
+                records: Vec::new(),
+            });
+        group.spool_id = reg.spool_id;
+        for v in &reg.volumes {
+            if !group.volumes.contains(&v.name) {
+                group.volumes.push(v.name.clone());
+            }
+            let state = self
+                .volumes
+                .entry(v.name.clone())
+                .or_insert_with(|| VolumeState {
+                    group: reg.group.clone(),
+                    size_bytes: v.size_bytes,
+                    markers: Vec::new(),
+                });
+            state.size_bytes = v.size_bytes;
+        }
+        Ok(())
+    }
+
+    /// Applies a committed batch. Checks everything before changing anything, so that a
+    /// refused entry leaves the state as it was.
+    fn apply_batch(&mut self, batch: &Batch) -> Result<(), String> {
+        let group = self.groups.get(&batch.group).ok_or_else(|| {
+            format!(
+                "batch for group {}, which was never registered",
+                batch.group
+            )
+        })?;
+        let mut expected = group.durable().next();
+        for record in &batch.records {
+            if record.seq != expected {
+                return Err(format!(
+                    "batch of group {} holds {} where {expected} was expected",
+                    batch.group, record.seq
+                ));
+            }
+            if let Some(volume) = record.kind.volume() {
+                if self.volumes.get(volume).map(|v| &v.group) != Some(&batch.group) {
+                    return Err(format!(
+                        "{} of group {} names volume {volume}, which is not in the group",
+                        record.seq, batch.group
+                    ));
+                }
+            }
+            expected = expected.next();
+        }
+        for chunk in &batch.chunks {
+            let Some(frame) = batch.frames.get(chunk.frame as usize) else {
+                return Err(format!("chunk {} refers to a missing frame", chunk.hash));
+            };
+            if chunk.index >= frame.block_count {
+                return Err(format!("chunk {} is outside its frame", chunk.hash));
+            }
+        }
+
+        for frame in &batch.frames {
+            let end = frame.offset + u64::from(frame.entry_len);
+            let slot = self.referenced_ends.entry(frame.pack).or_insert(0);
+            *slot = (*slot).max(end);
+            let overhead = ENTRY_HEADER_BYTES as usize
+                + pack::frame_header_bytes(usize::from(frame.block_count));
+            self.stored_bytes += (frame.entry_len as usize).saturating_sub(overhead) as u64;
+        }
+        for chunk in &batch.chunks {
+            let frame = batch.frames[chunk.frame as usize];
+            self.chunks.entry(chunk.hash).or_insert(ChunkLoc {
+                pack: frame.pack,
+                offset: frame.offset,
+                entry_len: frame.entry_len,
+                index: chunk.index,
+            });
+        }
+        for record in &batch.records {
+            let marker = match &record.kind {
+                RecordKind::Complete { volume } => Some((volume, MarkerKind::Complete)),
+                RecordKind::Gap { volume } => Some((volume, MarkerKind::Gap)),
+                _ => None,
+            };
+            if let Some((volume, kind)) = marker {
+                if let Some(state) = self.volumes.get_mut(volume) {
+                    state.markers.push(Marker {
+                        seq: record.seq,
+                        kind,
+                    });
+                }
+            }
+        }
+        if let Some(group) = self.groups.get_mut(&batch.group) {
+            group.records.extend(batch.records.iter().cloned());
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, entry: &Entry) -> Result<(), String> {
+        match entry {
+            Entry::GroupRegistered(reg) => self.apply_registration(reg),
+            Entry::Batch(batch) => self.apply_batch(batch),
+        }
+    }
+}
+
+/// The append side: current pack and catalog, serialised by the writer mutex.
+struct Writer {
+    catalog: File,
+    catalog_len: u64,
+    pack: PackId,
+    pack_file: Arc<File>,
+    pack_len: u64,
+    /// Set when a failed fsync (or a failed undo) left the files in an unknown state.
+    poisoned: Option<String>,
+}
+
+/// A write-path failure, and whether the files' durable state is now unknown.
+struct WriteFailure {
+    error: StoreError,
+    durability_unknown: bool,
+}
+
+fn write_failed(
+    action: String,
+    durability_unknown: bool,
+) -> impl FnOnce(io::Error) -> WriteFailure {
+    move |source| WriteFailure {
+        error: StoreError::Io { action, source },
+        durability_unknown,
+    }
+}
+
+/// The collector's chunk store and journal index. See the module documentation.
+pub struct Store {
+    dir: PathBuf,
+    pack_target_bytes: u64,
+    writer: Mutex<Writer>,
+    state: RwLock<State>,
+    packs: Packs,
+    cache: FrameCache,
+    /// Holds the directory's flock for the Store's lifetime.
+    _lock: File,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an ingest will write, worked out before writing anything.
+struct PreparedBatch {
+    durable: Seq,
+    records: Vec<Record>,
+    /// Indexes into the incoming frames of those to store (they hold a chunk the store lacks).
+    frames: Vec<usize>,
+    /// New chunks; `frame` indexes `frames`.
+    chunks: Vec<NewChunk>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `config.dir` and recovers from a crash: see the
+    /// module documentation for the rules.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        config.validate()?;
+        let dir = config.dir.clone();
+        let packs = Packs::new(&dir);
+        std::fs::create_dir_all(packs.dir()).map_err(io_error(format!(
+            "create store directory {}",
+            packs.dir().display()
+        )))?;
+        let lock_file = lock_dir(&dir)?;
+
+        let catalog_path = dir.join(CATALOG_FILE);
+        let catalog = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&catalog_path)
+            .map_err(io_error(format!("open {}", catalog_path.display())))?;
+        sync_dir(&dir)?;
+        sync_dir(packs.dir())?;
+
+        let mut state = State::default();
+        let end = framed::scan_file(&catalog_path, |_offset, body| {
+            let entry = Entry::decode(body)?;
+            state.apply(&entry).map_err(|reason| {
+                format!("{reason}; the catalog contradicts itself: move the store aside and restore it from a replica")
+            })
+        })
+        .map_err(StoreError::Catalog)?;
+        if end.torn_bytes > 0 {
+            tracing::warn!(
+                catalog = %catalog_path.display(),
+                valid_bytes = end.valid_len_bytes,
+                torn_bytes = end.torn_bytes,
+                "catalog ends with a torn entry (a batch whose fsync never returned, so never acknowledged); truncating it"
+            );
+            catalog
+                .set_len(end.valid_len_bytes)
+                .and_then(|()| catalog.sync_all())
+                .map_err(io_error(format!(
+                    "truncate the torn tail of {}",
+                    catalog_path.display()
+                )))?;
+        }
+
+        let (pack, pack_file, pack_len) = recover_packs(&packs, &mut state)?;
+        packs.insert(pack, Arc::clone(&pack_file));
+        tracing::info!(
+            dir = %dir.display(),
+            groups = state.groups.len(),
+            volumes = state.volumes.len(),
+            chunks = state.chunks.len(),
+            "store opened"
+        );
+        Ok(Store {
+            dir,
+            pack_target_bytes: config.pack_target_bytes,
+            writer: Mutex::new(Writer {
+                catalog,
+                catalog_len: end.valid_len_bytes,
+                pack,
+                pack_file,
+                pack_len,
+                poisoned: None,
+            }),
+            state: RwLock::new(state),
+            packs,
+            cache: FrameCache::new(config.frame_cache_frames),
+            _lock: lock_file,
+        })
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers (or re-registers after a reconnect) `group` with its volumes and the agent
+    /// spool that feeds it; returns the group's durable seq (`Seq(0)` if new). Volumes missing
+    /// from `volumes` but registered before stay in the group.
+    pub fn register_group(
+        &self,
+        group: &GroupName,
+        spool_id: u64,
+        volumes: &[VolumeMeta],
+    ) -> Result<Seq, StoreError> {
+        let invalid = |reason: String| StoreError::InvalidRegistration {
+            group: group.clone(),
+            reason,
+        };
+        if volumes.is_empty() {
+            return Err(invalid("a group needs at least one volume".into()));
+        }
+        let mut seen = HashSet::new();
+        for v in volumes {
+            if !seen.insert(&v.name) {
+                return Err(invalid(format!("volume {} is listed twice", v.name)));
+            }
+            if v.size_bytes == 0 {
+                return Err(invalid(format!("volume {} has a size of 0 bytes", v.name)));
+            }
+        }
+
+        let mut writer = lock(&self.writer);
+        let (durable, changed) = {
+            let state = self.read_state();
+            for v in volumes {
+                if let Some(existing) = state.volumes.get(&v.name) {
+                    if existing.group != *group {
+                        return Err(StoreError::VolumeInOtherGroup {
+                            volume: v.name.clone(),
+                            existing: existing.group.clone(),
+                            requested: group.clone(),
+                        });
+                    }
+                    if existing.size_bytes != v.size_bytes {
+                        return Err(StoreError::VolumeSizeChanged {
+                            volume: v.name.clone(),
+                            registered_bytes: existing.size_bytes,
+                            reported_bytes: v.size_bytes,
+                        });
+                    }
+                }
+            }
+            match state.groups.get(group) {
+                None => (Seq::ZERO, true),
+                Some(g) => {
+                    let durable = g.durable();
+                    if g.spool_id != spool_id && durable > Seq::ZERO {
+                        return Err(StoreError::SpoolMismatch {
+                            group: group.clone(),
+                            registered_spool_id: g.spool_id,
+                            offered_spool_id: spool_id,
+                        });
+                    }
+                    let new_volume = volumes.iter().any(|v| !g.volumes.contains(&v.name));
+                    (durable, g.spool_id != spool_id || new_volume)
+                }
+            }
+        };
+        if !changed {
+            return Ok(durable);
+        }
+        let registration = GroupRegistered {
+            group: group.clone(),
+            spool_id,
+            volumes: volumes.to_vec(),
+        };
+        self.commit(&mut writer, &[], |_| Entry::GroupRegistered(registration))?;
+        tracing::info!(%group, spool_id, volumes = volumes.len(), "group registered");
+        Ok(durable)
+    }
+
+    /// Indexes (into `hashes`) of the chunks the store does not hold durably.
+    pub fn missing(&self, hashes: &[ChunkHash]) -> Vec<u32> {
+        let state = self.read_state();
+        (0u32..)
+            .zip(hashes)
+            .filter(|(_, hash)| !state.chunks.contains_key(hash))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Makes a batch of records and the frames carrying their chunks durable, and returns the
+    /// group's new durable seq. See the module documentation for the checks and the order of
+    /// writes; on any error nothing of the batch is stored.
+    pub fn ingest(
+        &self,
+        group: &GroupName,
+        records: &[Record],
+        frames: &[IncomingFrame<'_>],
+    ) -> Result<Seq, StoreError> {
+        for (index, incoming) in frames.iter().enumerate() {
+            verify_incoming(index, incoming)?;
+        }
+        let mut writer = lock(&self.writer);
+        if let Some(reason) = &writer.poisoned {
+            return Err(StoreError::Poisoned(reason.clone()));
+        }
+        let prepared = self.prepare(group, records, frames)?;
+        if prepared.records.is_empty() && prepared.frames.is_empty() {
+            return Ok(prepared.durable);
+        }
+        let new_durable = prepared.records.last().map_or(prepared.durable, |r| r.seq);
+        let bodies: Vec<(Vec<u8>, u16)> = prepared
+            .frames
+            .iter()
+            .map(|&i| {
+                let mut entry = Vec::new();
+                framed::encode_entry(
+                    &mut entry,
+                    &pack::encode_frame_body(frames[i].hashes, frames[i].zstd_data),
+                );
+                (entry, frames[i].hashes.len() as u16)
+            })
+            .collect();
+        let mut batch = Batch {
+            group: group.clone(),
+            // Placeholders: positions are fixed-width, so they give the entry's final size.
+            frames: bodies
+                .iter()
+                .map(|(_, block_count)| FramePos {
+                    pack: PackId(0),
+                    offset: 0,
+                    entry_len: 0,
+                    block_count: *block_count,
+                })
+                .collect(),
+            chunks: prepared.chunks,
+            records: prepared.records,
+        };
+        let mut encoded = Vec::new();
+        batch.encode_into(&mut encoded);
+        let size = encoded.len();
+        if size > MAX_ENTRY_BODY_BYTES as usize {
+            return Err(StoreError::BatchTooLarge {
+                bytes: size,
+                max: MAX_ENTRY_BODY_BYTES,
+            });
+        }
+        self.commit(&mut writer, &bodies, |positions| {
+            batch.frames = positions;
+            Entry::Batch(batch)
+        })?;
+        Ok(new_durable)
+    }
+
+    /// Checks a batch against the journal and the chunk index; works out what to store.
+    fn prepare(
+        &self,
+        group: &GroupName,
+        records: &[Record],
+        frames: &[IncomingFrame<'_>],
+    ) -> Result<PreparedBatch, StoreError> {
+        let state = self.read_state();
+        let journal = state
+            .groups
+            .get(group)
+            .ok_or_else(|| StoreError::UnknownGroup {
+                group: group.clone(),
+            })?;
+        let durable = journal.durable();
+        let incoming: HashSet<&ChunkHash> = frames.iter().flat_map(|f| f.hashes).collect();
+        let mut expected = durable.next();
+        let mut previous_time = journal.records.last().map(|r| r.time);
+        let mut new_records = Vec::new();
+        for record in records {
+            if record.seq <= durable {
+                continue; // already durable: an idempotent resend
+            }
+            if record.seq != expected {
+                return Err(StoreError::SeqGap {
+                    group: group.clone(),
+                    expected,
+                    got: record.seq,
+                });
+            }
+            if let Some(previous) = previous_time.filter(|p| record.time < *p) {
+                return Err(StoreError::TimeWentBackwards {
+                    group: group.clone(),
+                    seq: record.seq,
+                    time: record.time.0,
+                    previous: previous.0,
+                });
+            }
+            check_record(&state, group, record, &incoming)?;
+            new_records.push(record.clone());
+            expected = expected.next();
+            previous_time = Some(record.time);
+        }
+
+        let mut new_hashes = HashSet::new();
+        let mut stored_frames = Vec::new();
+        let mut chunks = Vec::new();
+        for (index, incoming) in frames.iter().enumerate() {
+            let slot = stored_frames.len() as u32;
+            let before = chunks.len();
+            for (block, hash) in (0u16..).zip(incoming.hashes) {
+                if !state.chunks.contains_key(hash) && new_hashes.insert(*hash) {
+                    chunks.push(NewChunk {
+                        hash: *hash,
+                        frame: slot,
+                        index: block,
+                    });
+                }
+            }
+            if chunks.len() > before {
+                stored_frames.push(index);
+            }
+        }
+        Ok(PreparedBatch {
+            durable,
+            records: new_records,
+            frames: stored_frames,
+            chunks,
+        })
+    }
+
+    /// Steps 3 to 5 of the durability protocol: appends `frames` (whole pack entries) to packs
+    /// and fsyncs them, appends the catalog entry `make_entry` builds from their positions and
+    /// fsyncs it, then applies the entry in memory.
+    fn commit(
+        &self,
+        writer: &mut Writer,
+        frames: &[(Vec<u8>, u16)],
+        make_entry: impl FnOnce(Vec<FramePos>) -> Entry,
+    ) -> Result<(), StoreError> {
+        if let Some(reason) = &writer.poisoned {
+            return Err(StoreError::Poisoned(reason.clone()));
+        }
+        let catalog_before = writer.catalog_len;
+        let mut touched: Vec<(PackId, Arc<File>, u64)> = Vec::new();
+        let entry = match self.try_write(writer, frames, make_entry, &mut touched) {
+            Ok(entry) => entry,
+            Err(failure) => {
+                let undone = self.undo(writer, catalog_before, &touched);
+                let reason = match (&undone, failure.durability_unknown) {
+                    (Err(undo_error), _) => Some(format!("{}; then {undo_error}", failure.error)),
+                    (Ok(()), true) => Some(failure.error.to_string()),
+                    (Ok(()), false) => None,
+                };
+                if let Some(reason) = reason {
+                    tracing::error!(%reason, "store write failed with unknown durable state; refusing writes until reopened");
+                    writer.poisoned = Some(reason);
+                }
+                return Err(failure.error);
+            }
+        };
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        if let Err(reason) = state.apply(&entry) {
+            // The entry was checked before it was written, so this is a bug; the reopened store
+            // will refuse the entry and say where.
+            let reason = format!("a committed catalog entry does not apply: {reason}");
+            writer.poisoned = Some(reason.clone());
+            return Err(StoreError::Poisoned(reason));
+        }
+        for (pack, file, _) in &touched {
+            let len = if *pack == writer.pack {
+                writer.pack_len
+            } else {
+                file.metadata().map(|m| m.len()).unwrap_or(0)
+            };
+            state.pack_lens.insert(*pack, len);
+        }
+        Ok(())
+    }
+
+    fn try_write(
+        &self,
+        writer: &mut Writer,
+        frames: &[(Vec<u8>, u16)],
+        make_entry: impl FnOnce(Vec<FramePos>) -> Entry,
+        touched: &mut Vec<(PackId, Arc<File>, u64)>,
+    ) -> Result<Entry, WriteFailure> {
+        let mut positions = Vec::with_capacity(frames.len());
+        for (bytes, block_count) in frames {
+            let len = bytes.len() as u64;
+            if writer.pack_len > 0 && writer.pack_len + len > self.pack_target_bytes {
+                self.start_pack(writer)?;
+            }
+            if touched.last().map(|t| t.0) != Some(writer.pack) {
+                touched.push((writer.pack, Arc::clone(&writer.pack_file), writer.pack_len));
+            }
+            writer
+                .pack_file
+                .write_all_at(bytes, writer.pack_len)
+                .map_err(write_failed(
+                    format!(
+                        "append a frame to {}",
+                        self.packs.path(writer.pack).display()
+                    ),
+                    false,
+                ))?;
+            positions.push(FramePos {
+                pack: writer.pack,
+                offset: writer.pack_len,
+                entry_len: len as u32,
+                block_count: *block_count,
+            });
+            writer.pack_len += len;
+        }
+        for (pack, file, _) in touched.iter() {
+            file.sync_data().map_err(write_failed(
+                format!("fsync {}", self.packs.path(*pack).display()),
+                true,
+            ))?;
+        }
+
+        let entry = make_entry(positions);
+        let mut bytes = Vec::new();
+        framed::encode_entry(&mut bytes, &entry.encode());
+        let catalog_path = self.dir.join(CATALOG_FILE);
+        writer
+            .catalog
+            .write_all_at(&bytes, writer.catalog_len)
+            .map_err(write_failed(
+                format!("append to {}", catalog_path.display()),
+                false,
+            ))?;
+        writer.catalog_len += bytes.len() as u64;
+        writer.catalog.sync_data().map_err(write_failed(
+            format!("fsync {}", catalog_path.display()),
+            true,
+        ))?;
+        Ok(entry)
+    }
+
+    /// Creates the next pack file and makes it the one appended to.
+    fn start_pack(&self, writer: &mut Writer) -> Result<(), WriteFailure> {
+        let id = PackId(writer.pack.0 + 1);
+        let path = self.packs.path(id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(write_failed(
+                format!("create pack {}", path.display()),
+                false,
+            ))?;
+        sync_dir(self.packs.dir()).map_err(|error| WriteFailure {
+            error,
+            durability_unknown: true,
+        })?;
+        let file = Arc::new(file);
+        self.packs.insert(id, Arc::clone(&file));
+        writer.pack = id;
+        writer.pack_file = file;
+        writer.pack_len = 0;
+        Ok(())
+    }
+
+    /// Truncates the files a failed batch wrote to back to where it started.
+    fn undo(
+        &self,
+        writer: &mut Writer,
+        catalog_len: u64,
+        touched: &[(PackId, Arc<File>, u64)],
+    ) -> Result<(), StoreError> {
+        for (pack, file, len) in touched {
+            file.set_len(*len).map_err(io_error(format!(
+                "undo a failed batch: truncate {} to {len} bytes",
+                self.packs.path(*pack).display()
+            )))?;
+            if *pack == writer.pack {
+                writer.pack_len = *len;
+            }
+        }
+        writer
+            .catalog
+            .set_len(catalog_len)
+            .map_err(io_error(format!(
+                "undo a failed batch: truncate {} to {catalog_len} bytes",
+                self.dir.join(CATALOG_FILE).display()
+            )))?;
+        writer.catalog_len = catalog_len;
+        Ok(())
+    }
+
+    /// Every volume, sorted by name.
+    pub fn volumes(&self) -> Vec<VolumeSummary> {
+        let state = self.read_state();
+        state
+            .volumes
+            .iter()
+            .filter_map(|(name, volume)| {
+                let group = state.groups.get(&volume.group)?;
+                Some(VolumeSummary {
+                    name: name.clone(),
+                    group: volume.group.clone(),
+                    size_bytes: volume.size_bytes,
+                    durable_seq: group.durable(),
+                    newest_record_time: group.records.last().map(|r| r.time),
+                    window: volume.window(group),
+                    complete: volume.complete(),
+                })
+            })
+            .collect()
+    }
+
+    /// The group `volume` belongs to.
+    pub fn group_of(&self, volume: &VolumeName) -> Option<GroupName> {
+        self.read_state()
+            .volumes
+            .get(volume)
+            .map(|v| v.group.clone())
+    }
+
+    /// The durable seq of `group`, if it is registered.
+    pub fn durable_seq(&self, group: &GroupName) -> Option<Seq> {
+        self.read_state().groups.get(group).map(GroupState::durable)
+    }
+
+    /// The block map of `volume` after every record of its group up to `point`.
+    pub fn plan(&self, volume: &VolumeName, point: PointInTime) -> Result<RestorePlan, StoreError> {
+        let state = self.read_state();
+        let unknown = || StoreError::UnknownVolume {
+            volume: volume.clone(),
+        };
+        let vol = state.volumes.get(volume).ok_or_else(unknown)?;
+        let group = state.groups.get(&vol.group).ok_or_else(unknown)?;
+        let applied = group.prefix_len(point);
+        let last = applied.checked_sub(1).map(|i| &group.records[i]);
+        let not_restorable = |reason| StoreError::NotRestorable {
+            volume: volume.clone(),
+            reason,
+        };
+        vol.check_restorable(group, point, last.map(|r| r.seq))
+            .map_err(not_restorable)?;
+        let Some(last) = last else {
+            return Err(not_restorable(format!(
+                "{point} is before the group's first record"
+            )));
+        };
+        Ok(RestorePlan {
+            volume: volume.clone(),
+            size_bytes: vol.size_bytes,
+            seq: last.seq,
+            time: last.time,
+            blocks: journal::replay(&group.records[..applied], volume),
+        })
+    }
+
+    /// The frame holding chunk `hash`, from the cache or read, decompressed and verified.
+    fn frame_of(&self, hash: &ChunkHash) -> Result<(Arc<LoadedFrame>, ChunkLoc), ChunkReadError> {
+        let loc = *self
+            .read_state()
+            .chunks
+            .get(hash)
+            .ok_or(ChunkReadError::Unknown { hash: *hash })?;
+        let key = (loc.pack, loc.offset);
+        if let Some(frame) = self.cache.get(key) {
+            return Ok((frame, loc));
+        }
+        let path = self.packs.path(loc.pack);
+        let file = self
+            .packs
+            .file(loc.pack)
+            .map_err(|source| ChunkReadError::Io {
+                pack: path.display().to_string(),
+                offset: loc.offset,
+                source,
+            })?;
+        let frame = Arc::new(pack::load_frame(&file, &path, &loc)?);
+        self.cache.insert(key, Arc::clone(&frame));
+        Ok((frame, loc))
+    }
+
+    /// Appends the verified 4096 bytes of chunk `hash` to `out`.
+    pub(crate) fn append_chunk(
+        &self,
+        hash: &ChunkHash,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChunkReadError> {
+        let (frame, loc) = self.frame_of(hash)?;
+        let block = frame
+            .block(loc.index, hash)
+            .map_err(|reason| ChunkReadError::Corrupt {
+                pack: self.packs.path(loc.pack).display().to_string(),
+                offset: loc.offset,
+                reason,
+            })?;
+        out.extend_from_slice(block);
+        Ok(())
+    }
+
+    /// Reads one chunk (4096 bytes) and checks it against its hash.
+    pub fn read_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkReadError> {
+        let mut out = Vec::with_capacity(BLOCK_SIZE);
+        self.append_chunk(hash, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let state = self.read_state();
+        let chunk_count = state.chunks.len() as u64;
+        StoreStats {
+            chunk_count,
+            logical_chunk_bytes: chunk_count * BLOCK_SIZE_BYTES,
+            stored_bytes: state.stored_bytes,
+            pack_file_bytes: state.pack_lens.values().sum(),
+        }
+    }
+}
+
+/// Decompresses an incoming frame and checks every block against its hash.
+fn verify_incoming(index: usize, incoming: &IncomingFrame<'_>) -> Result<(), StoreError> {
+    let n = incoming.hashes.len();
+    let bad = |reason: String| StoreError::BadFrame {
+        frame: index,
+        reason,
+    };
+    if n == 0 || n > MAX_FRAME_BLOCKS {
+        return Err(bad(format!(
+            "it names {n} blocks; 1 to {MAX_FRAME_BLOCKS} are allowed"
+        )));
+    }
+    let body_len = pack::frame_header_bytes(n) + incoming.zstd_data.len();
+    if body_len > MAX_ENTRY_BODY_BYTES as usize {
+        return Err(bad(format!(
+            "{} compressed bytes is too large",
+            incoming.zstd_data.len()
+        )));
+    }
+    match frame::open(incoming.zstd_data, incoming.hashes) {
+        Ok(_) => Ok(()),
+        Err(FrameError::HashMismatch {
+            index: block,
+            expected,
+        }) => Err(StoreError::ChunkMismatch {
+            frame: index,
+            block,
+            expected,
+        }),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
+/// Checks one new record against the group's volumes and the chunks at hand.
+fn check_record(
+    state: &State,
+    group: &GroupName,
+    record: &Record,
+    incoming: &HashSet<&ChunkHash>,
+) -> Result<(), StoreError> {
+    let seq = record.seq;
+    let Some(volume) = record.kind.volume() else {
+        return Ok(());
+    };
+    let vol = state
+        .volumes
+        .get(volume)
+        .filter(|v| v.group == *group)
+        .ok_or_else(|| StoreError::ForeignVolume {
+            group: group.clone(),
+            seq,
+            volume: volume.clone(),
+        })?;
+    let invalid = |reason: &str| StoreError::InvalidRecord {
+        seq,
+        reason: reason.to_string(),
+    };
+    let range = match &record.kind {
+        RecordKind::Write { first, blocks, .. } => {
+            if blocks.is_empty() || blocks.len() as u64 > MAX_BLOCKS_PER_RECORD {
+                return Err(invalid("a write must carry 1 to 16384 blocks"));
+            }
+            Some((*first, blocks.len() as u64))
+        }
+        RecordKind::Trim { first, count, .. } | RecordKind::WriteZeroes { first, count, .. } => {
+            if *count == 0 {
+                return Err(invalid(
+                    "a trim or write-zeroes must cover at least one block",
+                ));
+            }
+            Some((*first, *count))
+        }
+        _ => None,
+    };
+    if let Some((first, count)) = range {
+        let blocks = vol.block_count();
+        let end = first.0.checked_add(count);
+        if end.is_none_or(|end| end > blocks) {
+            return Err(StoreError::OutOfRange {
+                seq,
+                volume: volume.clone(),
+                first: first.0,
+                end: end.unwrap_or(u64::MAX),
+                size_bytes: vol.size_bytes,
+                blocks,
+            });
+        }
+    }
+    if let RecordKind::Write { blocks, .. } = &record.kind {
+        for hash in blocks.iter().flatten() {
+            if !state.chunks.contains_key(hash) && !incoming.contains(hash) {
+                return Err(StoreError::MissingChunk { hash: *hash, seq });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the store directory's lock, so that two processes never append to the same files.
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error(format!("open {}", path.display())))?;
+    // SAFETY: flock takes a descriptor number and flags, and `file` keeps the descriptor open
+    // for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() == io::ErrorKind::WouldBlock {
+            return Err(StoreError::Locked {
+                dir: dir.display().to_string(),
+            });
+        }
+        return Err(io_error(format!("lock {}", path.display()))(error));
+    }
+    Ok(file)
+}
+
+/// fsyncs a directory, making the creation of the files in it durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(format!("fsync directory {}", dir.display())))
+}
+
+/// Recovery of the pack files after the catalog was replayed: truncates every pack to the end
+/// of its last referenced frame and picks the pack to append to. Fills `state.pack_lens`.
+fn recover_packs(packs: &Packs, state: &mut State) -> Result<(PackId, Arc<File>, u64), StoreError> {
+    let dir = packs.dir();
+    let mut existing = BTreeMap::new();
+    for dirent in std::fs::read_dir(dir).map_err(io_error(format!("list {}", dir.display())))? {
+        let dirent = dirent.map_err(io_error(format!("list {}", dir.display())))?;
+        if let Some(id) = dirent.file_name().to_str().and_then(PackId::from_file_name) {
+            existing.insert(id, dirent.path());
+        }
+    }
+    let mut damaged = HashSet::new();
+    for (id, path) in &existing {
+        let referenced = state.referenced_ends.get(id).copied().unwrap_or(0);
+        let len = std::fs::metadata(path)
+            .map_err(io_error(format!("stat {}", path.display())))?
+            .len();
+        let len = if len > referenced {
+            tracing::warn!(
+                pack = %path.display(),
+                dropped_bytes = len - referenced,
+                "pack ends with frames no committed batch references (a batch whose catalog fsync never returned); truncating them"
+            );
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io_error(format!("open {}", path.display())))?;
+            file.set_len(referenced)
+                .and_then(|()| file.sync_all())
+                .map_err(io_error(format!(
+                    "truncate {} to {referenced} bytes",
+                    path.display()
+                )))?;
+            referenced
+        } else {
+            if len < referenced {
+                tracing::error!(
+                    pack = %path.display(),
+                    len,
+                    referenced,
+                    "pack is shorter than the catalog says: reads of the frames past its end will fail"
+                );
+                damaged.insert(*id);
+            }
+            len
+        };
+        state.pack_lens.insert(*id, len);
+    }
+    for id in state.referenced_ends.keys() {
+        if !existing.contains_key(id) {
+            tracing::error!(pack = %packs.path(*id).display(), "pack file referenced by the catalog is missing: reads of its chunks will fail");
+        }
+    }
+    let last_existing = existing.keys().next_back().copied();
+    let last_referenced = state.referenced_ends.keys().next_back().copied();
+    let highest = last_existing.max(last_referenced);
+    let reuse = match highest {
+        Some(id) if Some(id) == last_existing && !damaged.contains(&id) => Some(id),
+        _ => None,
+    };
+    let (id, create) = match (reuse, highest) {
+        (Some(id), _) => (id, false),
+        (None, Some(id)) => (PackId(id.0 + 1), true),
+        (None, None) => (PackId::FIRST, true),
+    };
+    let path = packs.path(id);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error(format!("open pack {}", path.display())))?;
+    if create {
+        sync_dir(dir)?;
+    }
+    let len = file
+        .metadata()
+        .map_err(io_error(format!("stat {}", path.display())))?
+        .len();
+    state.pack_lens.insert(id, len);
+    Ok((id, Arc::new(file), len))
+}

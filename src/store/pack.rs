@@ -1,0 +1,380 @@
+//! Pack files: append-only files of compressed frames, read back with `pread` and verified.
+//!
+//! A pack is `packs/NNNNNN.pack`. Each frame is one [`crate::framed`] entry whose body is
+//!
+//! ```text
+//! u16 n | n x 32-byte blake3 hash | zstd bytes (n x 4096 bytes once decompressed)
+//! ```
+//!
+//! (little-endian). The catalog locates a chunk by pack id, byte offset of the frame's entry,
+//! entry length and the block's index in the frame. Packs are never scanned: a chunk is only
+//! ever read through a location the catalog holds, and every block read back is checked
+//! against the hash it was asked for, so a damaged byte fails that one read, never the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use crate::frame::{self, MAX_FRAME_BLOCKS};
+use crate::framed::{ENTRY_HEADER_BYTES, ENTRY_MAGIC};
+use crate::types::{ChunkHash, BLOCK_SIZE};
+
+use super::ChunkReadError;
+
+/// Sub-directory of the store holding the pack files.
+pub const PACKS_DIR: &str = "packs";
+
+/// Number of a pack file: `packs/000001.pack` is `PackId(1)`. Ids start at 1 and only grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PackId(pub u32);
+
+impl PackId {
+    pub const FIRST: PackId = PackId(1);
+
+    /// File name inside [`PACKS_DIR`].
+    pub fn file_name(self) -> String {
+        format!("{:06}.pack", self.0)
+    }
+
+    /// Parses a pack file name; `None` for anything else found in the directory.
+    pub fn from_file_name(name: &str) -> Option<PackId> {
+        let digits = name.strip_suffix(".pack")?;
+        if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        digits.parse().ok().map(PackId)
+    }
+}
+
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PACKS_DIR}/{}", self.file_name())
+    }
+}
+
+/// Where one chunk lives: a block of a frame stored in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkLoc {
+    pub pack: PackId,
+    /// Byte offset of the frame's entry (its header) in the pack.
+    pub offset: u64,
+    /// Bytes of the whole entry, header included.
+    pub entry_len: u32,
+    /// Index of the block inside the frame.
+    pub index: u16,
+}
+
+/// Bytes of frame body before the zstd data, for `block_count` blocks.
+pub(crate) fn frame_header_bytes(block_count: usize) -> usize {
+    2 + 32 * block_count
+}
+
+/// Encodes a frame body: `u16 n | hashes | zstd bytes`.
+pub(crate) fn encode_frame_body(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(frame_header_bytes(hashes.len()) + zstd_data.len());
+    body.extend_from_slice(&(hashes.len() as u16).to_le_bytes());
+    for hash in hashes {
+        body.extend_from_slice(&hash.0);
+    }
+    body.extend_from_slice(zstd_data);
+    body
+}
+
+/// Splits a frame body read from disk into its hashes and zstd bytes.
+pub(crate) fn parse_frame_body(body: &[u8]) -> Result<(Vec<ChunkHash>, &[u8]), String> {
+    let Some((count, rest)) = body.split_first_chunk::<2>() else {
+        return Err("frame body is shorter than its block count".into());
+    };
+    let n = usize::from(u16::from_le_bytes(*count));
+    if n == 0 || n > MAX_FRAME_BLOCKS {
+        return Err(format!(
+            "frame header names {n} blocks (1 to {MAX_FRAME_BLOCKS} allowed)"
+        ));
+    }
+    if rest.len() < 32 * n {
+        return Err(format!("frame body is too short for its {n} block hashes"));
+    }
+    let (raw_hashes, zstd_data) = rest.split_at(32 * n);
+    let hashes = raw_hashes
+        .chunks_exact(32)
+        .filter_map(ChunkHash::from_slice)
+        .collect();
+    Ok((hashes, zstd_data))
+}
+
+/// A frame read back from a pack and decompressed, with each block checked against the hash
+/// the frame's header gives it.
+pub(crate) struct LoadedFrame {
+    hashes: Vec<ChunkHash>,
+    data: Vec<u8>,
+    block_ok: Vec<bool>,
+}
+
+impl LoadedFrame {
+    /// The bytes of block `index`, provided it is the block the catalog says (`expected`) and
+    /// its content still hashes to that.
+    pub fn block(&self, index: u16, expected: &ChunkHash) -> Result<&[u8], String> {
+        let i = usize::from(index);
+        if i >= self.hashes.len() {
+            return Err(format!(
+                "block {i} is not in the frame, which holds {} blocks",
+                self.hashes.len()
+            ));
+        }
+        if self.hashes[i] != *expected {
+            return Err(format!(
+                "block {i} of the frame is named {} on disk, but the catalog expects {expected}",
+                self.hashes[i]
+            ));
+        }
+        if !self.block_ok[i] {
+            return Err(format!("block {i} does not match its hash"));
+        }
+        Ok(&self.data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE])
+    }
+}
+
+/// Reads the frame entry at `loc` from `file` and decompresses it. The entry's CRC is checked
+/// but not trusted alone: blake3 of each block decides whether that block is usable, so a frame
+/// whose damage spares the wanted block still serves it.
+pub(crate) fn load_frame(
+    file: &File,
+    pack: &Path,
+    loc: &ChunkLoc,
+) -> Result<LoadedFrame, ChunkReadError> {
+    let corrupt = |reason: String| ChunkReadError::Corrupt {
+        pack: pack.display().to_string(),
+        offset: loc.offset,
+        reason,
+    };
+    let entry_len = u64::from(loc.entry_len);
+    if entry_len < ENTRY_HEADER_BYTES {
+        return Err(corrupt(format!(
+            "catalog gives the frame an impossible length of {entry_len} bytes"
+        )));
+    }
+    let mut entry = vec![0u8; loc.entry_len as usize];
+    file.read_exact_at(&mut entry, loc.offset).map_err(|source| {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            corrupt(format!(
+                "the pack file ends before this {entry_len}-byte frame does (it was truncated after it was written)"
+            ))
+        } else {
+            ChunkReadError::Io {
+                pack: pack.display().to_string(),
+                offset: loc.offset,
+                source,
+            }
+        }
+    })?;
+    let (header, body) = entry.split_at(ENTRY_HEADER_BYTES as usize);
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    if word(0) != ENTRY_MAGIC || u64::from(word(4)) != entry_len - ENTRY_HEADER_BYTES {
+        return Err(corrupt("frame entry header is damaged".into()));
+    }
+    let crc_ok = crc32c::crc32c(body) == word(8);
+    let (hashes, zstd_data) = parse_frame_body(body).map_err(&corrupt)?;
+    let data = frame::decompress(zstd_data, hashes.len()).map_err(|e| corrupt(e.to_string()))?;
+    let block_ok: Vec<bool> = hashes
+        .iter()
+        .zip(data.chunks_exact(BLOCK_SIZE))
+        .map(|(hash, block)| ChunkHash::of(block) == *hash)
+        .collect();
+    if !crc_ok {
+        tracing::warn!(
+            pack = %pack.display(),
+            offset = loc.offset,
+            good_blocks = block_ok.iter().filter(|ok| **ok).count(),
+            blocks = hashes.len(),
+            "frame checksum mismatch: serving only blocks whose blake3 still matches"
+        );
+    }
+    Ok(LoadedFrame {
+        hashes,
+        data,
+        block_ok,
+    })
+}
+
+/// Open pack files, shared by readers (pread needs no lock) and the writer.
+pub(crate) struct Packs {
+    dir: PathBuf,
+    files: RwLock<HashMap<PackId, Arc<File>>>,
+}
+
+impl Packs {
+    pub fn new(store_dir: &Path) -> Packs {
+        Packs {
+            dir: store_dir.join(PACKS_DIR),
+            files: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self, id: PackId) -> PathBuf {
+        self.dir.join(id.file_name())
+    }
+
+    /// The open pack file, opening it (read-only) on first use and keeping it open.
+    pub fn file(&self, id: PackId) -> io::Result<Arc<File>> {
+        if let Some(file) = self
+            .files
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(Arc::clone(file));
+        }
+        let file = Arc::new(File::open(self.path(id))?);
+        let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
+        Ok(Arc::clone(files.entry(id).or_insert(file)))
+    }
+
+    /// Shares a file the writer opened for appending.
+    pub fn insert(&self, id: PackId, file: Arc<File>) {
+        self.files
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, file);
+    }
+}
+
+type FrameKey = (PackId, u64);
+
+/// Least-recently-used cache of decompressed, verified frames, bounded by a frame count.
+/// A restore reads blocks in volume order, which mostly means frame by frame: with the cache
+/// each frame is decompressed once, not once per block.
+pub(crate) struct FrameCache {
+    inner: Mutex<CacheInner>,
+}
+
+struct CacheInner {
+    capacity: usize,
+    tick: u64,
+    frames: HashMap<FrameKey, (Arc<LoadedFrame>, u64)>,
+    by_age: BTreeMap<u64, FrameKey>,
+}
+
+impl FrameCache {
+    pub fn new(capacity: usize) -> FrameCache {
+        FrameCache {
+            inner: Mutex::new(CacheInner {
+                capacity,
+                tick: 0,
+                frames: HashMap::new(),
+                by_age: BTreeMap::new(),
+            }),
+        }
+    }
+
+    pub fn get(&self, key: FrameKey) -> Option<Arc<LoadedFrame>> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.tick += 1;
+        let tick = inner.tick;
+        let (frame, old_tick) = {
+            let (frame, used) = inner.frames.get_mut(&key)?;
+            let old = std::mem::replace(used, tick);
+            (Arc::clone(frame), old)
+        };
+        inner.by_age.remove(&old_tick);
+        inner.by_age.insert(tick, key);
+        Some(frame)
+    }
+
+    pub fn insert(&self, key: FrameKey, frame: Arc<LoadedFrame>) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.capacity == 0 {
+            return;
+        }
+        inner.tick += 1;
+        let tick = inner.tick;
+        if let Some((_, old_tick)) = inner.frames.insert(key, (frame, tick)) {
+            inner.by_age.remove(&old_tick);
+        }
+        inner.by_age.insert(tick, key);
+        while inner.frames.len() > inner.capacity {
+            let Some((_, oldest)) = inner.by_age.pop_first() else {
+                break;
+            };
+            inner.frames.remove(&oldest);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .frames
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pack_names_round_trip() {
+        assert_eq!(PackId(3).file_name(), "000003.pack");
+        assert_eq!(PackId(3).to_string(), "packs/000003.pack");
+        assert_eq!(PackId::from_file_name("000003.pack"), Some(PackId(3)));
+        assert_eq!(
+            PackId::from_file_name("1234567.pack"),
+            Some(PackId(1_234_567))
+        );
+        assert_eq!(PackId::from_file_name("3.pack"), None);
+        assert_eq!(PackId::from_file_name("000003.pack.tmp"), None);
+        assert_eq!(PackId::from_file_name("abcdef.pack"), None);
+    }
+
+    #[test]
+    fn frame_bodies_round_trip_and_garbage_is_an_error() {
+        let hashes = [ChunkHash::of(b"a"), ChunkHash::of(b"b")];
+        let body = encode_frame_body(&hashes, b"zstd");
+        let (parsed, data) = parse_frame_body(&body).unwrap();
+        assert_eq!(parsed, hashes);
+        assert_eq!(data, b"zstd");
+        for cut in 0..frame_header_bytes(2) {
+            assert!(parse_frame_body(&body[..cut]).is_err(), "cut {cut}");
+        }
+        assert!(parse_frame_body(&[0, 0]).is_err());
+        assert!(parse_frame_body(&[0xff, 0xff]).is_err());
+    }
+
+    fn frame(n: u64) -> Arc<LoadedFrame> {
+        Arc::new(LoadedFrame {
+            hashes: vec![ChunkHash::of(&n.to_le_bytes())],
+            data: vec![0; BLOCK_SIZE],
+            block_ok: vec![true],
+        })
+    }
+
+    #[test]
+    fn cache_evicts_least_recently_used() {
+        let cache = FrameCache::new(2);
+        cache.insert((PackId(1), 0), frame(0));
+        cache.insert((PackId(1), 10), frame(1));
+        assert!(cache.get((PackId(1), 0)).is_some());
+        cache.insert((PackId(1), 20), frame(2));
+        assert_eq!(cache.len(), 2);
+        assert!(
+            cache.get((PackId(1), 10)).is_none(),
+            "least recently used goes first"
+        );
+        assert!(cache.get((PackId(1), 0)).is_some());
+        assert!(cache.get((PackId(1), 20)).is_some());
+        let off = FrameCache::new(0);
+        off.insert((PackId(1), 0), frame(0));
+        assert!(off.get((PackId(1), 0)).is_none());
+    }
+}

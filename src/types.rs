@@ -1,0 +1,176 @@
+//! Newtypes for every id and position, with units in their names.
+
+use std::fmt;
+
+/// Size of one journal block. Writes are journalled, hashed and deduplicated in whole blocks.
+pub const BLOCK_SIZE_BYTES: u64 = 4096;
+/// [`BLOCK_SIZE_BYTES`] as a `usize`, for buffers.
+pub const BLOCK_SIZE: usize = BLOCK_SIZE_BYTES as usize;
+
+/// Position of a record in its consistency group's journal. Strictly increasing, never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    pub const ZERO: Seq = Seq(0);
+    pub fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seq {}", self.0)
+    }
+}
+
+/// Wall-clock time in nanoseconds since the Unix epoch (UTC), as stamped by an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct TimeNs(pub i64);
+
+impl TimeNs {
+    pub fn now() -> TimeNs {
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        TimeNs(since_epoch.as_nanos().min(i64::MAX as u128) as i64)
+    }
+
+    /// Milliseconds from `self` to `later`, never negative.
+    pub fn ms_until(self, later: TimeNs) -> u64 {
+        (later.0.saturating_sub(self.0).max(0) / 1_000_000) as u64
+    }
+}
+
+/// Index of a [`BLOCK_SIZE_BYTES`] block inside a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct BlockNo(pub u64);
+
+impl BlockNo {
+    pub fn offset_bytes(self) -> u64 {
+        self.0 * BLOCK_SIZE_BYTES
+    }
+}
+
+/// A blake3-256 content hash naming one block's bytes (a chunk).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    pub fn of(data: &[u8]) -> ChunkHash {
+        ChunkHash(*blake3::hash(data).as_bytes())
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<ChunkHash> {
+        <[u8; 32]>::try_from(bytes).ok().map(ChunkHash)
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Error for a name that is not a valid volume, group or checkpoint name.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {what} name {name:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
+pub struct InvalidName {
+    pub what: &'static str,
+    pub name: String,
+}
+
+fn validate_name(what: &'static str, name: &str) -> Result<(), InvalidName> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $ty:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $ty(String);
+
+        impl $ty {
+            pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
+                let name = name.into();
+                validate_name($what, &name)?;
+                Ok(Self(name))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = InvalidName;
+            fn from_str(s: &str) -> Result<Self, InvalidName> {
+                Self::new(s)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// Name of a protected volume; also its NBD export name and its file name in restores.
+    VolumeName,
+    "volume"
+);
+name_type!(
+    /// Name of a consistency group: volumes sharing one journal order.
+    GroupName,
+    "group"
+);
+name_type!(
+    /// Name of a checkpoint: a named point in a group's journal.
+    CheckpointName,
+    "checkpoint"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(VolumeName::new("data-1.img").is_ok());
+        assert!(VolumeName::new("").is_err());
+        assert!(VolumeName::new("../etc").is_err());
+        assert!(VolumeName::new("a/b").is_err());
+        assert!(GroupName::new("x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn ms_until_never_negative() {
+        assert_eq!(TimeNs(5_000_000).ms_until(TimeNs(1)), 0);
+        assert_eq!(TimeNs(0).ms_until(TimeNs(3_000_000)), 3);
+    }
+}
