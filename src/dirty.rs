@@ -139,7 +139,7 @@ impl DirtyMap {
         let mut block = self.scan_from;
         while block < self.block_count {
             let byte = self.map[HEADER_BYTES + (block / 8) as usize];
-            if byte == 0 && block % 8 == 0 {
+            if byte == 0 && block.is_multiple_of(8) {
                 block += 8;
                 continue;
             }

@@ -205,7 +205,7 @@ fn decode_write(rest: &[u8]) -> Result<SpoolEntry, DecodeError> {
     let volume = VolumeName::new(name).map_err(|e| DecodeError::BadName(e.to_string()))?;
     let first = BlockNo(u64::from_le_bytes(word(fixed + name_len)));
     let data = rest[data_at..].to_vec();
-    if data.is_empty() || data.len() % BLOCK_SIZE != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
         return Err(DecodeError::OutOfRange("write data length"));
     }
     Ok(SpoolEntry {

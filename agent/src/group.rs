@@ -243,7 +243,7 @@ fn records_for(
     let len = change.len_bytes();
     let first = offset / BLOCK_SIZE_BYTES;
     let end_block = (offset + len).div_ceil(BLOCK_SIZE_BYTES);
-    let aligned = offset % BLOCK_SIZE_BYTES == 0 && len % BLOCK_SIZE_BYTES == 0;
+    let aligned = offset.is_multiple_of(BLOCK_SIZE_BYTES) && len.is_multiple_of(BLOCK_SIZE_BYTES);
     let name = volume.name.clone();
     let write = |first: u64, data: Vec<u8>| SpoolOp::Write {
         volume: name.clone(),

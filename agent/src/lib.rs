@@ -176,7 +176,7 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
         let size_bytes = file
             .seek(SeekFrom::End(0))
             .with_context(|| format!("size of {}", volume.path.display()))?;
-        if size_bytes == 0 || size_bytes % BLOCK_SIZE_BYTES != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
             anyhow::bail!(
                 "volume {} at {} is {size_bytes} bytes; Tideline protects volumes whose size is a positive multiple of {BLOCK_SIZE_BYTES} (resize it, e.g. `truncate -s 1G FILE`)",
                 volume.name,

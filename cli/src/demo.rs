@@ -127,7 +127,11 @@ fn realistic(len: usize, seed: u64) -> Vec<u8> {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         out.extend_from_slice(words[(state >> 33) as usize % words.len()].as_bytes());
-        out.push(if (state >> 20) % 9 == 0 { b'\n' } else { b' ' });
+        out.push(if (state >> 20).is_multiple_of(9) {
+            b'\n'
+        } else {
+            b' '
+        });
     }
     out.truncate(len);
     out
@@ -159,7 +163,7 @@ fn write_moments(socket: &Path) -> anyhow::Result<Vec<Moment>> {
         &mut reference,
         &|nbd, r| {
             r[..1 << 20].fill(0xab);
-            nbd.write(0, &r[..1 << 20].to_vec(), false)
+            nbd.write(0, &r[..1 << 20], false)
         },
     )?;
     step(

@@ -67,7 +67,7 @@ fn parse_hello(hello: v1::Hello) -> Result<(GroupName, Vec<VolumeMeta>, u64), St
     let mut volumes = Vec::new();
     for v in &hello.volumes {
         let name = volume_name("hello.volumes.name", &v.name)?;
-        if v.size_bytes == 0 || v.size_bytes % BLOCK_SIZE_BYTES != 0 {
+        if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
             return Err(Status::invalid_argument(format!(
                 "hello.volumes: volume {name} size {} is not a positive multiple of {BLOCK_SIZE_BYTES}",
                 v.size_bytes

@@ -50,7 +50,7 @@ pub fn chunk_hash(
 }
 
 fn first_block(field: &'static str, offset_bytes: u64) -> Result<BlockNo, WireError> {
-    if offset_bytes % BLOCK_SIZE_BYTES != 0 {
+    if !offset_bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
         return Err(invalid(
             field,
             format!("offset {offset_bytes} is not a multiple of {BLOCK_SIZE_BYTES}"),
@@ -65,7 +65,7 @@ fn block_range(
 ) -> Result<(VolumeName, BlockNo, u64), WireError> {
     let volume = volume_name(field, &range.volume)?;
     let first = first_block(field, range.offset_bytes)?;
-    if range.len_bytes == 0 || range.len_bytes % BLOCK_SIZE_BYTES != 0 {
+    if range.len_bytes == 0 || !range.len_bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
         return Err(invalid(
             field,
             format!(

@@ -150,10 +150,15 @@ impl<S: Read + Write> NbdClient<S> {
             offset,
             len,
         };
+        self.send_raw(&header, payload)?;
+        Ok(cookie)
+    }
+
+    /// Sends `header` and `payload` exactly as given (the caller picks the cookie).
+    pub fn send_raw(&mut self, header: &RequestHeader, payload: &[u8]) -> io::Result<()> {
         self.stream.write_all(&header.encode())?;
         self.stream.write_all(payload)?;
-        self.stream.flush()?;
-        Ok(cookie)
+        self.stream.flush()
     }
 
     /// Reads one simple reply header. A successful READ's data follows it on the stream.

@@ -177,10 +177,12 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let Ok(slot) = ctx.slots.clone().acquire_owned().await else {
             return Stop::Desync("request semaphore closed");
         };
+        // Biased: once shutdown is signalled, no further request enters normal processing.
         let header = tokio::select! {
-            header = headers.next(rd) => header,
+            biased;
             _ = shutdown_requested(stop) => return Stop::Shutdown,
             _ = tx.closed() => return Stop::WriterGone,
+            header = headers.next(rd) => header,
         };
         let header = match header {
             Ok(Some(header)) => header,
