@@ -316,17 +316,22 @@ pub fn open_dirty_map(
 /// Allocated byte ranges of a file, found with SEEK_DATA / SEEK_HOLE. Block devices (and file
 /// systems without support) report one extent covering everything.
 pub fn allocated_extents(file: &File, size_bytes: u64) -> io::Result<Vec<(u64, u64)>> {
+    allocated_extents_in(file, 0, size_bytes)
+}
+
+/// Allocated byte ranges of `[start, end)` of a file, clipped to that range.
+pub fn allocated_extents_in(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
     let mut extents = Vec::new();
-    let mut pos = 0u64;
-    while pos < size_bytes {
+    let mut pos = start;
+    while pos < end {
         // SAFETY: lseek on a valid descriptor.
         let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
                 Some(libc::ENXIO) => Ok(extents),
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(vec![(0, size_bytes)]),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(vec![(start, end)]),
                 _ => Err(err),
             };
         }
@@ -335,16 +340,15 @@ pub fn allocated_extents(file: &File, size_bytes: u64) -> io::Result<Vec<(u64, u
         if hole < 0 {
             return Err(io::Error::last_os_error());
         }
-        let (start, end) = (data as u64, (hole as u64).min(size_bytes));
-        if start >= size_bytes {
+        let (data, hole) = (data as u64, (hole as u64).min(end));
+        if data >= end {
             break;
         }
-        extents.push((start, end));
-        pos = end;
+        extents.push((data, hole));
+        pos = hole;
     }
     Ok(extents)
 }
-
 /// What one resync step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResyncStep {

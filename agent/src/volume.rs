@@ -104,7 +104,7 @@ impl BlockExport for VolumeExport {
     fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<Vec<(u64, bool)>> {
         self.check_range(offset_bytes, len_bytes)?;
         let end = offset_bytes + len_bytes;
-        let extents = crate::group::allocated_extents(&self.read_handle, self.size_bytes)?;
+        let extents = crate::group::allocated_extents_in(&self.read_handle, offset_bytes, end)?;
         let mut runs = Vec::new();
         let mut pos = offset_bytes;
         for (start, stop) in extents

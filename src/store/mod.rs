@@ -54,15 +54,41 @@
 //!   emptied. A pack shorter than the catalog says, or missing, is logged and left alone: only
 //!   reads of the frames it lost fail, and new frames go to a fresh pack.
 //! * Packs are never scanned. A damaged pack byte does not stop the collector from starting;
-//!   it fails reads of that one frame (every block read back is checked against its blake3),
-//!   and those errors name the pack file and the frame's byte offset.
+//!   it fails reads of what it damaged: every block read back is checked against its blake3
+//!   (the entry CRC alone decides nothing), so a frame that no longer decompresses fails all
+//!   its blocks and a frame that decompresses to a wrong block fails that block. The errors name
+//!   the pack file and the frame's byte offset; a restore adds the volume and the block's
+//!   offset in it.
+//!
+//! # Invariants
+//!
+//! * No chunk is in the index, and no seq is acknowledged, before its frame and its catalog
+//!   entry were fsynced.
+//! * Nothing is rewritten in place: files are appended to, and truncated only at open
+//!   (recovery) or to undo a batch whose write failed.
+//! * A group's journal is seq-contiguous from 1 with non-decreasing times, so a point in time
+//!   is a prefix of it.
+//! * Nothing read from disk is trusted: catalog entries are checksummed and every length and
+//!   reference in them checked; chunk bytes are checked against their hash on every read.
+//!
+//! # Restore
+//!
+//! [`Store::plan`] replays the group's journal from its start up to the point, under the state
+//! read lock (image layers, periodic block maps, will bound that replay); [`materialise`] and
+//! [`extents`] then read the blocks in volume order through the frame cache.
+//!
+//! # Limits
+//!
+//! One catalog entry (one batch) is at most [`framed::MAX_ENTRY_BODY_BYTES`]: a bigger batch is
+//! refused ([`StoreError::BatchTooLarge`]) before anything is written. A frame holds 1 to
+//! [`MAX_FRAME_BLOCKS`] blocks. The frame cache holds at most `frame_cache_frames` (<= 65536)
+//! frames of up to 1 MiB each.
 //!
 //! # Memory
 //!
-//! The chunk index (hash -> pack, offset, length, index: about 80 bytes a chunk), every
-//! group's records, and an LRU cache of `frame_cache_frames` decompressed, verified frames so
-//! that a sequential restore decompresses each frame once. Pack files are opened on first read
-//! and kept open.
+//! The chunk index (hash -> pack, offset, length, index: about 64 bytes a chunk), every
+//! group's records (32 bytes per written block), and the frame cache. Pack files are opened on
+//! first read and kept open: one descriptor per pack read since open.
 
 mod catalog;
 mod journal;

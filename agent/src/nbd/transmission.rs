@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 /// Socket buffering on each side; payloads larger than this bypass the buffer.
-const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
+const SOCKET_BUFFER_BYTES: usize = 64 * 1024;
 /// Most descriptors in one BLOCK_STATUS reply (the spec lets the server return fewer).
 const MAX_EXTENTS_PER_REPLY: usize = 8192;
 
@@ -211,28 +211,16 @@ async fn dispatch<R: AsyncRead + Unpin>(
     if header.kind == CMD_DISC {
         return Some(Stop::Disconnect);
     }
-    let mut payload = Vec::new();
-    let mut bytes = None;
-    if header.kind == CMD_WRITE {
-        if header.len > ctx.limits.max_payload_bytes {
-            tracing::warn!(
-                conn = ctx.conn,
-                len = header.len,
-                "NBD WRITE over the payload limit"
-            );
-            let reject = Reject::new(Errno::Inval, "write longer than the maximum payload");
-            let sent = send(tx, reject_reply(ctx, &header, reject), slot, None).await;
-            return Some(
-                sent.err()
-                    .unwrap_or(Stop::Desync("write over the payload limit")),
-            );
-        }
-        bytes = acquire_bytes(ctx, header.len).await;
-        payload = vec![0u8; header.len as usize];
-        if let Err(err) = rd.read_exact(&mut payload).await {
-            return Some(Stop::Io(err));
-        }
+    if header.kind == CMD_WRITE && header.len > ctx.limits.max_payload_bytes {
+        return Some(refuse_oversized_write(ctx, &header, slot, tx).await);
     }
+    let (payload, mut bytes) = match header.kind {
+        CMD_WRITE => match read_payload(ctx, header.len, rd).await {
+            Ok(read) => read,
+            Err(err) => return Some(Stop::Io(err)),
+        },
+        _ => (Vec::new(), None),
+    };
     let op = match validate(ctx, &header) {
         Ok(op) => op,
         Err(reject) => {
@@ -256,12 +244,44 @@ async fn dispatch<R: AsyncRead + Unpin>(
     send_outgoing(tx, reply, budget).await.err()
 }
 
+/// The payload of an oversized WRITE cannot be skipped safely: answer EINVAL, then stop
+/// reading so the connection closes once everything in flight is answered.
+async fn refuse_oversized_write(
+    ctx: &Ctx,
+    header: &RequestHeader,
+    slot: OwnedSemaphorePermit,
+    tx: &mpsc::Sender<Outgoing>,
+) -> Stop {
+    tracing::warn!(
+        conn = ctx.conn,
+        len = header.len,
+        "NBD WRITE over the payload limit"
+    );
+    let reject = Reject::new(Errno::Inval, "write longer than the maximum payload");
+    match send(tx, reject_reply(ctx, header, reject), slot, None).await {
+        Ok(()) => Stop::Desync("write over the payload limit"),
+        Err(why) => why,
+    }
+}
+
+/// Reads a WRITE payload once the byte budget allows it.
+async fn read_payload<R: AsyncRead + Unpin>(
+    ctx: &Ctx,
+    len: u32,
+    rd: &mut R,
+) -> io::Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
+    let bytes = acquire_bytes(ctx, len).await;
+    let mut payload = vec![0u8; len as usize];
+    rd.read_exact(&mut payload).await?;
+    Ok((payload, bytes))
+}
+
 async fn acquire_bytes(ctx: &Ctx, len: u32) -> Option<OwnedSemaphorePermit> {
     if len == 0 {
         return None;
     }
-    // `len` never exceeds `max_payload_bytes`, which validate() keeps ≤ the semaphore's size,
-    // and the semaphore is never closed; so this waits for budget but always succeeds.
+    // `len` never exceeds `max_payload_bytes`, which `NbdLimits::validate` keeps within the
+    // semaphore's size, and the semaphore is never closed: this waits but always succeeds.
     ctx.bytes.clone().acquire_many_owned(len).await.ok()
 }
 

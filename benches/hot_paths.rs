@@ -1,0 +1,174 @@
+//! Criterion benchmarks of the hot paths: block hashing and zero detection, frame compression
+//! and decompression, spool append, chunk-store ingest and read, materialisation.
+//!
+//! Data is text-like and compressible, as file-system blocks are; figures are per byte of
+//! uncompressed block data.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::hint::black_box;
+
+use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL, MAX_FRAME_BLOCKS};
+use tideline_core::record::{Record, RecordKind, WriteOrigin};
+use tideline_core::spool::{Spool, SpoolConfig, SpoolOp};
+use tideline_core::store::{self, IncomingFrame, PointInTime, Store, StoreConfig, VolumeMeta};
+use tideline_core::{block, BlockNo, ChunkHash, GroupName, Seq, TimeNs, VolumeName, BLOCK_SIZE};
+
+const MIB: usize = 1 << 20;
+
+/// Text-like bytes: words from a small vocabulary, with unique numbers so blocks differ.
+fn realistic(len: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "volume", "journal", "block", "chunk", "restore", "flush", "tideline", "seq",
+    ];
+    let mut out = Vec::with_capacity(len + 32);
+    let mut state = seed | 1;
+    while out.len() < len {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.extend_from_slice(words[(state >> 33) as usize % words.len()].as_bytes());
+        out.extend_from_slice(format!(" {} ", state >> 48).as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn hashing(c: &mut Criterion) {
+    let data = realistic(8 * MIB, 1);
+    let zeroes = vec![0u8; 8 * MIB];
+    let mut group = c.benchmark_group("block");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("blake3_4k_blocks", |b| {
+        b.iter(|| black_box(block::chunks_of(&data)))
+    });
+    group.bench_function("zero_detect_4k_blocks", |b| {
+        b.iter(|| {
+            black_box(
+                zeroes
+                    .chunks(BLOCK_SIZE)
+                    .filter(|c| block::is_zero(c))
+                    .count(),
+            )
+        })
+    });
+    group.finish();
+}
+
+fn compression(c: &mut Criterion) {
+    let data = realistic(MAX_FRAME_BLOCKS * BLOCK_SIZE, 2);
+    let hashes: Vec<ChunkHash> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
+    let compressed = frame::compress(&data, DEFAULT_ZSTD_LEVEL);
+    let mut group = c.benchmark_group("frame");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("compress_1mib_level1", |b| {
+        b.iter(|| black_box(frame::compress(&data, DEFAULT_ZSTD_LEVEL)))
+    });
+    group.bench_function("open_1mib_decompress_verify", |b| {
+        b.iter(|| black_box(frame::open(&compressed, &hashes)))
+    });
+    group.finish();
+}
+
+fn spool_append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spool = Spool::open(SpoolConfig::new(dir.path(), 1 << 40)).expect("open spool");
+    let volume = VolumeName::new("v").expect("name");
+    let data = realistic(MIB, 3);
+    let mut group = c.benchmark_group("spool");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    let mut next = 0u64;
+    group.bench_function("append_1mib_write", |b| {
+        b.iter(|| {
+            next += 1;
+            let (seq, _) = spool
+                .append(SpoolOp::Write {
+                    volume: volume.clone(),
+                    first: BlockNo(next % 1024 * 256),
+                    data: data.clone(),
+                    origin: WriteOrigin::Client,
+                })
+                .expect("append");
+            if seq.0 % 64 == 0 {
+                spool.release_through(seq).expect("release");
+            }
+        })
+    });
+    group.finish();
+}
+
+/// A store holding `mib` MiB of distinct blocks written to volume "v" as 1 MiB records.
+fn filled_store(dir: &std::path::Path, mib: u64) -> (Store, VolumeName) {
+    let store = Store::open(StoreConfig::new(dir)).expect("open store");
+    let group = GroupName::new("g").expect("name");
+    let volume = VolumeName::new("v").expect("name");
+    let meta = [VolumeMeta {
+        name: volume.clone(),
+        size_bytes: mib * MIB as u64,
+    }];
+    store.register_group(&group, 1, &meta).expect("register");
+    for i in 0..mib {
+        let data = realistic(MIB, 100 + i);
+        let hashes: Vec<ChunkHash> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
+        let compressed = frame::compress(&data, DEFAULT_ZSTD_LEVEL);
+        let record = Record {
+            seq: Seq(i + 1),
+            time: TimeNs(i as i64 + 1),
+            kind: RecordKind::Write {
+                volume: volume.clone(),
+                first: BlockNo(i * 256),
+                blocks: hashes.iter().copied().map(Some).collect(),
+                origin: WriteOrigin::Client,
+            },
+        };
+        let records = vec![record];
+        let frames = [IncomingFrame {
+            hashes: &hashes,
+            zstd_data: &compressed,
+        }];
+        store.ingest(&group, &records, &frames).expect("ingest");
+    }
+    let complete = Record {
+        seq: Seq(mib + 1),
+        time: TimeNs(mib as i64 + 1),
+        kind: RecordKind::Complete {
+            volume: volume.clone(),
+        },
+    };
+    store.ingest(&group, &[complete], &[]).expect("complete");
+    (store, volume)
+}
+
+fn chunk_store(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(16 * MIB as u64));
+    group.bench_function("ingest_16mib_fsynced", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().expect("temp dir"),
+            |dir| black_box(filled_store(dir.path(), 16)),
+            BatchSize::PerIteration,
+        )
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, volume) = filled_store(dir.path(), 64);
+    let plan = store.plan(&volume, PointInTime::Latest).expect("plan");
+    group.throughput(Throughput::Bytes(64 * MIB as u64));
+    group.bench_function("extents_64mib_verified", |b| {
+        b.iter(|| {
+            for extent in store::extents(&store, &plan, 4 * MIB) {
+                black_box(extent.expect("extent"));
+            }
+        })
+    });
+    let out_dir = tempfile::tempdir().expect("temp dir");
+    group.bench_function("materialise_64mib_to_file", |b| {
+        b.iter(|| {
+            let out = std::fs::File::create(out_dir.path().join("image")).expect("create");
+            black_box(store::materialise(&store, &plan, &out).expect("materialise"))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hashing, compression, spool_append, chunk_store);
+criterion_main!(benches);
