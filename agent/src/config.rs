@@ -27,7 +27,9 @@ pub struct AgentArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// A volume to protect, NAME=PATH (a raw file, possibly sparse, or a block device). Repeatable.
-    #[arg(long = "volume", value_name = "NAME=PATH")]
+    /// NAME=PATH,fuse=FILE also exposes it as the regular file FILE (a FUSE mount, created if
+    /// missing) for `losetup`. PATH and FILE cannot contain a comma.
+    #[arg(long = "volume", value_name = "NAME=PATH[,fuse=FILE]")]
     #[serde(default)]
     pub volume: Vec<String>,
     /// A consistency group, NAME=VOL1,VOL2: its volumes share one journal order. Repeatable.
@@ -53,12 +55,21 @@ pub struct AgentArgs {
     /// Name of this agent in the collector's logs (default: the host name).
     #[arg(long)]
     pub agent_id: Option<String>,
+    /// Shell command run before an app-consistent checkpoint (e.g. `fsfreeze -f /mnt/data`).
+    /// It sees TIDELINE_GROUP and TIDELINE_CHECKPOINT; a non-zero exit fails the checkpoint.
+    #[arg(long)]
+    pub pre_checkpoint_hook: Option<String>,
+    /// Shell command run after an app-consistent checkpoint (e.g. `fsfreeze -u /mnt/data`).
+    #[arg(long)]
+    pub post_checkpoint_hook: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct VolumeSpec {
     pub name: VolumeName,
     pub path: PathBuf,
+    /// Where to mount the volume's FUSE export (`,fuse=FILE`), if anywhere.
+    pub fuse: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +88,7 @@ pub struct AgentConfig {
     pub spool_max_bytes: u64,
     pub collector_url: String,
     pub agent_id: String,
+    pub hooks: crate::checkpoint::Hooks,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +163,12 @@ impl AgentArgs {
         }
         let nbd_unix = self.nbd_unix.or(file.nbd_unix);
         let nbd_tcp = self.nbd_tcp.or(file.nbd_tcp);
-        if nbd_unix.is_none() && nbd_tcp.is_none() {
+        let any_fuse = groups
+            .iter()
+            .flat_map(|g| &g.volumes)
+            .any(|v| v.fuse.is_some());
+        if nbd_unix.is_none() && nbd_tcp.is_none() && !any_fuse {
+            // A volume needs a front end: NBD, or a FUSE export.
             return Err(ConfigError::Missing("nbd-unix"));
         }
         Ok(AgentConfig {
@@ -162,6 +179,10 @@ impl AgentArgs {
             spool_max_bytes,
             collector_url,
             agent_id: self.agent_id.or(file.agent_id).unwrap_or_else(hostname),
+            hooks: crate::checkpoint::Hooks {
+                pre: self.pre_checkpoint_hook.or(file.pre_checkpoint_hook),
+                post: self.post_checkpoint_hook.or(file.post_checkpoint_hook),
+            },
         })
     }
 }
@@ -180,16 +201,56 @@ fn parse_volumes(specs: &[String]) -> Result<BTreeMap<VolumeName, VolumeSpec>, C
     }
     let mut volumes = BTreeMap::new();
     for spec in specs {
-        let (name, path) = spec
+        let (name, rest) = spec
             .split_once('=')
             .ok_or_else(|| invalid("volume", spec, "expected NAME=PATH"))?;
         let name = VolumeName::new(name).map_err(|e| invalid("volume", spec, e.to_string()))?;
+        let mut parts = rest.split(',');
+        let path = parts.next().unwrap_or_default();
         if path.is_empty() {
             return Err(invalid("volume", spec, "the path is empty"));
+        }
+        let mut fuse = None;
+        for option in parts {
+            match option.split_once('=') {
+                Some(("fuse", file)) if !file.is_empty() => {
+                    if fuse.replace(PathBuf::from(file)).is_some() {
+                        return Err(invalid("volume", spec, "fuse= given twice"));
+                    }
+                }
+                Some(("fuse", _)) => return Err(invalid("volume", spec, "the fuse file is empty")),
+                _ => {
+                    return Err(invalid(
+                        "volume",
+                        spec,
+                        format!("unknown volume option {option:?} (expected fuse=FILE)"),
+                    ))
+                }
+            }
+        }
+        if fuse.as_deref() == Some(Path::new(path)) {
+            return Err(invalid(
+                "volume",
+                spec,
+                "the fuse file must differ from the volume path",
+            ));
+        }
+        if let Some(file) = &fuse {
+            if let Some(other) = volumes
+                .values()
+                .find(|v: &&VolumeSpec| v.fuse.as_ref() == Some(file))
+            {
+                return Err(invalid(
+                    "volume",
+                    spec,
+                    format!("volume {} already uses that fuse file", other.name),
+                ));
+            }
         }
         let volume = VolumeSpec {
             name: name.clone(),
             path: PathBuf::from(path),
+            fuse,
         };
         if volumes.insert(name, volume).is_some() {
             return Err(invalid("volume", spec, "volume named twice"));
@@ -323,5 +384,84 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn fuse_export_option() {
+        let config = args(&[
+            "--volume=a=/v/a,fuse=/mnt/a.img",
+            "--volume=b=/v/b",
+            "--spool-dir=/s",
+            "--collector=http://c:1",
+        ])
+        .resolve()
+        .unwrap();
+        let volumes: Vec<_> = config.groups.iter().flat_map(|g| &g.volumes).collect();
+        assert_eq!(volumes[0].path, PathBuf::from("/v/a"));
+        assert_eq!(volumes[0].fuse.as_deref(), Some(Path::new("/mnt/a.img")));
+        assert_eq!(volumes[1].fuse, None);
+        // A FUSE export is a front end: no NBD listener is needed...
+        assert!(config.nbd_unix.is_none() && config.nbd_tcp.is_none());
+        // ...but without one a volume needs some front end.
+        let none = args(&[
+            "--volume=b=/v/b",
+            "--spool-dir=/s",
+            "--collector=http://c:1",
+        ]);
+        assert!(none.resolve().unwrap_err().to_string().contains("nbd-unix"));
+
+        let err = |volume: &str| {
+            args(&[volume, "--spool-dir=/s", "--collector=http://c:1"])
+                .resolve()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("--volume=a=/v/a,fuse=").contains("fuse file is empty"));
+        assert!(err("--volume=a=/v/a,fuse=/f,fuse=/g").contains("given twice"));
+        assert!(err("--volume=a=/v/a,nbd=x").contains("unknown volume option \"nbd=x\""));
+        assert!(err("--volume=a=/v/a,fuse").contains("unknown volume option"));
+        assert!(err("--volume=a=,fuse=/f").contains("path is empty"));
+        assert!(err("--volume=a=/v/a,fuse=/v/a").contains("must differ"));
+        let twice = args(&[
+            "--volume=a=/v/a,fuse=/f",
+            "--volume=b=/v/b,fuse=/f",
+            "--spool-dir=/s",
+            "--collector=http://c:1",
+        ])
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            twice.contains("volume a already uses that fuse file"),
+            "{twice}"
+        );
+    }
+
+    #[test]
+    fn fuse_export_in_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "volume = [\"data=/v/data,fuse=/mnt/data.img\", \"wal=/v/wal,fuse=/mnt/wal.img\"]\n\
+             group = [\"db=data,wal\"]\nspool_dir = \"/s\"\ncollector = \"http://f:1\"\n",
+        )
+        .unwrap();
+        let config = args(&["--config", path.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(config.groups.len(), 1);
+        let fuse: Vec<_> = config.groups[0]
+            .volumes
+            .iter()
+            .map(|v| v.fuse.clone().unwrap())
+            .collect();
+        assert_eq!(
+            fuse,
+            [
+                PathBuf::from("/mnt/data.img"),
+                PathBuf::from("/mnt/wal.img")
+            ]
+        );
     }
 }

@@ -5,9 +5,12 @@
 //! and journal it in one order per consistency group; [`shipper`] streams the spool to the
 //! collector; a resync thread per group journals blocks the journal does not yet account for
 //! (the baseline of a volume that already held data, or the gap left by a full spool).
+//! [`fuse`] exposes a volume as a regular file for `losetup`.
 //! [`run`] wires them up and is what the binary and the in-process tests call.
 
+pub mod checkpoint;
 pub mod config;
+pub mod fuse;
 pub mod group;
 pub mod nbd;
 pub mod shipper;
@@ -81,17 +84,29 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut threads = Vec::new();
     let mut groups = Vec::new();
+    // Dropped on an early return, which unmounts them.
+    let mut fuse_mounts = Vec::new();
     for spec in &config.groups {
         let group = Arc::new(open_group(&config, spec)?);
-        for index in 0..spec.volumes.len() {
-            let export = volume::VolumeExport::new(group.clone(), index)?;
-            exports.push((spec.volumes[index].name.to_string(), Arc::new(export)));
+        for (index, volume) in spec.volumes.iter().enumerate() {
+            let export: Arc<dyn nbd::BlockExport> =
+                Arc::new(volume::VolumeExport::new(group.clone(), index)?);
+            if let Some(file) = volume.fuse.clone() {
+                let export = export.clone();
+                let mount = tokio::task::spawn_blocking(move || fuse::mount(export, &file))
+                    .await
+                    .context("join FUSE mount task")?
+                    .with_context(|| format!("FUSE export of volume {}", volume.name))?;
+                fuse_mounts.push(mount);
+            }
+            exports.push((volume.name.to_string(), export));
         }
         let (status_tx, _status_rx) = watch::channel(shipper::ShipperStatus::default());
         let volumes = volume_infos(&group);
         let shipper_config = shipper::ShipperConfig {
             collector_url: config.collector_url.clone(),
             agent_id: config.agent_id.clone(),
+            hooks: config.hooks.clone(),
         };
         tasks.push(tokio::spawn(shipper::run(
             group.clone(),
@@ -100,7 +115,8 @@ pub async fn run(
             status_tx,
             stop_rx.clone(),
         )));
-        threads.push(spawn_resync(group.clone(), stop_rx.clone()));
+        let io_flusher = spec.volumes.iter().any(|v| v.fuse.is_some());
+        threads.push(spawn_resync(group.clone(), stop_rx.clone(), io_flusher));
         groups.push(group);
     }
     let server = Arc::new(nbd::NbdServer::new(exports));
@@ -130,6 +146,15 @@ pub async fn run(
     tracing::info!(groups = groups.len(), "agent serving");
     shutdown.await;
     tracing::info!("agent shutting down");
+    // FUSE exports first, while everything behind them still runs (a busy one is detached).
+    let unmounted = tokio::task::spawn_blocking(move || {
+        for mount in fuse_mounts {
+            if let Err(e) = mount.unmount() {
+                tracing::error!(error = %e, "FUSE export left mounted");
+            }
+        }
+    });
+    let _ = unmounted.await;
     let _ = stop_tx.send(true);
     for server in servers {
         if let Ok(Err(e)) = server.await {
@@ -197,22 +222,33 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
 }
 
 /// Journals dirty blocks in the background until `stop` flips.
-fn spawn_resync(group: Arc<Group>, stop: watch::Receiver<bool>) -> std::thread::JoinHandle<()> {
+/// `io_flusher`: the group has a FUSE export, so this thread (which takes the group lock that
+/// loop's writes wait for) is in a block device's I/O path; see [`fuse`].
+fn spawn_resync(
+    group: Arc<Group>,
+    stop: watch::Receiver<bool>,
+    io_flusher: bool,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name(format!("resync-{}", group.name))
-        .spawn(move || loop {
-            if *stop.borrow() {
-                return;
+        .spawn(move || {
+            if io_flusher {
+                fuse::set_io_flusher();
             }
-            match group.resync_step() {
-                Ok(ResyncStep::Journalled(_)) => continue,
-                Ok(ResyncStep::SpoolBusy) | Ok(ResyncStep::Idle) => {}
-                Err(e) => {
-                    tracing::error!(group = %group.name, error = %e, "resync step failed; retrying")
+            loop {
+                if *stop.borrow() {
+                    return;
                 }
+                match group.resync_step() {
+                    Ok(ResyncStep::Journalled(_)) => continue,
+                    Ok(ResyncStep::SpoolBusy) | Ok(ResyncStep::Idle) => {}
+                    Err(e) => {
+                        tracing::error!(group = %group.name, error = %e, "resync step failed; retrying")
+                    }
+                }
+                // Idle: look again shortly (new gaps open only when the spool fills).
+                std::thread::park_timeout(Duration::from_millis(100));
             }
-            // Idle: look again shortly (new gaps open only when the spool fills).
-            std::thread::park_timeout(Duration::from_millis(100));
         })
         .unwrap_or_else(|e| panic!("cannot start resync thread: {e}"))
 }

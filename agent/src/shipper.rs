@@ -40,6 +40,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct ShipperConfig {
     pub collector_url: String,
     pub agent_id: String,
+    pub hooks: crate::checkpoint::Hooks,
 }
 
 /// What the shipper reports about itself.
@@ -150,7 +151,12 @@ impl Session {
         });
         let (reply_tx, reply_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
         let (durable_tx, durable_rx) = watch::channel(durable);
-        let receiver = tokio::spawn(receive(inbound, reply_tx, durable_tx));
+        let orders = Orders {
+            group: self.group.clone(),
+            hooks: self.config.hooks.clone(),
+            tx: tx.clone(),
+        };
+        let receiver = tokio::spawn(receive(inbound, reply_tx, durable_tx, orders));
         let result = self.pump(durable, &tx, reply_rx, durable_rx).await;
         receiver.abort();
         result
@@ -295,11 +301,50 @@ async fn send(tx: &mpsc::Sender<v1::AgentMessage>, msg: Out) -> SessionResult {
         .map_err(|_| "journal stream closed".to_owned())
 }
 
-/// Dispatches what the collector sends: have-replies to the pump, durable seqs to a watch.
+/// What the receiver needs to carry out the collector's checkpoint orders.
+struct Orders {
+    group: Arc<Group>,
+    hooks: crate::checkpoint::Hooks,
+    tx: mpsc::Sender<v1::AgentMessage>,
+}
+
+impl Orders {
+    /// Takes the checkpoint on a blocking thread (hooks may take a while) and answers.
+    fn carry_out(&self, order: v1::CheckpointOrder) {
+        let (group, hooks, tx) = (self.group.clone(), self.hooks.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || {
+                let name = tideline_core::CheckpointName::new(order.name.as_str())
+                    .map_err(|e| e.to_string())?;
+                crate::checkpoint::take(&group, &name, order.app_consistent, &hooks)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("checkpoint task failed: {e}")));
+            let done = match result {
+                Ok((seq, time)) => v1::CheckpointDone {
+                    request_id: order.request_id,
+                    seq: seq.0,
+                    time_ns: time.0,
+                    error: String::new(),
+                },
+                Err(error) => v1::CheckpointDone {
+                    request_id: order.request_id,
+                    error,
+                    ..Default::default()
+                },
+            };
+            let _ = send(&tx, Out::CheckpointDone(done)).await;
+        });
+    }
+}
+
+/// Dispatches what the collector sends: have-replies to the pump, durable seqs to a watch,
+/// checkpoint orders to a task of their own.
 async fn receive(
     mut inbound: tonic::Streaming<v1::CollectorMessage>,
     replies: mpsc::Sender<Vec<u32>>,
     durable: watch::Sender<Seq>,
+    orders: Orders,
 ) {
     loop {
         match inbound.message().await {
@@ -315,6 +360,9 @@ async fn receive(
             })) => {
                 durable.send_modify(|s| *s = (*s).max(Seq(d.seq)));
             }
+            Ok(Some(v1::CollectorMessage {
+                msg: Some(In::CheckpointOrder(order)),
+            })) => orders.carry_out(order),
             Ok(Some(_)) => tracing::warn!("unexpected message from collector ignored"),
             Ok(None) => return,
             Err(status) => {

@@ -87,6 +87,7 @@ async fn start_agent(
             volumes: vec![VolumeSpec {
                 name,
                 path: volume_path,
+                fuse: None,
             }],
         }],
         nbd_unix: Some(socket.clone()),
@@ -95,6 +96,7 @@ async fn start_agent(
         spool_max_bytes: 1 << 30,
         collector_url: collector_url.to_owned(),
         agent_id: "demo".into(),
+        hooks: Default::default(),
     };
     let listeners = tideline_agent::Listeners::bind(&config).await?;
     let (stop, stopped) = oneshot::channel::<()>();

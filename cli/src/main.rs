@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tideline_proto::v1;
 
@@ -39,21 +39,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a volume as it was at a point in time to a sparse raw image.
+    /// Write a volume (or every volume of a group, at one cut) as it was at a point in time to
+    /// sparse raw images.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["volume", "group"])))]
+    #[command(group(clap::ArgGroup::new("when").required(true).args(["at", "latest", "checkpoint"])))]
     Restore {
         #[arg(long)]
-        volume: String,
+        volume: Option<String>,
+        /// Restore every volume of this consistency group at the same cut of its journal.
+        #[arg(long)]
+        group: Option<String>,
         /// RFC 3339 time, e.g. 2026-11-22T10:15:30.123456789Z (as `date -u +%FT%T.%NZ` prints).
-        #[arg(long, conflicts_with = "latest", required_unless_present = "latest")]
+        #[arg(long)]
         at: Option<String>,
         /// The newest durable point.
         #[arg(long)]
         latest: bool,
+        /// A named checkpoint (see `tideline points`).
         #[arg(long)]
-        out: PathBuf,
-        /// Overwrite OUT if it exists.
+        checkpoint: Option<String>,
+        /// Output image (with --volume).
+        #[arg(long, required_unless_present = "out_dir", conflicts_with = "out_dir")]
+        out: Option<PathBuf>,
+        /// Output directory, one VOLUME.img per volume (with --group, or --volume).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Overwrite existing images.
         #[arg(long)]
         force: bool,
+    },
+    /// Put a named point into a group's journal (through the agent streaming it).
+    Checkpoint {
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        name: String,
+        /// Run the agent's pre- and post-checkpoint hooks around it (e.g. fsfreeze, psql CHECKPOINT).
+        #[arg(long)]
+        app_consistent: bool,
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
+    /// List the flush points and checkpoints of a volume's group or of a group.
+    #[command(group(clap::ArgGroup::new("of").required(true).args(["volume", "group"])))]
+    Points {
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        /// Only checkpoints, no flush points.
+        #[arg(long)]
+        checkpoints: bool,
+        /// Newest points to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
     },
     /// Wait until everything written up to TIME is durable at the collector.
     Wait {
@@ -102,20 +143,43 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Volumes { json } => volumes(&cli.collector, json).await,
         Command::Restore {
             volume,
+            group,
             at,
-            latest,
+            latest: _,
+            checkpoint,
             out,
+            out_dir,
             force,
         } => {
-            let point = match (at, latest) {
+            let point = match (at, checkpoint) {
                 (Some(at), _) => v1::restore_request::Point::AtTimeNs(timefmt::parse(&at)?),
-                (None, _) => v1::restore_request::Point::Latest(true),
+                (None, Some(name)) => v1::restore_request::Point::Checkpoint(name),
+                (None, None) => v1::restore_request::Point::Latest(true),
             };
             let client = catalog(&cli.collector).await?;
-            let report = restore::to_file(client, &volume, point, &out, force).await?;
-            println!("{report}");
+            let target = match (volume, group) {
+                (Some(volume), _) => restore::Target::Volume(volume),
+                (None, Some(group)) => restore::Target::Group(group),
+                (None, None) => bail!("name --volume or --group"),
+            };
+            for report in restore::run(client, target, point, out, out_dir, force).await? {
+                println!("{report}");
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Checkpoint {
+            group,
+            name,
+            app_consistent,
+            timeout,
+        } => checkpoint(&cli.collector, &group, &name, app_consistent, timeout).await,
+        Command::Points {
+            volume,
+            group,
+            checkpoints,
+            limit,
+            json,
+        } => points(&cli.collector, volume, group, checkpoints, limit, json).await,
         Command::Wait {
             volume,
             until,
@@ -229,6 +293,94 @@ async fn wait(url: &str, volume: &str, until: &str, timeout_s: f64) -> anyhow::R
         );
         Ok(ExitCode::from(2))
     }
+}
+
+async fn checkpoint(
+    url: &str,
+    group: &str,
+    name: &str,
+    app_consistent: bool,
+    timeout_s: f64,
+) -> anyhow::Result<ExitCode> {
+    let mut client = catalog(url).await?;
+    let response = client
+        .checkpoint(v1::CheckpointRequest {
+            group: group.to_owned(),
+            name: name.to_owned(),
+            app_consistent,
+            timeout_ms: (timeout_s.max(0.0) * 1000.0) as u64,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("checkpoint {name}: {}", s.message()))?
+        .into_inner();
+    println!(
+        "checkpoint {name} of group {group} at {} (seq {}){}",
+        timefmt::format(response.time_ns),
+        response.seq,
+        if app_consistent {
+            ", app-consistent"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn points(
+    url: &str,
+    volume: Option<String>,
+    group: Option<String>,
+    checkpoints_only: bool,
+    limit: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = catalog(url).await?;
+    let response = client
+        .list_points(v1::ListPointsRequest {
+            volume: volume.unwrap_or_default(),
+            group: group.unwrap_or_default(),
+            limit,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("list points: {}", s.message()))?
+        .into_inner();
+    let points: Vec<_> = response
+        .points
+        .iter()
+        .filter(|p| !checkpoints_only || p.kind == "checkpoint")
+        .collect();
+    if json {
+        let rows: Vec<_> = points
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "seq": p.seq, "time": timefmt::format(p.time_ns), "time_ns": p.time_ns,
+                    "kind": p.kind, "name": (!p.name.is_empty()).then_some(&p.name),
+                    "app_consistent": p.app_consistent,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({"group": response.group, "volumes": response.volumes, "points": rows});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("group {} ({})", response.group, response.volumes.join(", "));
+    println!("{:<31} {:>10}  {:<10} NAME", "TIME", "SEQ", "KIND");
+    for p in points {
+        let kind = if p.app_consistent {
+            "app-ckpt"
+        } else {
+            p.kind.as_str()
+        };
+        println!(
+            "{:<31} {:>10}  {:<10} {}",
+            timefmt::format(p.time_ns),
+            p.seq,
+            kind,
+            p.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn human_bytes(bytes: u64) -> String {

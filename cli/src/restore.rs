@@ -146,3 +146,70 @@ fn partial_path(out: &Path) -> PathBuf {
     name.push(".partial");
     out.with_file_name(name)
 }
+
+/// What to restore.
+pub enum Target {
+    Volume(String),
+    Group(String),
+}
+
+/// Restores a volume, or every volume of a group at one cut of the group's journal: "latest"
+/// is pinned to the group's durable seq once, before the first volume, so later writes cannot
+/// make the volumes disagree.
+pub async fn run(
+    mut client: CatalogClient,
+    target: Target,
+    point: v1::restore_request::Point,
+    out: Option<PathBuf>,
+    out_dir: Option<PathBuf>,
+    force: bool,
+) -> anyhow::Result<Vec<RestoreReport>> {
+    let (lookup, single) = match &target {
+        Target::Volume(v) => ((v.clone(), String::new()), true),
+        Target::Group(g) => ((String::new(), g.clone()), false),
+    };
+    let listing = client
+        .list_points(v1::ListPointsRequest {
+            volume: lookup.0,
+            group: lookup.1,
+            limit: 1,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    let volumes: Vec<String> = match target {
+        Target::Volume(v) => vec![v],
+        Target::Group(_) => listing.volumes.clone(),
+    };
+    let point = match point {
+        v1::restore_request::Point::Latest(_) if !single => {
+            v1::restore_request::Point::AtSeq(listing.durable_seq)
+        }
+        other => other,
+    };
+    let outputs: Vec<PathBuf> = match (out, out_dir) {
+        (Some(out), _) if single => vec![out],
+        (Some(_), _) => bail!("--out names one image; use --out-dir DIR for a group"),
+        (None, Some(dir)) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            volumes
+                .iter()
+                .map(|v| dir.join(format!("{v}.img")))
+                .collect()
+        }
+        (None, None) => bail!("name --out FILE or --out-dir DIR"),
+    };
+    if !force {
+        if let Some(existing) = outputs.iter().find(|o| o.exists()) {
+            bail!(
+                "{} exists; refusing to overwrite it (pass --force to replace it)",
+                existing.display()
+            );
+        }
+    }
+    let mut reports = Vec::new();
+    for (volume, out) in volumes.iter().zip(&outputs) {
+        reports.push(to_file(client.clone(), volume, point.clone(), out, force).await?);
+    }
+    Ok(reports)
+}

@@ -43,6 +43,11 @@ impl CatalogService {
         match point {
             None | Some(Point::Latest(_)) => Ok(PointInTime::Latest),
             Some(Point::AtSeq(seq)) => Ok(PointInTime::Seq(Seq(seq))),
+            Some(Point::Checkpoint(name)) => self
+                .store
+                .checkpoint_seq(&group, &name)
+                .map(PointInTime::Seq)
+                .ok_or_else(|| Status::not_found(format!("group {group} has no checkpoint named {name:?}; `tideline points --group {group}` lists them"))),
             Some(Point::AtTimeNs(t)) => {
                 let live = self.live.get(&group);
                 if TimeNs(t) > live.durable_through {
@@ -142,6 +147,102 @@ impl v1::catalog_server::Catalog for CatalogService {
         }))
     }
 
+    async fn list_points(
+        &self,
+        request: Request<v1::ListPointsRequest>,
+    ) -> Result<Response<v1::ListPointsResponse>, Status> {
+        let request = request.into_inner();
+        let group = match (request.volume.is_empty(), request.group.is_empty()) {
+            (false, true) => self.group_of(&volume_name("volume", &request.volume)?)?,
+            (true, false) => tideline_core::GroupName::new(request.group.as_str())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "name exactly one of volume or group",
+                ))
+            }
+        };
+        let limit = if request.limit == 0 {
+            1000
+        } else {
+            request.limit as usize
+        };
+        let volumes = self
+            .store
+            .group_volumes(&group)
+            .ok_or_else(|| Status::not_found(format!("no group {group} at this collector")))?;
+        let points = self.store.points(&group, limit).unwrap_or_default();
+        let live = self.live.get(&group);
+        Ok(Response::new(v1::ListPointsResponse {
+            group: group.to_string(),
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+            durable_seq: live.durable_seq.0,
+            durable_through_ns: live.durable_through.0,
+            points: points.iter().map(point_info).collect(),
+        }))
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<v1::CheckpointResponse>, Status> {
+        let request = request.into_inner();
+        let group = tideline_core::GroupName::new(request.group.as_str())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = tideline_core::CheckpointName::new(request.name.as_str())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.store.group_volumes(&group).is_none() {
+            return Err(Status::not_found(format!(
+                "no group {group} at this collector"
+            )));
+        }
+        if let Some(seq) = self.store.checkpoint_seq(&group, name.as_str()) {
+            return Err(Status::already_exists(format!(
+                "group {group} already has a checkpoint named {name} ({seq})"
+            )));
+        }
+        let timeout = Duration::from_millis(if request.timeout_ms == 0 {
+            60_000
+        } else {
+            request.timeout_ms
+        })
+        .min(MAX_WAIT);
+        let done = self
+            .live
+            .order_checkpoint(&group, name.as_str(), request.app_consistent)
+            .await?;
+        let done = tokio::time::timeout(timeout, done)
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the agent did not take checkpoint {name} within {} s",
+                    timeout.as_secs()
+                ))
+            })?
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "the agent streaming group {group} went away before answering"
+                ))
+            })?;
+        if !done.error.is_empty() {
+            return Err(Status::aborted(format!(
+                "checkpoint {name} of group {group} failed: {}",
+                done.error
+            )));
+        }
+        if !self.live.wait_seq(&group, Seq(done.seq), timeout).await {
+            return Err(Status::deadline_exceeded(format!(
+                "checkpoint {name} was taken at seq {} but is not durable here after {} s",
+                done.seq,
+                timeout.as_secs()
+            )));
+        }
+        Ok(Response::new(v1::CheckpointResponse {
+            seq: done.seq,
+            time_ns: done.time_ns,
+        }))
+    }
+
     type RestoreStream = ReceiverStream<Result<v1::RestoreMessage, Status>>;
 
     async fn restore(
@@ -160,6 +261,24 @@ impl v1::catalog_server::Catalog for CatalogService {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || stream_plan(&store, &plan, &tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn point_info(record: &tideline_core::record::Record) -> v1::PointInfo {
+    use tideline_core::record::RecordKind;
+    let (kind, name, app_consistent) = match &record.kind {
+        RecordKind::Checkpoint {
+            name,
+            app_consistent,
+        } => ("checkpoint", name.to_string(), *app_consistent),
+        _ => ("flush", String::new(), false),
+    };
+    v1::PointInfo {
+        seq: record.seq.0,
+        time_ns: record.time.0,
+        kind: kind.to_owned(),
+        name,
+        app_consistent,
     }
 }
 

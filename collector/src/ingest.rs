@@ -117,13 +117,18 @@ impl v1::ingest_server::Ingest for IngestService {
                 durable_seq: durable.0,
             })))
             .await;
+        let stream_id = self.live.attach(&group, tx.clone());
         let stream = JournalStream {
             store: self.store.clone(),
             live: self.live.clone(),
             group,
             replies: tx,
         };
-        tokio::spawn(stream.run(inbound));
+        tokio::spawn(async move {
+            let (live, group) = (stream.live.clone(), stream.group.clone());
+            stream.run(inbound).await;
+            live.detach(&group, stream_id);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -175,6 +180,10 @@ impl JournalStream {
                 .await
             }
             In::Batch(batch) => self.ingest(batch).await,
+            In::CheckpointDone(done) => {
+                self.live.checkpoint_done(done);
+                Ok(())
+            }
             In::Heartbeat(hb) => {
                 self.live
                     .heartbeat(&self.group, Seq(hb.last_seq), TimeNs(hb.time_ns));

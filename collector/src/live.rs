@@ -9,7 +9,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::Status;
+
+use tideline_proto::v1;
 
 use tideline_core::store::Store;
 use tideline_core::{GroupName, Seq, TimeNs};
@@ -36,9 +39,24 @@ impl GroupLive {
     }
 }
 
+/// The reply channel of the journal stream currently attached for a group.
+struct Attached {
+    stream_id: u64,
+    replies: mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+}
+
+#[derive(Default)]
+struct Orders {
+    next_id: u64,
+    next_stream_id: u64,
+    streams: HashMap<GroupName, Attached>,
+    pending: HashMap<u64, oneshot::Sender<v1::CheckpointDone>>,
+}
+
 pub struct Live {
     groups: Mutex<HashMap<GroupName, GroupLive>>,
     changed: watch::Sender<u64>,
+    orders: Mutex<Orders>,
 }
 
 impl Live {
@@ -54,6 +72,99 @@ impl Live {
         Live {
             groups: Mutex::new(groups),
             changed: watch::channel(0).0,
+            orders: Mutex::new(Orders::default()),
+        }
+    }
+
+    fn orders(&self) -> std::sync::MutexGuard<'_, Orders> {
+        self.orders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A journal stream for `group` opened: orders for the group go to it from now on.
+    pub fn attach(
+        &self,
+        group: &GroupName,
+        replies: mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+    ) -> u64 {
+        let mut orders = self.orders();
+        orders.next_stream_id += 1;
+        let stream_id = orders.next_stream_id;
+        orders
+            .streams
+            .insert(group.clone(), Attached { stream_id, replies });
+        stream_id
+    }
+
+    /// The stream `stream_id` of `group` ended (a newer stream may have replaced it already).
+    pub fn detach(&self, group: &GroupName, stream_id: u64) {
+        let mut orders = self.orders();
+        if orders
+            .streams
+            .get(group)
+            .is_some_and(|a| a.stream_id == stream_id)
+        {
+            orders.streams.remove(group);
+        }
+    }
+
+    /// Sends a checkpoint order to the agent streaming `group`; the receiver yields its answer.
+    pub async fn order_checkpoint(
+        &self,
+        group: &GroupName,
+        name: &str,
+        app_consistent: bool,
+    ) -> Result<oneshot::Receiver<v1::CheckpointDone>, Status> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let (request_id, replies) = {
+            let mut orders = self.orders();
+            let replies = orders.streams.get(group).map(|a| a.replies.clone()).ok_or_else(|| {
+                Status::unavailable(format!(
+                    "no agent is streaming group {group} to this collector; checkpoints travel over the agent's journal stream"
+                ))
+            })?;
+            orders.next_id += 1;
+            let id = orders.next_id;
+            orders.pending.insert(id, done_tx);
+            (id, replies)
+        };
+        let order = v1::CheckpointOrder {
+            request_id,
+            name: name.to_owned(),
+            app_consistent,
+        };
+        let message = v1::CollectorMessage {
+            msg: Some(v1::collector_message::Msg::CheckpointOrder(order)),
+        };
+        if replies.send(Ok(message)).await.is_err() {
+            self.orders().pending.remove(&request_id);
+            return Err(Status::unavailable(format!(
+                "the agent streaming group {group} went away"
+            )));
+        }
+        Ok(done_rx)
+    }
+
+    /// The agent answered a checkpoint order.
+    pub fn checkpoint_done(&self, done: v1::CheckpointDone) {
+        if let Some(waiter) = self.orders().pending.remove(&done.request_id) {
+            let _ = waiter.send(done);
+        }
+    }
+
+    /// Waits until `group`'s durable seq reaches `seq`, or `timeout` passes.
+    pub async fn wait_seq(&self, group: &GroupName, seq: Seq, timeout: Duration) -> bool {
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.get(group).durable_seq >= seq {
+                return true;
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, changes.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return self.get(group).durable_seq >= seq;
+            }
         }
     }
 
@@ -122,6 +233,7 @@ mod tests {
         let live = Live {
             groups: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
+            orders: Mutex::new(Orders::default()),
         };
         let g = GroupName::new("g").unwrap();
         live.durable(&g, Seq(5), TimeNs(100));

@@ -1065,6 +1065,44 @@ impl Store {
             .map(|v| v.group.clone())
     }
 
+    /// Volumes of `group` in registration order, if it is registered.
+    pub fn group_volumes(&self, group: &GroupName) -> Option<Vec<VolumeName>> {
+        self.read_state()
+            .groups
+            .get(group)
+            .map(|g| g.volumes.clone())
+    }
+
+    /// The newest `limit` flush points and checkpoints of `group`, oldest first.
+    pub fn points(&self, group: &GroupName, limit: usize) -> Option<Vec<Record>> {
+        let state = self.read_state();
+        let records = &state.groups.get(group)?.records;
+        let mut points: Vec<Record> = records
+            .iter()
+            .rev()
+            .filter(|r| matches!(r.kind, RecordKind::Flush | RecordKind::Checkpoint { .. }))
+            .take(limit)
+            .cloned()
+            .collect();
+        points.reverse();
+        Some(points)
+    }
+
+    /// The seq of the checkpoint called `name` in `group`.
+    pub fn checkpoint_seq(&self, group: &GroupName, name: &str) -> Option<Seq> {
+        let state = self.read_state();
+        state
+            .groups
+            .get(group)?
+            .records
+            .iter()
+            .rev()
+            .find_map(|r| match &r.kind {
+                RecordKind::Checkpoint { name: n, .. } if n.as_str() == name => Some(r.seq),
+                _ => None,
+            })
+    }
+
     /// The durable seq of `group`, if it is registered.
     pub fn durable_seq(&self, group: &GroupName) -> Option<Seq> {
         self.read_state().groups.get(group).map(GroupState::durable)
