@@ -911,7 +911,8 @@ impl Filesystem for ExportFs {
         match self.fallocate_inner(offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => {
-                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                // Refusals of the request itself are the caller's business, not ours.
+                if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSPC)) {
                     tracing::warn!(offset, length, mode, error = %e, "FUSE export: fallocate failed");
                 }
                 reply.error(errno(&e))

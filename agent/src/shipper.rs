@@ -156,10 +156,10 @@ impl Session {
             hooks: self.config.hooks.clone(),
             tx: tx.clone(),
         };
-        let receiver = tokio::spawn(receive(inbound, reply_tx, durable_tx, orders));
-        let result = self.pump(durable, &tx, reply_rx, durable_rx).await;
-        receiver.abort();
-        result
+        // Aborted when this session ends for any reason, including being dropped at shutdown,
+        // so no task keeps the stream (or its outbound sender) open.
+        let _receiver = AbortOnDrop(tokio::spawn(receive(inbound, reply_tx, durable_tx, orders)));
+        self.pump(durable, &tx, reply_rx, durable_rx).await
     }
 
     async fn release(&self, durable: Seq) -> SessionResult {
@@ -299,6 +299,14 @@ async fn send(tx: &mpsc::Sender<v1::AgentMessage>, msg: Out) -> SessionResult {
     tx.send(v1::AgentMessage { msg: Some(msg) })
         .await
         .map_err(|_| "journal stream closed".to_owned())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What the receiver needs to carry out the collector's checkpoint orders.

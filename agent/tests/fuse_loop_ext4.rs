@@ -1,0 +1,1530 @@
+//! Acceptance tests of the FUSE export with real kernel parts: `/dev/fuse`, loop devices, ext4.
+//!
+//! - `ext4_on_loop_on_fuse_restores_every_moment`: a collector and an agent run in-process; the
+//!   agent exports a volume over FUSE; the test puts ext4 on a loop device on that file, creates,
+//!   modifies and deletes files with fsync at four moments, and restores the volume at each
+//!   moment through the Catalog `Restore` RPC. Every moment is checked twice: at a crash-
+//!   consistent point taken right after the fsyncs (the restored image's ext4 journal is replayed
+//!   on the copy) and at a quiesced point taken inside `fsfreeze` (checked as is). Each image
+//!   passes `e2fsck -fn` and, mounted `ro,noload`, holds exactly the files and contents of that
+//!   moment. Stopping the agent unmounts the export.
+//! - `fuse_export_semantics`: the FUSE operations against a recording export (fsync and
+//!   close barriers, fallocate mapping, SEEK_DATA/SEEK_HOLE, EOF clipping, fixed size), and the
+//!   unmount rules (clean when idle, lazy detach while a loop device holds the file).
+//! - `refuses_a_mount_point_and_a_directory`, `sigterm_unmounts`, `sigkill_then_documented_recovery`:
+//!   the real `tideline-agent` binary.
+//!
+//! These need root, `/dev/fuse` and loop devices. Without them a test prints a loud `SKIPPED:`
+//! line on stderr and passes, except under `CI=true`, where it fails. Every wait is bounded
+//! (polling a condition against a deadline); loop devices, mounts and frozen filesystems are
+//! released by guards even when a test fails.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tideline_agent::config::AgentArgs;
+use tideline_agent::fuse::{self, FuseError, Unmounted};
+use tideline_agent::nbd::BlockExport;
+use tideline_collector::config::CollectorConfig;
+use tideline_core::TimeNs;
+use tideline_proto::v1::{self, restore_message::Msg};
+
+const MIB: u64 = 1 << 20;
+const VOLUME_BYTES: u64 = 64 * MIB;
+/// Bound for things that take well under a second on an idle machine (it may be compiling).
+const SHORT: Duration = Duration::from_secs(60);
+/// Bound for one external command (mkfs, e2fsck, ...).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(10);
+/// How long a test waits for the collector's graceful shutdown before aborting it.
+const COLLECTOR_STOP: Duration = Duration::from_secs(2);
+
+// ---- prerequisites ----------------------------------------------------------------------------
+
+fn tool_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/bin".into()])
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn tool(name: &str) -> PathBuf {
+    tool_path(name).unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// True when root, `/dev/fuse`, loop devices and `tools` are all there. Otherwise fails under
+/// `CI=true` (a skip in CI would hide a regression) and skips loudly elsewhere.
+fn kernel_parts(tools: &[&str]) -> bool {
+    let mut missing: Vec<String> = Vec::new();
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (run the tests as root)".into());
+    }
+    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+        missing.push(format!("/dev/fuse ({e}; `modprobe fuse`)"));
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("loop devices (/dev/loop-control; `modprobe loop`)".into());
+    }
+    for t in tools {
+        if tool_path(t).is_none() {
+            let package = match *t {
+                "mkfs.ext4" | "e2fsck" => "e2fsprogs",
+                _ => "util-linux",
+            };
+            missing.push(format!("{t} (apt-get install -y {package})"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("missing {}", missing.join(", "));
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{message}; CI=true, so a skip is a failure");
+    }
+    eprintln!("\n*** SKIPPED: {message} ***\n");
+    false
+}
+
+// ---- commands ---------------------------------------------------------------------------------
+
+struct Output {
+    status: ExitStatus,
+    text: String,
+}
+
+impl Output {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// Runs a command with a bound; stdout and stderr go through a temporary file, so a chatty
+/// command cannot block on a full pipe while we poll it.
+fn run(command: &mut Command) -> Output {
+    let description = format!("{command:?}");
+    let log = tempfile::tempfile().expect("temporary file for command output");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log.try_clone().expect("clone log handle"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {description}: {e}"));
+    let status = wait_child(child, COMMAND_TIMEOUT, &description);
+    let mut log = log;
+    let mut text = String::new();
+    log.seek(SeekFrom::Start(0)).expect("rewind command log");
+    log.read_to_string(&mut text).ok();
+    Output { status, text }
+}
+
+fn wait_child(mut child: Child, timeout: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn run_ok(command: &mut Command) -> String {
+    let description = format!("{command:?}");
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{description} failed ({}): {}",
+        out.status,
+        out.text
+    );
+    out.text
+}
+
+/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
+fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    fuse::is_mount_point(&path).expect("read /proc/self/mountinfo")
+}
+
+// ---- guards -----------------------------------------------------------------------------------
+
+/// A loop device over a file; `losetup -d` on drop.
+struct LoopDevice {
+    device: PathBuf,
+    direct_io: bool,
+}
+
+impl LoopDevice {
+    /// `losetup --find --show --direct-io=on FILE`, falling back to buffered loop I/O.
+    fn attach(file: &Path) -> LoopDevice {
+        let dio = run(Command::new(tool("losetup"))
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file));
+        let (device, requested) = if dio.status.success() {
+            (dio.text.trim().to_owned(), true)
+        } else {
+            eprintln!(
+                "losetup --direct-io=on failed ({}); using buffered loop I/O",
+                dio.text.trim()
+            );
+            let out = run_ok(
+                Command::new(tool("losetup"))
+                    .args(["--find", "--show"])
+                    .arg(file),
+            );
+            (out.trim().to_owned(), false)
+        };
+        assert!(
+            device.starts_with("/dev/loop"),
+            "losetup printed {device:?}"
+        );
+        let device = PathBuf::from(device);
+        // losetup may accept the option and still fall back: ask the kernel.
+        let dio = run_ok(
+            Command::new(tool("losetup"))
+                .args(["--list", "--noheadings", "--output", "DIO"])
+                .arg(&device),
+        );
+        let direct_io = requested && dio.trim() == "1";
+        eprintln!(
+            "loop device {} over {}: direct I/O {}",
+            device.display(),
+            file.display(),
+            if direct_io { "on" } else { "off" }
+        );
+        LoopDevice { device, direct_io }
+    }
+
+    /// The barrier a filesystem's flush sends: fsync of the block device.
+    fn flush(&self) {
+        File::open(&self.device)
+            .and_then(|f| f.sync_all())
+            .unwrap_or_else(|e| panic!("fsync {}: {e}", self.device.display()));
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let out = run(Command::new(tool("losetup")).arg("-d").arg(&self.device));
+        if !out.status.success() {
+            eprintln!("losetup -d {} failed: {}", self.device.display(), out.text);
+        }
+    }
+}
+
+/// A mounted filesystem; `umount` (lazily if busy) on drop.
+struct Mounted {
+    dir: PathBuf,
+    active: bool,
+}
+
+impl Mounted {
+    fn mount(args: &[&str], source: &Path, dir: &Path) -> Mounted {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).expect("create mount directory");
+        }
+        run_ok(Command::new(tool("mount")).args(args).arg(source).arg(dir));
+        Mounted {
+            dir: dir.to_path_buf(),
+            active: true,
+        }
+    }
+
+    fn unmount(&mut self) {
+        if std::mem::take(&mut self.active) {
+            run_ok(Command::new(tool("umount")).arg(&self.dir));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if !std::mem::take(&mut self.active) {
+            return;
+        }
+        if !run(Command::new(tool("umount")).arg(&self.dir))
+            .status
+            .success()
+        {
+            let out = run(Command::new(tool("umount")).arg("-l").arg(&self.dir));
+            eprintln!("umount -l {}: {}", self.dir.display(), out.text);
+        }
+    }
+}
+
+/// `fsfreeze -f`; `fsfreeze -u` on drop, so a failing test never leaves a frozen filesystem.
+struct Frozen<'a>(&'a Path);
+
+impl<'a> Frozen<'a> {
+    fn freeze(dir: &'a Path) -> Frozen<'a> {
+        run_ok(Command::new(tool("fsfreeze")).arg("-f").arg(dir));
+        Frozen(dir)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let out = run(Command::new(tool("fsfreeze")).arg("-u").arg(self.0));
+        if !out.status.success() {
+            eprintln!("fsfreeze -u {} failed: {}", self.0.display(), out.text);
+        }
+    }
+}
+
+/// A collector and (optionally) an agent running in-process on one tokio runtime.
+struct Services {
+    rt: tokio::runtime::Runtime,
+    collector_url: String,
+    collector_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    collector: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    agent_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    agent: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Services {
+    fn start_collector(data_dir: &Path) -> Services {
+        init_tracing();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind collector listener");
+        let addr = listener.local_addr().expect("collector address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let collector = rt.spawn(tideline_collector::run(
+            CollectorConfig::new(data_dir),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Services {
+            rt,
+            collector_url: format!("http://{addr}"),
+            collector_stop: Some(stop),
+            collector: Some(collector),
+            agent_stop: None,
+            agent: None,
+        }
+    }
+
+    fn start_agent(&mut self, args: &[String]) {
+        let mut argv = vec![
+            "tideline-agent".to_owned(),
+            format!("--collector={}", self.collector_url),
+        ];
+        argv.extend(args.iter().cloned());
+        let config = AgentArgs::parse_from(argv)
+            .resolve()
+            .expect("agent configuration");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        self.agent = Some(self.rt.spawn(tideline_agent::run(
+            config,
+            tideline_agent::Listeners::default(),
+            async {
+                let _ = stopped.await;
+            },
+        )));
+        self.agent_stop = Some(stop);
+    }
+
+    /// Stops the agent and returns what `run` returned.
+    fn stop_agent(&mut self) -> anyhow::Result<()> {
+        let Some(agent) = self.agent.take() else {
+            return Ok(());
+        };
+        if let Some(stop) = self.agent_stop.take() {
+            let _ = stop.send(());
+        }
+        self.rt
+            .block_on(async { tokio::time::timeout(SHORT, agent).await })
+            .map_err(|_| anyhow::anyhow!("agent did not stop within {SHORT:?}"))?
+            .map_err(|e| anyhow::anyhow!("agent task: {e}"))?
+    }
+
+    /// Panics if the agent's `run` already returned (with its error).
+    fn assert_agent_running(&mut self) {
+        if self.agent.as_ref().is_some_and(|a| a.is_finished()) {
+            let result = self.stop_agent();
+            panic!("the agent stopped early: {result:?}");
+        }
+    }
+
+    fn catalog(&self) -> v1::catalog_client::CatalogClient<tonic::transport::Channel> {
+        let url = self.collector_url.clone();
+        self.rt.block_on(async move {
+            let channel = tonic::transport::Endpoint::from_shared(url)
+                .expect("collector URL")
+                .connect()
+                .await
+                .expect("connect to the collector");
+            v1::catalog_client::CatalogClient::new(channel).max_decoding_message_size(96 << 20)
+        })
+    }
+
+    /// Waits (bounded) until the collector holds every record of `volume` stamped at or
+    /// before `at`.
+    fn wait_durable(&self, volume: &str, at: TimeNs) {
+        let mut client = self.catalog();
+        let response = self
+            .rt
+            .block_on(client.wait_durable(v1::WaitDurableRequest {
+                volume: volume.to_owned(),
+                until_time_ns: at.0,
+                timeout_ms: 120_000,
+            }))
+            .expect("WaitDurable")
+            .into_inner();
+        assert!(
+            response.reached,
+            "{volume} not durable through {} within 120 s (durable through {})",
+            at.0, response.durable_time_ns
+        );
+    }
+
+    /// Restores `volume` as of `at` into `out` through the Catalog Restore RPC.
+    fn restore(&self, volume: &str, at: TimeNs, out: &Path) {
+        let mut client = self.catalog();
+        let file = File::create(out).expect("create restored image");
+        self.rt.block_on(async {
+            let mut stream = client
+                .restore(v1::RestoreRequest {
+                    volume: volume.to_owned(),
+                    point: Some(v1::restore_request::Point::AtTimeNs(at.0)),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("restore {volume} at {}: {}", at.0, s.message()))
+                .into_inner();
+            let header = match stream.message().await {
+                Ok(Some(v1::RestoreMessage {
+                    msg: Some(Msg::Header(h)),
+                })) => h,
+                other => panic!("no restore header: {other:?}"),
+            };
+            assert_eq!(header.size_bytes, VOLUME_BYTES);
+            while let Some(message) = stream.message().await.expect("restore stream") {
+                match message.msg {
+                    Some(Msg::Extent(e)) => file
+                        .write_all_at(&e.data, e.offset_bytes)
+                        .expect("write restored extent"),
+                    other => panic!("unexpected restore message {other:?}"),
+                }
+            }
+            file.set_len(header.size_bytes)
+                .expect("size restored image");
+        });
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_agent() {
+            eprintln!("stopping the agent: {e:#}");
+        }
+        if let Some(stop) = self.collector_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(collector) = self.collector.take() {
+            // Graceful shutdown waits for open journal streams; the test does not depend on it.
+            let abort = collector.abort_handle();
+            let stopped = self
+                .rt
+                .block_on(async { tokio::time::timeout(COLLECTOR_STOP, collector).await });
+            if stopped.is_err() {
+                eprintln!("collector did not stop within {COLLECTOR_STOP:?} (a stream still open); aborting it");
+                abort.abort();
+            }
+        }
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,fuser=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The real agent binary as a child process: SIGKILL and a lazy unmount of its FUSE file on
+/// drop, so a failing test leaves no dead mount behind.
+struct AgentProcess {
+    child: Option<Child>,
+    fuse_file: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(
+        volume: &str,
+        image: &Path,
+        fuse_file: &Path,
+        spool: &Path,
+        collector: &str,
+        log: &Path,
+    ) -> AgentProcess {
+        let log_file = File::create(log).expect("create agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_tideline-agent"))
+            .arg(format!(
+                "--volume={volume}={},fuse={}",
+                image.display(),
+                fuse_file.display()
+            ))
+            .arg(format!("--spool-dir={}", spool.display()))
+            .arg(format!("--collector={collector}"))
+            .env("RUST_LOG", "info,fuser=warn")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("clone log handle"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start tideline-agent");
+        AgentProcess {
+            child: Some(child),
+            fuse_file: fuse_file.to_path_buf(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_mounted(&mut self) {
+        let file = self.fuse_file.clone();
+        let child = self.child.as_mut().expect("agent child");
+        let mounted = wait_for(SHORT, || {
+            is_mounted(&file) || child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            mounted && is_mounted(&file),
+            "{} was not mounted; agent log:\n{}",
+            file.display(),
+            self.log()
+        );
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.as_ref().expect("agent child").id();
+        // SAFETY: kill only reads its integer arguments; the pid is our own child, not reaped.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            io::Error::last_os_error()
+        );
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.take().expect("agent child");
+        wait_child(child, SHORT, "tideline-agent")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.fuse_file) {
+            let _ = run(Command::new(tool("umount")).arg("-l").arg(&self.fuse_file));
+        }
+    }
+}
+
+// ---- file-tree model ---------------------------------------------------------------------------
+
+/// Deterministic, incompressible bytes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The files (path -> contents) and directories of the test filesystem, kept in step with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Tree {
+    files: BTreeMap<String, Vec<u8>>,
+    dirs: BTreeSet<String>,
+}
+
+fn fsync_dir(dir: &Path) {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .unwrap_or_else(|e| panic!("fsync directory {}: {e}", dir.display()));
+}
+
+/// Applies changes to the mounted filesystem and to the model, fsyncing each file and the
+/// directories whose entries changed.
+struct Writer<'a> {
+    root: &'a Path,
+    tree: Tree,
+}
+
+impl Writer<'_> {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn parent_of(&self, rel: &str) -> PathBuf {
+        self.path(rel).parent().expect("parent").to_path_buf()
+    }
+
+    fn mkdir(&mut self, rel: &str) {
+        std::fs::create_dir(self.path(rel)).expect("mkdir");
+        fsync_dir(&self.parent_of(rel));
+        self.tree.dirs.insert(rel.to_owned());
+    }
+
+    fn write(&mut self, rel: &str, data: &[u8]) {
+        let path = self.path(rel);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create file");
+        file.write_all_at(data, 0).expect("write file");
+        file.sync_all().expect("fsync file");
+        fsync_dir(&self.parent_of(rel));
+        self.tree.files.insert(rel.to_owned(), data.to_vec());
+    }
+
+    fn append(&mut self, rel: &str, data: &[u8]) {
+        let file = OpenOptions::new()
+            .append(true)
+            .open(self.path(rel))
+            .expect("open for append");
+        std::io::Write::write_all(&mut &file, data).expect("append");
+        file.sync_all().expect("fsync file");
+        self.tree
+            .files
+            .get_mut(rel)
+            .expect("known file")
+            .extend_from_slice(data);
+    }
+
+    fn overwrite_at(&mut self, rel: &str, offset: usize, data: &[u8]) {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(self.path(rel))
+            .expect("open for write");
+        file.write_all_at(data, offset as u64).expect("pwrite");
+        file.sync_all().expect("fsync file");
+        let model = self.tree.files.get_mut(rel).expect("known file");
+        model[offset..offset + data.len()].copy_from_slice(data);
+    }
+
+    fn truncate(&mut self, rel: &str, len: usize) {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(self.path(rel))
+            .expect("open for truncate");
+        file.set_len(len as u64).expect("truncate");
+        file.sync_all().expect("fsync file");
+        self.tree
+            .files
+            .get_mut(rel)
+            .expect("known file")
+            .truncate(len);
+    }
+
+    fn remove(&mut self, rel: &str) {
+        std::fs::remove_file(self.path(rel)).expect("unlink");
+        fsync_dir(&self.parent_of(rel));
+        self.tree.files.remove(rel);
+    }
+
+    fn rename(&mut self, from: &str, to: &str) {
+        std::fs::rename(self.path(from), self.path(to)).expect("rename");
+        fsync_dir(&self.parent_of(from));
+        fsync_dir(&self.parent_of(to));
+        let data = self.tree.files.remove(from).expect("known file");
+        self.tree.files.insert(to.to_owned(), data);
+    }
+}
+
+/// What a mounted filesystem holds (lost+found aside).
+fn read_tree(root: &Path) -> Tree {
+    fn walk(root: &Path, dir: &Path, tree: &mut Tree) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .expect("read directory")
+            .map(|e| e.expect("directory entry"))
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let kind = entry.file_type().expect("file type");
+            if kind.is_dir() {
+                tree.dirs.insert(rel);
+                walk(root, &path, tree);
+            } else {
+                assert!(kind.is_file(), "{rel} is neither a file nor a directory");
+                tree.files
+                    .insert(rel, std::fs::read(&path).expect("read restored file"));
+            }
+        }
+    }
+    let mut tree = Tree::default();
+    walk(root, root, &mut tree);
+    tree
+}
+
+fn describe(tree: &Tree) -> String {
+    let files: Vec<String> = tree
+        .files
+        .iter()
+        .map(|(k, v)| format!("{k} ({} bytes, fnv {})", v.len(), fnv_hex(v)))
+        .collect();
+    format!("dirs {:?}, files {files:?}", tree.dirs)
+}
+
+/// FNV-1a of the contents, to tell files apart in failure messages.
+fn fnv_hex(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// One recorded moment: the expected tree, a crash-consistent point right after the fsyncs
+/// and a quiesced point inside a freeze.
+struct Moment {
+    label: &'static str,
+    crash_point: TimeNs,
+    frozen_point: TimeNs,
+    tree: Tree,
+}
+
+/// Checks a restored image: ext4 journal replayed first if asked (a crash-consistent point),
+/// then `e2fsck -fn` exits 0, then mounted `ro,noload` it holds exactly `expected`.
+fn check_image(image: &Path, mount_dir: &Path, expected: &Tree, replay_journal: bool, what: &str) {
+    if replay_journal {
+        let out = run(Command::new(tool("e2fsck"))
+            .args(["-E", "journal_only", "-y"])
+            .arg(image));
+        assert!(
+            matches!(out.code(), Some(0 | 1)),
+            "{what}: journal replay failed ({}): {}",
+            out.status,
+            out.text
+        );
+    }
+    let fsck = run(Command::new(tool("e2fsck")).arg("-fn").arg(image));
+    assert_eq!(
+        fsck.code(),
+        Some(0),
+        "{what}: e2fsck -fn failed ({}):\n{}",
+        fsck.status,
+        fsck.text
+    );
+    let mut mounted = Mounted::mount(&["-o", "loop,ro,noload"], image, mount_dir);
+    let got = read_tree(mount_dir);
+    mounted.unmount();
+    assert!(
+        got == *expected,
+        "{what}: restored tree differs\n  expected {}\n  restored {}",
+        describe(expected),
+        describe(&got)
+    );
+}
+
+// ---- the acceptance test -----------------------------------------------------------------------
+
+#[test]
+fn ext4_on_loop_on_fuse_restores_every_moment() {
+    if !kernel_parts(&[
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+        "fsfreeze",
+        "fstrim",
+    ]) {
+        return;
+    }
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("volume.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(VOLUME_BYTES))
+        .expect("create volume");
+    let fuse_file = dir.path().join("volume.fuse");
+    let mut services = Services::start_collector(&dir.path().join("collector"));
+    services.start_agent(&[
+        format!(
+            "--volume=vol={},fuse={}",
+            image.display(),
+            fuse_file.display()
+        ),
+        format!("--spool-dir={}", dir.path().join("spool").display()),
+    ]);
+    assert!(
+        wait_for(SHORT, || {
+            services.agent.as_ref().is_some_and(|a| a.is_finished()) || is_mounted(&fuse_file)
+        }),
+        "FUSE export never appeared"
+    );
+    services.assert_agent_running();
+    let meta = std::fs::metadata(&fuse_file).expect("stat FUSE file");
+    assert!(meta.is_file());
+    assert_eq!(meta.len(), VOLUME_BYTES);
+
+    let mut moments = Vec::new();
+    let direct_io = {
+        let loop_dev = LoopDevice::attach(&fuse_file);
+        run_ok(
+            Command::new(tool("mkfs.ext4"))
+                .arg("-q")
+                .arg(&loop_dev.device),
+        );
+        let mnt = dir.path().join("mnt");
+        let mut fs = Mounted::mount(&[], &loop_dev.device, &mnt);
+        let mut w = Writer {
+            root: &mnt,
+            tree: Tree::default(),
+        };
+        let mut record = |w: &Writer<'_>, label: &'static str| {
+            // Every change above was fsynced: a crash at this instant loses none of it.
+            let crash_point = TimeNs::now();
+            let frozen_point = {
+                let _frozen = Frozen::freeze(&mnt);
+                // Frozen: the journal is checkpointed and nothing reaches the device. Flush it
+                // anyway, as a filesystem would: FUSE_FSYNC -> a journalled flush point.
+                loop_dev.flush();
+                TimeNs::now()
+            };
+            moments.push(Moment {
+                label,
+                crash_point,
+                frozen_point,
+                tree: w.tree.clone(),
+            });
+        };
+
+        // Moment 1: create.
+        w.write("a.txt", b"alpha, version 1\n");
+        w.write("b.bin", &pattern(1, 300_000));
+        w.mkdir("docs");
+        w.write("docs/c.txt", b"charlie\n");
+        eprintln!("[{:.1?}] mkfs and mount done", started.elapsed());
+        record(&w, "1: created a.txt, b.bin, docs/c.txt");
+
+        // Moment 2: modify, grow, add a larger file.
+        w.write(
+            "a.txt",
+            b"alpha, version 2: rewritten and longer than before\n",
+        );
+        w.append("b.bin", &pattern(2, 100_000));
+        w.write("docs/d.bin", &pattern(3, MIB as usize + 17));
+        record(&w, "2: rewrote a.txt, appended to b.bin, added docs/d.bin");
+
+        // Moment 3: delete, rename, overwrite in place, and discard the freed blocks (fstrim
+        // reaches the export as fallocate(PUNCH_HOLE), journalled as trims).
+        w.remove("b.bin");
+        w.rename("docs/c.txt", "c-renamed.txt");
+        w.overwrite_at("docs/d.bin", 500_000, &pattern(4, 4096));
+        run_ok(Command::new(tool("fstrim")).arg(&mnt));
+        record(
+            &w,
+            "3: deleted b.bin, renamed docs/c.txt, patched docs/d.bin, fstrim",
+        );
+
+        // Moment 4: big file, truncate, delete, empty directory.
+        w.write("big.bin", &pattern(5, 3 * MIB as usize));
+        w.truncate("docs/d.bin", 10_000);
+        w.remove("a.txt");
+        w.mkdir("empty");
+        record(
+            &w,
+            "4: added big.bin, truncated docs/d.bin, deleted a.txt, made empty/",
+        );
+
+        // The live filesystem holds the last moment too.
+        assert_eq!(
+            read_tree(&mnt),
+            w.tree,
+            "live filesystem differs from the model"
+        );
+        fs.unmount();
+        let direct_io = loop_dev.direct_io;
+        drop(loop_dev);
+        services.assert_agent_running();
+        direct_io
+    };
+
+    // Everything up to the last moment reaches the collector; then stopping the agent unmounts
+    // the export.
+    let last = moments.last().expect("moments").frozen_point;
+    eprintln!("[{:.1?}] moments recorded", started.elapsed());
+    services.wait_durable("vol", last);
+    eprintln!("[{:.1?}] durable at the collector", started.elapsed());
+    services
+        .stop_agent()
+        .expect("agent run() returned an error");
+    assert!(
+        !is_mounted(&fuse_file),
+        "agent stopped but {} is still mounted",
+        fuse_file.display()
+    );
+
+    let check_dir = dir.path().join("check");
+    for (i, moment) in moments.iter().enumerate() {
+        for (point, replay, kind) in [
+            (moment.frozen_point, false, "quiesced"),
+            (moment.crash_point, true, "crash-consistent"),
+        ] {
+            let what = format!("moment {} ({kind})", moment.label);
+            let restored = dir.path().join(format!("restored-{i}-{kind}.img"));
+            services.restore("vol", point, &restored);
+            check_image(&restored, &check_dir, &moment.tree, replay, &what);
+            std::fs::remove_file(&restored).expect("remove restored image");
+            eprintln!("[{:.1?}] ok: {what}", started.elapsed());
+        }
+    }
+    eprintln!(
+        "all {} moments restored exactly (loop direct I/O {})",
+        moments.len(),
+        if direct_io {
+            "on"
+        } else {
+            "off: losetup fell back to buffered I/O"
+        }
+    );
+}
+
+// ---- FUSE semantics against a recording export -------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Write {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+    },
+    Flush,
+}
+
+/// An in-memory volume that records every change and barrier.
+struct Recording {
+    data: Mutex<Vec<u8>>,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Recording {
+    fn new(size: u64) -> Arc<Recording> {
+        Arc::new(Recording {
+            data: Mutex::new(vec![0; size as usize]),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take_calls(&self) -> Vec<Call> {
+        std::mem::take(&mut *self.calls.lock().expect("calls"))
+    }
+
+    fn record(&self, call: Call) {
+        self.calls.lock().expect("calls").push(call);
+    }
+
+    fn zero(&self, offset: u64, len: u64) {
+        let mut data = self.data.lock().expect("data");
+        data[offset as usize..(offset + len) as usize].fill(0);
+    }
+}
+
+impl BlockExport for Recording {
+    fn size_bytes(&self) -> u64 {
+        self.data.lock().expect("data").len() as u64
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let data = self.data.lock().expect("data");
+        let start = offset as usize;
+        buf.copy_from_slice(&data[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        let mut data = self.data.lock().expect("data");
+        let start = offset as usize;
+        data[start..start + buf.len()].copy_from_slice(buf);
+        drop(data);
+        self.record(Call::Write {
+            offset,
+            len: buf.len() as u64,
+            fua,
+        });
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
+        self.zero(offset, len);
+        self.record(Call::Trim { offset, len });
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _fua: bool, may_punch: bool) -> io::Result<()> {
+        self.zero(offset, len);
+        self.record(Call::Zero {
+            offset,
+            len,
+            may_punch,
+        });
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.record(Call::Flush);
+        Ok(())
+    }
+
+    /// All-zero 4 KiB blocks are holes.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        let data = self.data.lock().expect("data");
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < offset + len {
+            let end = ((pos / 4096 + 1) * 4096).min(offset + len);
+            let hole = data[pos as usize..end as usize].iter().all(|&b| b == 0);
+            match runs.last_mut() {
+                Some((n, h)) if *h == hole => *n += end - pos,
+                _ => runs.push((end - pos, hole)),
+            }
+            pos = end;
+        }
+        Ok(runs)
+    }
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: lseek only reads its integer arguments; the descriptor is owned by `file`.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if pos < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pos as u64)
+    }
+}
+
+#[test]
+fn fuse_export_semantics() {
+    if !kernel_parts(&["losetup"]) {
+        return;
+    }
+    init_tracing();
+    const SIZE: u64 = 4 * MIB;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("export");
+    let export = Recording::new(SIZE);
+    let mount = fuse::mount(export.clone(), &file).expect("mount FUSE export");
+    assert!(is_mounted(&file));
+    let meta = std::fs::metadata(&file).expect("stat");
+    assert!(meta.is_file(), "the root of the export is a regular file");
+    assert_eq!(meta.len(), SIZE);
+
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .expect("open rw");
+    // write, read back, fsync = one barrier.
+    rw.write_all_at(b"hello", 8192).expect("write");
+    let mut back = [0u8; 5];
+    rw.read_exact_at(&mut back, 8192).expect("read");
+    assert_eq!(&back, b"hello");
+    rw.sync_all().expect("fsync");
+    rw.sync_data().expect("fdatasync");
+    assert_eq!(
+        export.take_calls(),
+        [
+            Call::Write {
+                offset: 8192,
+                len: 5,
+                fua: false
+            },
+            Call::Flush,
+            Call::Flush
+        ]
+    );
+
+    // EOF: reads and writes are clipped; a write starting at the end is ENOSPC.
+    let mut tail = [0u8; 10];
+    assert_eq!(rw.read_at(&mut tail, SIZE - 2).expect("read at end"), 2);
+    assert_eq!(rw.read_at(&mut tail, SIZE).expect("read past end"), 0);
+    assert_eq!(rw.write_at(b"abcd", SIZE - 2).expect("write across end"), 2);
+    let past = rw.write_at(b"x", SIZE).expect_err("write at the end");
+    assert_eq!(past.raw_os_error(), Some(libc::ENOSPC), "{past}");
+    assert_eq!(
+        export.take_calls(),
+        [Call::Write {
+            offset: SIZE - 2,
+            len: 2,
+            fua: false
+        }]
+    );
+
+    // fallocate mapping.
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    fallocate(&rw, libc::FALLOC_FL_PUNCH_HOLE | keep, 4096, 8192).expect("punch hole");
+    fallocate(&rw, libc::FALLOC_FL_ZERO_RANGE, 65536, 4096).expect("zero range");
+    fallocate(&rw, libc::FALLOC_FL_ZERO_RANGE | keep, 65536, 4096).expect("zero range, keep size");
+    fallocate(&rw, 0, 0, MIB).expect("preallocate inside the volume");
+    fallocate(&rw, keep, SIZE - 4096, 2 * MIB).expect("preallocate past the end, keep size");
+    let grow = fallocate(&rw, 0, SIZE - 4096, 8192).expect_err("preallocate past the end");
+    assert_eq!(grow.raw_os_error(), Some(libc::ENOSPC), "{grow}");
+    let collapse = fallocate(&rw, libc::FALLOC_FL_COLLAPSE_RANGE, 0, 4096).expect_err("collapse");
+    assert_eq!(
+        collapse.raw_os_error(),
+        Some(libc::EOPNOTSUPP),
+        "{collapse}"
+    );
+    assert_eq!(
+        export.take_calls(),
+        [
+            Call::Trim {
+                offset: 4096,
+                len: 8192
+            },
+            Call::Zero {
+                offset: 65536,
+                len: 4096,
+                may_punch: false
+            },
+            Call::Zero {
+                offset: 65536,
+                len: 4096,
+                may_punch: false
+            },
+        ]
+    );
+
+    // SEEK_DATA / SEEK_HOLE from block status. The punch zeroed "hello"; data is now only the
+    // last block (the clipped write), so add a block at 1 MiB.
+    rw.write_all_at(&[7u8; 4096], MIB)
+        .expect("write a data block");
+    export.take_calls();
+    assert_eq!(seek(&rw, 0, libc::SEEK_DATA).expect("SEEK_DATA"), MIB);
+    assert_eq!(
+        seek(&rw, MIB, libc::SEEK_HOLE).expect("SEEK_HOLE"),
+        MIB + 4096
+    );
+    assert_eq!(
+        seek(&rw, 2 * MIB, libc::SEEK_DATA).expect("SEEK_DATA"),
+        SIZE - 4096
+    );
+    assert_eq!(
+        seek(&rw, SIZE - 4096, libc::SEEK_HOLE).expect("SEEK_HOLE"),
+        SIZE
+    );
+    let enxio = seek(&rw, SIZE, libc::SEEK_DATA).expect_err("SEEK_DATA at the end");
+    assert_eq!(enxio.raw_os_error(), Some(libc::ENXIO));
+
+    // The size is fixed.
+    let truncate = rw.set_len(MIB).expect_err("truncate");
+    assert_eq!(truncate.raw_os_error(), Some(libc::EPERM), "{truncate}");
+
+    // close: a barrier for a writable handle with changes since the last barrier, else nothing.
+    rw.write_all_at(b"dirty", 0).expect("write");
+    drop(rw);
+    assert_eq!(
+        export.take_calls(),
+        [
+            Call::Write {
+                offset: 0,
+                len: 5,
+                fua: false
+            },
+            Call::Flush
+        ]
+    );
+    let idle = OpenOptions::new().write(true).open(&file).expect("open");
+    drop(idle);
+    assert_eq!(export.take_calls(), []);
+    let writer = OpenOptions::new().write(true).open(&file).expect("open");
+    writer.write_all_at(b"x", 0).expect("write");
+    let reader = File::open(&file).expect("open read-only");
+    drop(reader);
+    assert_eq!(
+        export.take_calls(),
+        [Call::Write {
+            offset: 0,
+            len: 1,
+            fua: false
+        }]
+    );
+    writer.sync_all().expect("fsync");
+    drop(writer);
+    assert_eq!(export.take_calls(), [Call::Flush]);
+
+    // O_DSYNC writes carry FUA; O_DIRECT works (loop's direct I/O uses it).
+    let dsync = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(&file)
+        .expect("open O_DSYNC");
+    dsync.write_all_at(b"sync", 0).expect("write O_DSYNC");
+    drop(dsync);
+    let calls = export.take_calls();
+    assert!(
+        calls.first()
+            == Some(&Call::Write {
+                offset: 0,
+                len: 4,
+                fua: true
+            }),
+        "O_DSYNC write: {calls:?}"
+    );
+    let direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&file)
+        .expect("open O_DIRECT");
+    let mut aligned = vec![0u8; 8192];
+    let block = {
+        let off = aligned.as_ptr().align_offset(4096);
+        &mut aligned[off..off + 4096]
+    };
+    direct.read_exact_at(block, MIB).expect("O_DIRECT read");
+    assert!(block.iter().all(|&b| b == 7));
+    drop(direct);
+
+    // Unmount while idle: clean, and FILE is a plain file again.
+    assert_eq!(mount.unmount().expect("unmount"), Unmounted::Clean);
+    assert!(!is_mounted(&file));
+
+    // Unmount while a loop device holds FILE: detached lazily; gone once the loop device is.
+    let mount = fuse::mount(export.clone(), &file).expect("mount again");
+    let loop_dev = LoopDevice::attach(&file);
+    let mut first = [0u8; 4096];
+    File::open(&loop_dev.device)
+        .and_then(|d| d.read_exact_at(&mut first, MIB))
+        .expect("read through the loop device");
+    assert!(first.iter().all(|&b| b == 7));
+    assert_eq!(mount.unmount().expect("unmount busy"), Unmounted::Detached);
+    assert!(
+        !is_mounted(&file),
+        "a detached mount leaves mountinfo at once"
+    );
+    drop(loop_dev);
+}
+
+// ---- the real binary ---------------------------------------------------------------------------
+
+#[test]
+fn refuses_a_mount_point_and_a_directory() {
+    if !kernel_parts(&["mount", "umount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("volume.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(VOLUME_BYTES))
+        .expect("create volume");
+    let file = dir.path().join("export");
+    let other = dir.path().join("other");
+    File::create(&file).expect("create FILE");
+    File::create(&other).expect("create other");
+    let mut bind = Mounted::mount(&["--bind"], &other, &file);
+    assert!(is_mounted(&file));
+
+    // The library says so...
+    let err = fuse::mount(Recording::new(MIB), &file).expect_err("mount over a mount point");
+    assert!(matches!(err, FuseError::AlreadyMounted { .. }), "{err}");
+    // ...and so does the agent, naming the file and the way out.
+    let spool = dir.path().join("spool");
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tideline-agent"))
+        .arg(format!(
+            "--volume=v={},fuse={}",
+            image.display(),
+            file.display()
+        ))
+        .arg(format!("--spool-dir={}", spool.display()))
+        .arg("--collector=http://127.0.0.1:1")
+        .env("RUST_BACKTRACE", "0"));
+    assert!(
+        !out.status.success(),
+        "agent started over a mount point: {}",
+        out.text
+    );
+    assert!(
+        out.text.contains("is already a mount point"),
+        "{}",
+        out.text
+    );
+    assert!(
+        out.text.contains(&format!("umount {}", file.display())),
+        "{}",
+        out.text
+    );
+    bind.unmount();
+
+    // A directory is not a regular file.
+    let directory = dir.path().join("dir");
+    std::fs::create_dir(&directory).expect("mkdir");
+    let err = fuse::mount(Recording::new(MIB), &directory).expect_err("mount over a directory");
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn sigterm_unmounts() {
+    if !kernel_parts(&["mount", "umount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("volume.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(VOLUME_BYTES))
+        .expect("create volume");
+    let file = dir.path().join("export");
+    // No collector: the agent journals into its spool and retries meanwhile.
+    let mut agent = AgentProcess::start(
+        "v",
+        &image,
+        &file,
+        &dir.path().join("spool"),
+        "http://127.0.0.1:1",
+        &dir.path().join("agent.log"),
+    );
+    agent.wait_mounted();
+    let export = OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .expect("open export");
+    export
+        .write_all_at(&pattern(9, 8192), 4096)
+        .expect("write through FUSE");
+    export.sync_all().expect("fsync through FUSE");
+    drop(export);
+    let on_disk = std::fs::read(&image).expect("read volume");
+    assert_eq!(&on_disk[4096..12288], &pattern(9, 8192)[..]);
+
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit();
+    assert!(
+        status.success(),
+        "agent exit {status}; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        !is_mounted(&file),
+        "{} still mounted after SIGTERM",
+        file.display()
+    );
+    assert!(
+        agent.log().contains("FUSE export unmounted"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn sigkill_then_documented_recovery() {
+    if !kernel_parts(&["losetup", "mkfs.ext4", "e2fsck", "mount", "umount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let image = dir.path().join("volume.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(VOLUME_BYTES))
+        .expect("create volume");
+    let file = dir.path().join("export");
+    let spool = dir.path().join("spool");
+    let services = Services::start_collector(&dir.path().join("collector"));
+    let url = services.collector_url.clone();
+    let start = |log: &str| {
+        let mut agent =
+            AgentProcess::start("vol", &image, &file, &spool, &url, &dir.path().join(log));
+        agent.wait_mounted();
+        agent
+    };
+    let mnt = dir.path().join("mnt");
+    let flushed = pattern(11, 200_000);
+
+    let mut agent = start("agent-1.log");
+    let flushed_at = {
+        let loop_dev = LoopDevice::attach(&file);
+        run_ok(
+            Command::new(tool("mkfs.ext4"))
+                .arg("-q")
+                .arg(&loop_dev.device),
+        );
+        let mut fs = Mounted::mount(&[], &loop_dev.device, &mnt);
+        let mut w = Writer {
+            root: &mnt,
+            tree: Tree::default(),
+        };
+        w.write("flushed.bin", &flushed);
+        let flushed_at = TimeNs::now();
+
+        // Killed while loop-mounted: the FUSE file is now a dead mount.
+        agent.signal(libc::SIGKILL);
+        agent.wait_exit();
+        let dead = std::fs::metadata(&file).expect_err("stat a dead FUSE mount");
+        assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
+
+        // A new agent refuses the stale mount point, naming the way out.
+        let refused = run(Command::new(env!("CARGO_BIN_EXE_tideline-agent"))
+            .arg(format!(
+                "--volume=vol={},fuse={}",
+                image.display(),
+                file.display()
+            ))
+            .arg(format!("--spool-dir={}", spool.display()))
+            .arg(format!("--collector={url}"))
+            .env("RUST_BACKTRACE", "0"));
+        assert!(!refused.status.success());
+        assert!(
+            refused.text.contains("is already a mount point"),
+            "{}",
+            refused.text
+        );
+
+        // The documented recovery: 1. umount the filesystem (lazily if it will not go),
+        // 2. losetup -d, 3. umount FILE.
+        fs.active = false;
+        if !run(Command::new(tool("umount")).arg(&mnt)).status.success() {
+            run_ok(Command::new(tool("umount")).arg("-l").arg(&mnt));
+        }
+        drop(loop_dev);
+        run_ok(Command::new(tool("umount")).arg(&file));
+        assert!(!is_mounted(&file));
+        flushed_at
+    };
+
+    // 4. Restart the agent: the export comes back and protection resumes.
+    let mut agent = start("agent-2.log");
+    {
+        // 5. losetup, mount (ext4 replays its journal): the flushed file is intact.
+        let loop_dev = LoopDevice::attach(&file);
+        let out = run(Command::new(tool("e2fsck"))
+            .arg("-fy")
+            .arg(&loop_dev.device));
+        assert!(
+            matches!(out.code(), Some(0 | 1)),
+            "e2fsck after recovery: {}",
+            out.text
+        );
+        let mut fs = Mounted::mount(&[], &loop_dev.device, &mnt);
+        assert_eq!(
+            std::fs::read(mnt.join("flushed.bin")).expect("read flushed file"),
+            flushed
+        );
+        let mut w = Writer {
+            root: &mnt,
+            tree: read_tree(&mnt),
+        };
+        w.write("after.txt", b"written after the recovery\n");
+        let after_at = TimeNs::now();
+        let expected = w.tree.clone();
+        fs.unmount();
+        drop(loop_dev);
+
+        // The collector holds both: the flushed write from before the kill, and the new one.
+        services.wait_durable("vol", after_at);
+        let restored = dir.path().join("restored.img");
+        services.restore("vol", flushed_at, &restored);
+        let mut before = Tree::default();
+        before.files.insert("flushed.bin".into(), flushed.clone());
+        check_image(
+            &restored,
+            &dir.path().join("check"),
+            &before,
+            true,
+            "before the kill",
+        );
+        std::fs::remove_file(&restored).expect("remove restored image");
+        services.restore("vol", after_at, &restored);
+        check_image(
+            &restored,
+            &dir.path().join("check"),
+            &expected,
+            true,
+            "after the recovery",
+        );
+    }
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_exit();
+    assert!(
+        status.success(),
+        "agent exit {status}; log:\n{}",
+        agent.log()
+    );
+    assert!(!is_mounted(&file));
+}
