@@ -1,0 +1,329 @@
+//! The operator CLI: demo, restore's refusal to overwrite, wait's timeout, time parsing, the
+//! volume listing, and the ways to name the collector.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{self, Agent, AgentSpec, Collector, Rig, MIB};
+
+#[test]
+fn demo_passes_within_a_minute() {
+    let started = Instant::now();
+    let output = harness::run_within(
+        harness::tideline_cmd().arg("demo"),
+        Duration::from_secs(120),
+    );
+    let elapsed = started.elapsed();
+    assert!(output.success(), "tideline demo: {output}");
+    assert!(output.stdout.contains("demo passed"), "{output}");
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "tideline demo took {elapsed:?}"
+    );
+    println!("tideline demo passed in {:.1} s", elapsed.as_secs_f64());
+}
+
+/// A rig whose volume holds 1 MiB of 0x42 at offset 0, durable at the collector.
+fn rig_with_data(volume: &str) -> Rig {
+    let rig = Rig::new(volume, 4 * MIB);
+    let mut client = rig.agent.nbd(volume);
+    client.write(0, &[0x42; MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+    rig
+}
+
+#[test]
+fn restore_refuses_to_overwrite_without_force() {
+    let rig = rig_with_data("overwrite");
+    let out = rig.path("existing.img");
+    std::fs::write(&out, b"precious").unwrap();
+    let args = [
+        "restore",
+        "--volume",
+        "overwrite",
+        "--latest",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let output = harness::tideline(&rig.url(), &args);
+    assert!(!output.success(), "restore overwrote a file: {output}");
+    assert!(output.stderr.contains("--force"), "{output}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    let output = harness::tideline(&rig.url(), &forced);
+    assert!(output.success(), "restore --force: {output}");
+    let image = std::fs::read(&out).unwrap();
+    assert_eq!(image.len() as u64, 4 * MIB);
+    assert!(image[..MIB as usize].iter().all(|&b| b == 0x42));
+    assert!(image[MIB as usize..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn wait_times_out_and_restore_refuses_times_it_cannot_vouch_for() {
+    let rig = rig_with_data("waiting");
+    let url = rig.url();
+    // Far ahead, yet within the range of i64 nanoseconds (up to 2262).
+    let future = "2200-01-01T00:00:00.000000000Z";
+
+    let started = Instant::now();
+    let output = harness::tideline(
+        &url,
+        &[
+            "wait",
+            "--volume",
+            "waiting",
+            "--until",
+            future,
+            "--timeout",
+            "1",
+        ],
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        !output.success(),
+        "wait for the year 2999 succeeded: {output}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(30),
+        "wait --timeout 1 took {elapsed:?}"
+    );
+    assert!(output.stderr.contains("timed out"), "{output}");
+
+    let out = rig.path("future.img");
+    let output = harness::tideline(
+        &url,
+        &[
+            "restore",
+            "--volume",
+            "waiting",
+            "--at",
+            future,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !output.success(),
+        "restored a point in the future: {output}"
+    );
+    assert!(output.stderr.contains("tideline wait"), "{output}");
+    assert!(!out.exists());
+
+    let output = harness::tideline(
+        &url,
+        &[
+            "restore",
+            "--volume",
+            "waiting",
+            "--at",
+            "2001-01-01T00:00:00Z",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !output.success(),
+        "restored a point before the volume was protected: {output}"
+    );
+    assert!(output.stderr.contains("waiting"), "{output}");
+    assert!(!out.exists());
+
+    let output = harness::tideline(
+        &url,
+        &[
+            "wait",
+            "--volume",
+            "nosuch",
+            "--until",
+            "now",
+            "--timeout",
+            "1",
+        ],
+    );
+    assert!(!output.success(), "wait for an unknown volume: {output}");
+    assert!(output.stderr.contains("nosuch"), "{output}");
+}
+
+#[test]
+fn malformed_times_are_refused_naming_rfc_3339() {
+    let rig = rig_with_data("badtime");
+    let out = rig.path("out.img");
+    for bad in [
+        "yesterday",
+        "2026-11-22 10:15:30",
+        "2026-11-22T10:15:30",
+        "12:00",
+    ] {
+        let output = harness::tideline(
+            &rig.url(),
+            &[
+                "restore",
+                "--volume",
+                "badtime",
+                "--at",
+                bad,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(!output.success(), "restore --at {bad:?}: {output}");
+        assert!(
+            output.stderr.contains("RFC 3339"),
+            "restore --at {bad:?}: {output}"
+        );
+        let output = harness::tideline(
+            &rig.url(),
+            &[
+                "wait",
+                "--volume",
+                "badtime",
+                "--until",
+                bad,
+                "--timeout",
+                "1",
+            ],
+        );
+        assert!(!output.success(), "wait --until {bad:?}: {output}");
+        assert!(
+            output.stderr.contains("RFC 3339"),
+            "wait --until {bad:?}: {output}"
+        );
+    }
+    assert!(!out.exists());
+    // A well-formed time with an offset other than Z is fine.
+    let now = time::OffsetDateTime::now_utc();
+    let at = now
+        .to_offset(time::macros::offset!(+02:00))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    harness::wait_durable(&rig.url(), "badtime", &at);
+    harness::restore(&rig.url(), "badtime", Some(&at), &out);
+    // Beyond what i64 nanoseconds hold.
+    let output = harness::tideline(
+        &rig.url(),
+        &[
+            "wait",
+            "--volume",
+            "badtime",
+            "--until",
+            "2999-01-01T00:00:00Z",
+            "--timeout",
+            "1",
+        ],
+    );
+    assert!(!output.success(), "wait --until 2999: {output}");
+    assert!(
+        output.stderr.contains("range"),
+        "wait --until 2999: {output}"
+    );
+}
+
+#[test]
+fn volumes_json_lists_each_volume_with_its_group_and_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path());
+    let (a, b, solo) = (
+        dir.path().join("a.img"),
+        dir.path().join("b.img"),
+        dir.path().join("solo.img"),
+    );
+    harness::sparse_file(&a, 4 * MIB);
+    harness::sparse_file(&b, 8 * MIB);
+    harness::sparse_file(&solo, 4 * MIB);
+    let spec = AgentSpec {
+        volumes: vec![("dba".into(), a), ("dbb".into(), b), ("solo".into(), solo)],
+        groups: vec!["db=dba,dbb".into()],
+        spool_max_bytes: Some(64 * MIB),
+    };
+    let agent = Agent::start(dir.path(), &collector.url(), spec);
+    for v in ["dba", "dbb", "solo"] {
+        collector.wait_complete(v);
+    }
+    let mut client = agent.nbd("dbb");
+    client.write(MIB, &[7; 8192], true).unwrap();
+    client.disconnect().unwrap();
+    harness::wait_durable(&collector.url(), "dba", &harness::now_rfc3339());
+
+    let output = harness::tideline(&collector.url(), &["volumes", "--json"]);
+    assert!(output.success(), "{output}");
+    let rows: serde_json::Value = serde_json::from_str(&output.stdout)
+        .unwrap_or_else(|e| panic!("volumes --json is not JSON ({e}): {output}"));
+    let rows = rows.as_array().expect("a JSON array");
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {rows:?}"))
+    };
+    for (name, group, size) in [
+        ("dba", "db", 4 * MIB),
+        ("dbb", "db", 8 * MIB),
+        ("solo", "solo", 4 * MIB),
+    ] {
+        let r = row(name);
+        assert_eq!(r["group"], group, "{r}");
+        assert_eq!(r["size_bytes"], size, "{r}");
+        assert_eq!(r["complete"], true, "{r}");
+        let (oldest, newest) = (r["oldest"].as_str(), r["newest"].as_str());
+        let (oldest, newest) = (oldest.expect("oldest"), newest.expect("newest"));
+        let parse = |t: &str| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|e| panic!("{t:?} is not RFC 3339: {e}"))
+        };
+        assert!(parse(oldest) <= parse(newest), "{r}");
+        assert!(r["lag_ms"].is_u64(), "{r}");
+    }
+    // One journal order per group: the grouped volumes share a durable seq.
+    assert_eq!(row("dba")["durable_seq"], row("dbb")["durable_seq"]);
+
+    let output = harness::tideline(&collector.url(), &["volumes"]);
+    assert!(
+        output.success() && output.stdout.contains("dbb"),
+        "{output}"
+    );
+}
+
+#[test]
+fn collector_is_named_before_or_after_the_subcommand_or_by_environment() {
+    let rig = rig_with_data("naming");
+    let url = rig.url();
+    let listed = |output: harness::Output| {
+        assert!(output.success(), "{output}");
+        assert!(output.stdout.contains("\"naming\""), "{output}");
+    };
+    listed(harness::run(harness::tideline_cmd().args([
+        "--collector",
+        &url,
+        "volumes",
+        "--json",
+    ])));
+    listed(harness::run(harness::tideline_cmd().args([
+        "volumes",
+        "--json",
+        "--collector",
+        &url,
+    ])));
+    listed(harness::run(
+        harness::tideline_cmd()
+            .args(["volumes", "--json"])
+            .env("TIDELINE_COLLECTOR", &url),
+    ));
+    // The option wins over the environment.
+    listed(harness::run(
+        harness::tideline_cmd()
+            .args(["volumes", "--json", "--collector", &url])
+            .env("TIDELINE_COLLECTOR", "http://127.0.0.1:1"),
+    ));
+    // An unreachable collector is named, with the ways to name another.
+    let output = harness::run(
+        harness::tideline_cmd()
+            .args(["volumes"])
+            .env("TIDELINE_COLLECTOR", "http://127.0.0.1:1"),
+    );
+    assert!(!output.success(), "{output}");
+    assert!(
+        output.stderr.contains("127.0.0.1:1") && output.stderr.contains("TIDELINE_COLLECTOR"),
+        "{output}"
+    );
+}
