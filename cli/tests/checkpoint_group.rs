@@ -2,6 +2,8 @@
 //! the same point. Collector and agent run in-process on loopback; writes go through NBD with
 //! the agent's own client; the operator surface is the real `tideline` binary.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
