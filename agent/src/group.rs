@@ -98,9 +98,34 @@ impl Group {
     ) -> Result<(), TapError> {
         let mut volumes = self.lock();
         let volume = &mut volumes[index];
+        // Write intent: the blocks stay marked in the (memory-mapped, so kill -9 proof) dirty
+        // map from before the volume changes until the change's records are in the spool. A
+        // crash in between leaves the mark, and the next start resyncs those blocks instead of
+        // letting the journal silently disagree with the volume.
+        let first = offset / BLOCK_SIZE_BYTES;
+        let count = (offset + change.len_bytes()).div_ceil(BLOCK_SIZE_BYTES) - first;
+        if !volume.in_gap {
+            volume.dirty.mark(first, count);
+        }
+        let result = self.apply_and_journal(volume, offset, change);
+        match result {
+            // Journalled in whole blocks: the journal accounts for these blocks now.
+            Ok(()) if !volume.in_gap => volume.dirty.clear(first, count),
+            Ok(()) => {}
+            // The volume may have changed without a record: resync the marked blocks.
+            Err(_) => volume.dirty.set_resync_pending(true),
+        }
+        result
+    }
+
+    fn apply_and_journal(
+        &self,
+        volume: &mut VolumeState,
+        offset: u64,
+        change: Change<'_>,
+    ) -> Result<(), TapError> {
         apply(volume, offset, change)?;
-        let records = records_for(volume, offset, change)?;
-        for op in records {
+        for op in records_for(volume, offset, change)? {
             self.append_or_mark_gap(volume, op)?;
         }
         Ok(())

@@ -27,7 +27,8 @@ use tokio::sync::watch;
 
 use config::{AgentConfig, GroupSpec};
 use group::{Group, ResyncStep, VolumeState};
-use tideline_core::spool::{Spool, SpoolConfig};
+use tideline_core::record::RecordKind;
+use tideline_core::spool::{Spool, SpoolConfig, SpoolOp};
 use tideline_core::BLOCK_SIZE_BYTES;
 use tideline_proto::v1;
 
@@ -208,7 +209,23 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
                 volume.path.display()
             );
         }
-        let dirty = group::open_dirty_map(&dir, &volume.name, &file, size_bytes)?;
+        let mut dirty = group::open_dirty_map(&dir, &volume.name, &file, size_bytes)?;
+        if !dirty.resync_pending() && dirty.dirty_blocks() > 0 {
+            // Write-intent marks left by a change that was applied but never journalled (the
+            // agent died in between): the journal has a gap for this volume until a resync
+            // has journalled those blocks as the volume now holds them.
+            tracing::warn!(group = %spec.name, volume = %volume.name, blocks = dirty.dirty_blocks(),
+                "the agent stopped between changing the volume and journalling the change; resyncing the blocks involved");
+            spool
+                .append(SpoolOp::Other(RecordKind::Gap {
+                    volume: volume.name.clone(),
+                }))
+                .with_context(|| format!("journal a gap for volume {}", volume.name))?;
+            dirty.set_resync_pending(true);
+            dirty
+                .flush()
+                .with_context(|| format!("flush the dirty map of volume {}", volume.name))?;
+        }
         volumes.push(VolumeState {
             name: volume.name.clone(),
             path: volume.path.clone(),

@@ -5,12 +5,11 @@ use std::process::{Command, Stdio};
 
 use crate::harness::{self, Rig, MIB};
 
-/// Writes with qemu-io to the export and to the reference file, flushing the export.
-fn write_both(rig: &Rig, reference: &std::path::Path, commands: &[&str]) {
-    let mut with_flush = commands.to_vec();
-    with_flush.push("flush");
-    harness::qemu_io(&rig.uri(), &with_flush);
-    harness::qemu_io(reference.to_str().unwrap(), &with_flush);
+/// qemu-io commands plus a final flush.
+fn flushed<'a>(commands: &[&'a str]) -> Vec<&'a str> {
+    let mut all = commands.to_vec();
+    all.push("flush");
+    all
 }
 
 #[test]
@@ -22,22 +21,28 @@ fn agent_killed_after_flushed_write_restores_it_from_its_spool() {
     let mut rig = Rig::new("crashagent", SIZE);
     let reference = rig.path("reference.img");
     harness::sparse_file(&reference, SIZE);
+    let reference_s = reference.to_str().unwrap().to_owned();
 
-    // 1. With the collector down, the flushed write can only live in the agent's spool (and its
-    //    backing volume, which is not journalled again after a restart: no baseline runs).
-    write_both(&rig, &reference, &["write -P 0x5a 0 1M"]);
+    let first = flushed(&["write -P 0x5a 0 1M"]);
+    harness::qemu_io(&rig.uri(), &first);
+    harness::qemu_io(&reference_s, &first);
     rig.wait_now();
+
+    // 1. With the collector down, the flushed write lives only in the agent's spool (and in its
+    //    backing volume, which is not journalled again after a restart: no baseline runs).
     rig.collector.kill9();
-    write_both(
-        &rig,
-        &reference,
-        &["write -P 0xc3 3M 2M", "write -P 0x3c 123457 7777"],
-    );
+    let second = flushed(&["write -P 0xc3 3M 2M", "write -P 0x3c 123457 7777"]);
+    harness::qemu_io(&rig.uri(), &second);
+    let acknowledged = harness::now_rfc3339();
     rig.agent.kill9();
+    harness::qemu_io(&reference_s, &second);
     rig.collector.restart();
     rig.agent.restart();
     rig.wait_now();
-    let restored = rig.restore_latest("restored-1.img");
+    // Restoring the moment the flush returned proves the records kept their original times:
+    // they came from the spool, not from re-reading the volume after the restart.
+    let restored = rig.path("restored-1.img");
+    harness::restore(&rig.url(), &rig.volume, Some(&acknowledged), &restored);
     harness::assert_same_image(
         &restored,
         &reference,
@@ -45,12 +50,10 @@ fn agent_killed_after_flushed_write_restores_it_from_its_spool() {
     );
 
     // 2. With both up: kill the agent right after the flush returns.
-    write_both(
-        &rig,
-        &reference,
-        &["write -P 0x77 10M 5M", "discard 3M 1M", "write -z 100 5000"],
-    );
+    let third = flushed(&["write -P 0x77 10M 5M", "discard 3M 1M", "write -z 100 5000"]);
+    harness::qemu_io(&rig.uri(), &third);
     rig.agent.kill9();
+    harness::qemu_io(&reference_s, &third);
     rig.agent.restart();
     rig.wait_now();
     let restored = rig.restore_latest("restored-2.img");
@@ -124,5 +127,69 @@ fn collector_killed_mid_stream_loses_nothing_acknowledged() {
     println!(
         "collector killed with {} MiB of 256 stored; durable seq {durable} before and {after} after a second restart",
         stored_before_kill / MIB
+    );
+}
+
+/// Regression: the agent applied a change to its volume and was killed before the change's
+/// record reached the spool. The write was never acknowledged, so either content is allowed,
+/// but the journal must not silently disagree with the volume from then on: restore latest
+/// used to differ from the volume forever after such a kill.
+#[test]
+fn agent_killed_mid_write_leaves_journal_equal_to_volume() {
+    if !harness::require_tools(&["qemu-img", "nbdcopy"]) {
+        return;
+    }
+    const SIZE: u64 = 256 * MIB;
+    let mut rig = Rig::new("midwrite", SIZE);
+    let source = rig.path("source.img");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&source).unwrap();
+        for mib in 0..SIZE / MIB {
+            file.write_all(&harness::random_bytes(5000 + mib, MIB as usize))
+                .unwrap();
+        }
+    }
+    // Several kills at different points of a stream of 32 MiB writes: each kill has a fair
+    // chance of landing between the volume write and the spool append.
+    for round in 0..4u64 {
+        let copy = Command::new(harness::tool("nbdcopy"))
+            .args(["--request-size=33554432", "--connections=1"])
+            .arg(&source)
+            .arg(rig.uri())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let allocated_before = harness::allocated_bytes(&rig.volume_path);
+        let target = (allocated_before + (24 + 16 * round) * MIB).min(SIZE - 8 * MIB);
+        harness::wait_for(
+            "nbdcopy to write into the volume",
+            harness::STARTUP_TIMEOUT,
+            || (harness::allocated_bytes(&rig.volume_path) >= target).then_some(()),
+        );
+        rig.agent.kill9();
+        // nbdcopy fails when its server dies; what it wrote is what the volume holds.
+        let _ = harness::finish_child(copy, "nbdcopy");
+        rig.agent.restart();
+        rig.wait_now();
+        rig.collector.wait_complete(&rig.volume);
+        rig.wait_now();
+        let restored = rig.restore_latest(&format!("restored-{round}.img"));
+        harness::assert_same_image(
+            &restored,
+            &rig.volume_path,
+            &format!("round {round}: latest vs the agent's volume after kill -9 mid-write"),
+        );
+        std::fs::remove_file(&restored).unwrap();
+    }
+    let interrupted = rig
+        .agent
+        .log_text()
+        .matches("between changing the volume and journalling the change")
+        .count();
+    println!(
+        "kill -9 mid-write: {interrupted} of 4 kills interrupted a change; journal equals volume"
     );
 }

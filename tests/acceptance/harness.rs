@@ -1,10 +1,11 @@
 //! Shared machinery of the acceptance tests: the real binaries as child processes, the real NBD
 //! clients (qemu-io, qemu-img, nbdcopy, nbdinfo) as commands, and small helpers around them.
 //!
-//! Everything lives in a per-test temporary directory and on ports the kernel picks, so tests run
-//! in parallel. Child processes are killed (SIGKILL) when their handle drops; their stderr goes
-//! to a log file in the temporary directory, whose tail is printed when a test panics.
-//! Nothing here sleeps to wait: every wait polls a condition with a short interval and a bound.
+//! Everything lives in a per-test temporary directory and on free ports chosen at run time, so
+//! tests run in parallel. Child processes are killed (SIGKILL) when their handle drops; their
+//! stderr goes to a log file in the temporary directory, whose tail is printed when a test
+//! panics. Nothing here sleeps to wait: every wait polls a condition with a short interval and a
+//! bound, and every command runs under a time limit.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -190,6 +191,11 @@ pub fn run_within(command: &mut Command, limit: Duration) -> Output {
     finish(child, &format!("{command:?}"), limit)
 }
 
+/// Waits for a spawned child (with piped output), whatever its exit status.
+pub fn finish_child(child: Child, what: &str) -> Output {
+    finish(child, what, COMMAND_TIMEOUT)
+}
+
 /// Collects a spawned child's output; kills it and fails the test if it runs past `limit`.
 fn finish(mut child: Child, what: &str, limit: Duration) -> Output {
     let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
@@ -327,14 +333,19 @@ pub fn wait_ok(child: Child, what: &str) {
 
 /// Asserts `qemu-img compare -f raw -F raw A B` finds the images identical.
 pub fn assert_same_image(restored: &Path, reference: &Path, what: &str) {
+    assert_same_image_at(restored.as_os_str(), reference, what);
+}
+
+/// Like [`assert_same_image`] for any image qemu-img opens: a file or an NBD URI.
+pub fn assert_same_image_at(restored: &std::ffi::OsStr, reference: &Path, what: &str) {
     let output = run(Command::new(tool("qemu-img"))
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(restored)
         .arg(reference));
     assert!(
         output.status.code() == Some(0),
-        "{what}: restored image {} differs from the reference {}: {output}",
-        restored.display(),
+        "{what}: image {} differs from the reference {}: {output}",
+        restored.to_string_lossy(),
         reference.display()
     );
 }
@@ -526,7 +537,24 @@ impl Drop for Proc {
     }
 }
 
+/// A port that is free now, chosen below the kernel's ephemeral range when there is room, so
+/// that no outgoing connection (which takes its source port from that range) can occupy it
+/// while a killed collector is down; the restart reuses it.
 fn free_port() -> u16 {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 12000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..100 {
+            let port = rng.gen_range(10000..ephemeral_low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
@@ -765,6 +793,10 @@ impl Agent {
             &self.collector_url,
             &self.log,
         );
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
     }
 
     pub fn nbd(&self, export: &str) -> NbdClient<std::os::unix::net::UnixStream> {

@@ -29,7 +29,7 @@ const STEPS: &[Step] = &[
         backing_hole: false,
     },
     Step {
-        what: "24 MiB write (several extents, several NBD requests)",
+        what: "24 MiB write (six 4 MiB restore extents)",
         commands: &["write -P 0x33 8M 24M"],
         hole: None,
         backing_hole: false,
@@ -47,8 +47,13 @@ const STEPS: &[Step] = &[
         backing_hole: false,
     },
     Step {
-        what: "unaligned overwrite across the trimmed range, unaligned write-zeroes",
-        commands: &["write -P 0x44 1000000 3000000", "write -z 33333 50000"],
+        what:
+            "unaligned FUA overwrite across the trimmed range, unaligned write-zeroes and discard",
+        commands: &[
+            "write -f -P 0x44 1000000 3000000",
+            "write -z 33333 50000",
+            "discard 30000000 4000000",
+        ],
         hole: None,
         backing_hole: false,
     },
@@ -95,6 +100,12 @@ fn every_moment_restores_identical_to_a_reference_and_trims_are_holes() {
         if let (Some((start, end)), true) = (step.hole, step.backing_hole) {
             harness::assert_hole(&rig.volume_path, start, end, "agent's backing volume");
         }
+        // What a client reads through the export (READ, BLOCK_STATUS) is the reference too.
+        harness::assert_same_image_at(
+            uri.as_ref(),
+            &snapshot,
+            &format!("export after {}", step.what),
+        );
         let previous = &moments.last().unwrap().2;
         assert!(
             harness::images_differ(previous, &snapshot),

@@ -110,7 +110,10 @@ fn realistic_data_is_stored_compressed_and_deduplicated() {
     );
     rig.wait_now();
     let first = rig.collector.stats();
-    let stored = first.stored_bytes - before.stored_bytes;
+    let stored = first
+        .stored_bytes
+        .checked_sub(before.stored_bytes)
+        .expect("stored bytes never shrink");
     assert!(
         stored < allocated,
         "stored {stored} bytes for an image of {allocated} allocated bytes"
@@ -141,8 +144,14 @@ fn realistic_data_is_stored_compressed_and_deduplicated() {
     );
     rig.wait_now();
     let second = rig.collector.stats();
-    let added = second.stored_bytes - first.stored_bytes;
-    let added_pack = second.pack_file_bytes - first.pack_file_bytes;
+    let added = second
+        .stored_bytes
+        .checked_sub(first.stored_bytes)
+        .expect("stored bytes never shrink");
+    let added_pack = second
+        .pack_file_bytes
+        .checked_sub(first.pack_file_bytes)
+        .expect("pack files never shrink");
     println!(
         "space: second copy added {added} stored bytes ({added_pack} pack bytes, {} chunks), {:.4}% of the allocated bytes; overall ratio {:.3}",
         second.chunk_count - first.chunk_count,
