@@ -22,11 +22,23 @@ pub const MAX_ENTRY_BODY_BYTES: u32 = 80 << 20;
 
 /// Appends one entry holding `body` to `out`.
 pub fn encode_entry(out: &mut Vec<u8>, body: &[u8]) {
-    debug_assert!(body.len() <= MAX_ENTRY_BODY_BYTES as usize);
-    out.extend_from_slice(&ENTRY_MAGIC.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    out.extend_from_slice(body);
+    encode_entry_with(out, |o| o.extend_from_slice(body));
+}
+
+/// Appends one entry whose body `write_body` appends to `out` in place (no intermediate copy).
+/// Returns the body length.
+pub fn encode_entry_with(out: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) -> usize {
+    let header_at = out.len();
+    out.extend_from_slice(&[0u8; ENTRY_HEADER_BYTES as usize]);
+    write_body(out);
+    let body_at = header_at + ENTRY_HEADER_BYTES as usize;
+    let body_len = out.len() - body_at;
+    debug_assert!(body_len <= MAX_ENTRY_BODY_BYTES as usize);
+    let crc = crc32c::crc32c(&out[body_at..]);
+    out[header_at..header_at + 4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+    out[header_at + 4..header_at + 8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out[header_at + 8..body_at].copy_from_slice(&crc.to_le_bytes());
+    body_len
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -434,9 +434,9 @@ impl Spool {
         self.rotate_if_needed(&mut inner)?;
         let mut buf = std::mem::take(&mut inner.encode_buf);
         buf.clear();
-        let mut body = Vec::with_capacity(entry.encoded_len() as usize);
-        entry.encode(&mut body);
-        if body.len() > MAX_ENTRY_BODY_BYTES as usize {
+        let body_len = framed::encode_entry_with(&mut buf, |out| entry.encode(out));
+        if body_len > MAX_ENTRY_BODY_BYTES as usize {
+            inner.encode_buf = buf;
             return Err(SpoolError::Io {
                 context: "append to spool".into(),
                 source: io::Error::new(
@@ -445,7 +445,6 @@ impl Spool {
                 ),
             });
         }
-        framed::encode_entry(&mut buf, &body);
         let result = inner.active.write_all(&buf);
         let written = buf.len() as u64;
         inner.encode_buf = buf;
