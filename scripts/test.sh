@@ -4,6 +4,7 @@
 # under CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"
 
 missing=()
 need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
@@ -13,6 +14,11 @@ need nbdinfo libnbd-bin
 need nbdcopy libnbd-bin
 need mkfs.ext4 e2fsprogs
 need e2fsck e2fsprogs
+need losetup mount
+need runuser util-linux
+need psql postgresql-client-15
+need pgbench postgresql-15
+[ -x /usr/lib/postgresql/15/bin/postgres ] || missing+=(postgresql-15)
 if ((${#missing[@]})); then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "installing test dependencies: ${missing[*]}"

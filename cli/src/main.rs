@@ -1,6 +1,7 @@
 //! `tideline`: the operator's command. Talks to a collector over its gRPC API.
 
 mod demo;
+mod drill;
 mod restore;
 mod timefmt;
 
@@ -96,6 +97,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prove a group can be recovered: restore it into a scratch directory (every chunk hash
+    /// verified), run checks on the images, report RTO and RPO. Exits 1 if anything failed.
+    #[command(group(clap::ArgGroup::new("when").args(["at", "latest", "checkpoint"])))]
+    Drill {
+        #[arg(long)]
+        group: String,
+        /// RFC 3339 time (default: the newest durable point).
+        #[arg(long)]
+        at: Option<String>,
+        #[arg(long)]
+        latest: bool,
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// A shell command run on the restored images; `{image:VOLUME}` becomes the path of
+        /// VOLUME's image and `{dir}` the scratch directory. Passes when it exits 0. Repeatable.
+        #[arg(long = "check", value_name = "CMD")]
+        checks: Vec<String>,
+        /// Seconds one check may run before it is killed and counted as failed.
+        #[arg(long, default_value_t = 600)]
+        check_timeout: u64,
+        /// Where to make the scratch directory (default: the system temporary directory).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
+        /// Keep the scratch directory with the restored images afterwards.
+        #[arg(long)]
+        keep: bool,
+        /// Write the Markdown report to FILE and the JSON report next to it (FILE.json).
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Print the JSON report instead of the Markdown one.
+        #[arg(long)]
+        json: bool,
+    },
     /// Wait until everything written up to TIME is durable at the collector.
     Wait {
         #[arg(long)]
@@ -151,11 +185,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             out_dir,
             force,
         } => {
-            let point = match (at, checkpoint) {
-                (Some(at), _) => v1::restore_request::Point::AtTimeNs(timefmt::parse(&at)?),
-                (None, Some(name)) => v1::restore_request::Point::Checkpoint(name),
-                (None, None) => v1::restore_request::Point::Latest(true),
-            };
+            let point = point_of(at, checkpoint)?;
             let client = catalog(&cli.collector).await?;
             let target = match (volume, group) {
                 (Some(volume), _) => restore::Target::Volume(volume),
@@ -180,12 +210,49 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => points(&cli.collector, volume, group, checkpoints, limit, json).await,
+        Command::Drill {
+            group,
+            at,
+            latest: _,
+            checkpoint,
+            checks,
+            check_timeout,
+            scratch,
+            keep,
+            report,
+            json,
+        } => {
+            let request = drill::DrillRequest {
+                collector: cli.collector.clone(),
+                group,
+                point: point_of(at, checkpoint)?,
+                checks,
+                check_timeout: Duration::from_secs(check_timeout),
+                scratch,
+                keep,
+                report,
+                json,
+            };
+            drill::run(request, catalog(&cli.collector).await?).await
+        }
         Command::Wait {
             volume,
             until,
             timeout,
         } => wait(&cli.collector, &volume, &until, timeout).await,
     }
+}
+
+/// The point named by `--at TIME` or `--checkpoint NAME`; neither means the latest.
+fn point_of(
+    at: Option<String>,
+    checkpoint: Option<String>,
+) -> anyhow::Result<v1::restore_request::Point> {
+    Ok(match (at, checkpoint) {
+        (Some(at), _) => v1::restore_request::Point::AtTimeNs(timefmt::parse(&at)?),
+        (None, Some(name)) => v1::restore_request::Point::Checkpoint(name),
+        (None, None) => v1::restore_request::Point::Latest(true),
+    })
 }
 
 pub type CatalogClient = v1::catalog_client::CatalogClient<tonic::transport::Channel>;
@@ -340,15 +407,12 @@ async fn points(
             volume: volume.unwrap_or_default(),
             group: group.unwrap_or_default(),
             limit,
+            checkpoints_only,
         })
         .await
         .map_err(|s| anyhow::anyhow!("list points: {}", s.message()))?
         .into_inner();
-    let points: Vec<_> = response
-        .points
-        .iter()
-        .filter(|p| !checkpoints_only || p.kind == "checkpoint")
-        .collect();
+    let points: Vec<_> = response.points.iter().collect();
     if json {
         let rows: Vec<_> = points
             .iter()

@@ -173,6 +173,7 @@ pub async fn run(
             volume: lookup.0,
             group: lookup.1,
             limit: 1,
+            checkpoints_only: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?

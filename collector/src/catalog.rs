@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use tideline_core::store::{self, PointInTime, RestorePlan, Store};
+use tideline_core::store::{self, PointInTime, PointKinds, RestorePlan, Store};
 use tideline_core::{Seq, TimeNs, VolumeName};
 use tideline_proto::v1::{self, restore_request::Point};
 use tideline_proto::volume_name;
@@ -171,7 +171,12 @@ impl v1::catalog_server::Catalog for CatalogService {
             .store
             .group_volumes(&group)
             .ok_or_else(|| Status::not_found(format!("no group {group} at this collector")))?;
-        let points = self.store.points(&group, limit).unwrap_or_default();
+        let kinds = if request.checkpoints_only {
+            PointKinds::CheckpointsOnly
+        } else {
+            PointKinds::FlushesAndCheckpoints
+        };
+        let points = self.store.points(&group, kinds, limit).unwrap_or_default();
         let live = self.live.get(&group);
         Ok(Response::new(v1::ListPointsResponse {
             group: group.to_string(),

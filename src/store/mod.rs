@@ -183,6 +183,13 @@ pub struct IncomingFrame<'a> {
     pub zstd_data: &'a [u8],
 }
 
+/// Which points [`Store::points`] lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PointKinds {
+    FlushesAndCheckpoints,
+    CheckpointsOnly,
+}
+
 /// Which state of a volume to restore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PointInTime {
@@ -1074,13 +1081,22 @@ impl Store {
     }
 
     /// The newest `limit` flush points and checkpoints of `group`, oldest first.
-    pub fn points(&self, group: &GroupName, limit: usize) -> Option<Vec<Record>> {
+    pub fn points(
+        &self,
+        group: &GroupName,
+        kinds: PointKinds,
+        limit: usize,
+    ) -> Option<Vec<Record>> {
         let state = self.read_state();
         let records = &state.groups.get(group)?.records;
         let mut points: Vec<Record> = records
             .iter()
             .rev()
-            .filter(|r| matches!(r.kind, RecordKind::Flush | RecordKind::Checkpoint { .. }))
+            .filter(|r| match r.kind {
+                RecordKind::Checkpoint { .. } => true,
+                RecordKind::Flush => kinds == PointKinds::FlushesAndCheckpoints,
+                _ => false,
+            })
             .take(limit)
             .cloned()
             .collect();

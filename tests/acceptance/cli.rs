@@ -236,6 +236,7 @@ fn volumes_json_lists_each_volume_with_its_group_and_window() {
         volumes: vec![("dba".into(), a), ("dbb".into(), b), ("solo".into(), solo)],
         groups: vec!["db=dba,dbb".into()],
         spool_max_bytes: Some(64 * MIB),
+        ..AgentSpec::default()
     };
     let agent = Agent::start(dir.path(), &collector.url(), spec);
     for v in ["dba", "dbb", "solo"] {

@@ -104,6 +104,8 @@ fn package_of(tool: &str) -> &'static str {
         "qemu-io" | "qemu-img" => "qemu-utils",
         "nbdinfo" | "nbdcopy" => "libnbd-bin",
         "mkfs.ext4" | "e2fsck" => "e2fsprogs",
+        "losetup" | "mount" | "umount" => "util-linux",
+        "pgbench" | "psql" => "postgresql-15",
         _ => "the package providing it",
     }
 }
@@ -119,20 +121,21 @@ fn tool_path(tool: &str) -> Option<PathBuf> {
 /// True when every tool is installed. A missing tool fails the test under `CI=true` (a skip in
 /// CI would hide a regression); elsewhere the test is skipped, loudly.
 pub fn require_tools(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
+    let missing: Vec<String> = tools
         .iter()
-        .copied()
         .filter(|t| tool_path(t).is_none())
+        .map(|t| format!("{t} (apt-get install -y {})", package_of(t)))
         .collect();
+    skip_or_fail(missing)
+}
+
+/// True when nothing is missing. Otherwise panics under `CI=true` and prints a loud SKIPPED
+/// line elsewhere.
+pub fn skip_or_fail(missing: Vec<String>) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let packages: Vec<&str> = missing.iter().map(|t| package_of(t)).collect();
-    let message = format!(
-        "{} not installed (install with apt-get install -y {})",
-        missing.join(", "),
-        packages.join(" ")
-    );
+    let message = format!("missing {}", missing.join(", "));
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{message}; CI=true, so a skip is a failure");
     }
@@ -510,6 +513,22 @@ impl Proc {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// SIGTERM, then waits (bounded) for the exit; panics with the log if it does not exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let Some(mut child) = self.child.take() else {
+            panic!("{} is not running", self.name);
+        };
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = wait_for(
+            &format!("{} to exit after SIGTERM", self.name),
+            STARTUP_TIMEOUT,
+            || child.try_wait().expect("wait for a child"),
+        );
+        status
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -733,6 +752,10 @@ pub struct AgentSpec {
     /// `NAME=VOL1,VOL2` consistency groups.
     pub groups: Vec<String>,
     pub spool_max_bytes: Option<u64>,
+    /// (volume, file) FUSE exports.
+    pub fuse: Vec<(String, PathBuf)>,
+    /// Further arguments, e.g. checkpoint hooks.
+    pub extra_args: Vec<OsString>,
 }
 
 impl AgentSpec {
@@ -799,6 +822,11 @@ impl Agent {
         self.proc.log_text()
     }
 
+    /// SIGTERM (the agent unmounts its FUSE exports), then waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.proc.terminate()
+    }
+
     pub fn nbd(&self, export: &str) -> NbdClient<std::os::unix::net::UnixStream> {
         NbdClient::connect_unix(&self.socket, export)
             .unwrap_or_else(|e| panic!("NBD connect to {export}: {e}"))
@@ -816,6 +844,10 @@ fn spawn_agent(
     for (name, path) in &spec.volumes {
         let mut arg = OsString::from(format!("{name}="));
         arg.push(path);
+        if let Some((_, file)) = spec.fuse.iter().find(|(volume, _)| volume == name) {
+            arg.push(",fuse=");
+            arg.push(file);
+        }
         command.arg("--volume").arg(arg);
     }
     for group in &spec.groups {
@@ -832,6 +864,7 @@ fn spawn_agent(
     if let Some(max) = spec.spool_max_bytes {
         command.arg("--spool-max-bytes").arg(max.to_string());
     }
+    command.args(&spec.extra_args);
     let mut proc = Proc::spawn("agent", command, log, Stdio::null());
     // Serving once a client completes the handshake on the first export.
     let export = &spec.volumes.first().expect("an agent needs a volume").0;

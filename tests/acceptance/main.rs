@@ -1,4 +1,4 @@
-//! Acceptance tests of issue 2: the real `tideline-agent`, `tideline-collector` and `tideline`
+//! Acceptance tests: the real `tideline-agent`, `tideline-collector` and `tideline`
 //! binaries driven by real NBD clients (qemu-io, qemu-img, nbdcopy, nbdinfo) and real gRPC
 //! clients. One test binary; one module per topic; shared machinery in [`harness`].
 //!
@@ -7,11 +7,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+mod kernel;
 
 mod bad_input;
 mod cli;
 mod crash;
 mod moments;
 mod multi_conn;
+mod postgres;
 mod space;
 mod window;
