@@ -574,6 +574,17 @@ impl ExportFs {
         Ok(())
     }
 
+    /// Runs the barrier and answers the kernel: ok, or the errno of what failed (logged).
+    fn barrier_then_reply(&self, operation: &str, reply: ReplyEmpty) {
+        match self.barrier() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "FUSE export: {operation} failed");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
     fn changed(&self) {
         self.changes.fetch_add(1, Ordering::AcqRel);
     }
@@ -833,13 +844,7 @@ impl Filesystem for ExportFs {
         if !writable(fh) || !dirty {
             return reply.ok();
         }
-        match self.barrier() {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::error!(error = %e, "FUSE export: flush on close failed");
-                reply.error(errno(&e))
-            }
-        }
+        self.barrier_then_reply("flush on close", reply);
     }
 
     fn fsync(
@@ -850,13 +855,7 @@ impl Filesystem for ExportFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.barrier() {
-            Ok(()) => reply.ok(),
-            Err(e) => {
-                tracing::error!(error = %e, "FUSE export: fsync failed");
-                reply.error(errno(&e))
-            }
-        }
+        self.barrier_then_reply("fsync", reply);
     }
 
     fn fsyncdir(

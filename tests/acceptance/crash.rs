@@ -68,14 +68,7 @@ fn collector_killed_mid_stream_loses_nothing_acknowledged() {
     const SIZE: u64 = 256 * MIB;
     let mut rig = Rig::new("crashcoll", SIZE);
     let source = rig.path("source.img");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&source).unwrap();
-        for mib in 0..SIZE / MIB {
-            file.write_all(&harness::random_bytes(1000 + mib, MIB as usize))
-                .unwrap();
-        }
-    }
+    harness::random_file(&source, SIZE, 1000);
     let copy = Command::new(harness::tool("nbdcopy"))
         .arg("--flush")
         .arg(&source)
@@ -142,14 +135,7 @@ fn agent_killed_mid_write_leaves_journal_equal_to_volume() {
     const SIZE: u64 = 256 * MIB;
     let mut rig = Rig::new("midwrite", SIZE);
     let source = rig.path("source.img");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&source).unwrap();
-        for mib in 0..SIZE / MIB {
-            file.write_all(&harness::random_bytes(5000 + mib, MIB as usize))
-                .unwrap();
-        }
-    }
+    harness::random_file(&source, SIZE, 5000);
     // Several kills at different points of a stream of 32 MiB writes: each kill has a fair
     // chance of landing between the volume write and the spool append.
     for round in 0..4u64 {

@@ -369,6 +369,15 @@ pub fn images_differ(a: &Path, b: &Path) -> bool {
 // ---- files ---------------------------------------------------------------------------------
 
 /// A sparse file of `len` bytes.
+/// A file of `len` bytes (a multiple of 1 MiB) of seeded random data, 1 MiB seed apart.
+pub fn random_file(path: &Path, len: u64, seed: u64) {
+    let mut file = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    for mib in 0..len / MIB {
+        file.write_all(&random_bytes(seed + mib, MIB as usize))
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+}
+
 pub fn sparse_file(path: &Path, len: u64) {
     File::create(path)
         .and_then(|f| f.set_len(len))
