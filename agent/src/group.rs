@@ -157,23 +157,29 @@ impl Group {
 
     /// FLUSH: the volume's data and every spooled record are durable, and a flush point is
     /// journalled, before this returns.
+    ///
+    /// The dirty map is synced only while it holds marks that are the sole record of acknowledged
+    /// writes (a journal gap or a pending resync); the write-intent marks of journalled changes
+    /// need no durability, and an msync per flush would add a third synchronous write to every
+    /// FLUSH.
     pub fn flush(&self, index: usize) -> Result<(), TapError> {
-        let file = {
+        let (file, name) = {
             let volumes = self.lock();
             let volume = &volumes[index];
-            volume.dirty.flush().map_err(|source| TapError::Io {
-                volume: volume.name.clone(),
-                context: "flush dirty map",
-                source,
-            })?;
-            volume.file.try_clone().map_err(|source| TapError::Io {
-                volume: volume.name.clone(),
-                context: "clone backing file handle",
-                source,
-            })?
+            if volume.in_gap || volume.dirty.resync_pending() {
+                volume
+                    .dirty
+                    .flush()
+                    .map_err(io_error(volume, "flush dirty map"))?;
+            }
+            let file = volume
+                .file
+                .try_clone()
+                .map_err(io_error(volume, "clone backing file handle"))?;
+            (file, volume.name.clone())
         };
         file.sync_data().map_err(|source| TapError::Io {
-            volume: self.lock()[index].name.clone(),
+            volume: name,
             context: "fsync backing volume",
             source,
         })?;
