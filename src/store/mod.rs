@@ -1141,6 +1141,12 @@ impl Store {
         Some(group_info(&state, group, g))
     }
 
+    /// Time of the record at `seq` of `group`, if the journal holds it.
+    pub fn record_time(&self, group: &GroupName, seq: Seq) -> Option<TimeNs> {
+        let state = self.read_state();
+        state.groups.get(group)?.record(seq).map(|r| r.time)
+    }
+
     /// Every group, sorted by name.
     pub fn groups(&self) -> Vec<GroupInfo> {
         let state = self.read_state();
