@@ -47,6 +47,7 @@ pub fn store_status(e: StoreError) -> Status {
         }
         StoreError::SeqGap { .. } => Status::out_of_range(message),
         StoreError::Fenced { by, .. } => tideline_proto::fenced_status(message, by),
+        StoreError::NotPrimary { epoch, .. } => tideline_proto::fenced_status(message, epoch),
         StoreError::StaleEpoch { current, .. } => tideline_proto::fenced_status(message, current),
         StoreError::UnknownVolume { .. } => Status::not_found(message),
         StoreError::NotRestorable { .. } => Status::failed_precondition(message),

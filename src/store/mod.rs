@@ -456,7 +456,7 @@ pub enum StoreError {
         epoch: Epoch,
         by: Epoch,
     },
-    #[error("group {group} is a replica at this site ({epoch}): it is fed by replication from its primary site, and agents must stream it there (or run `tideline failover` here to make this site primary)")]
+    #[error("group {group} is fenced for agents at this site: it is a replica here at {epoch}, fed by replication from its primary site, and agents must stream it there (or run `tideline failover` here to make this site primary)")]
     NotPrimary { group: GroupName, epoch: Epoch },
     #[error("group {group}: refused a replication stream at {offered}, because this site holds the group at {current} ({role}); the sending site is fenced")]
     StaleEpoch {
