@@ -1,4 +1,4 @@
-//! Acceptance tests of issue 2: the real `tideline-agent`, `tideline-collector` and `tideline`
+//! Acceptance tests of issues 2 and 4: the real `tideline-agent`, `tideline-collector` and `tideline`
 //! binaries driven by real NBD clients (qemu-io, qemu-img, nbdcopy, nbdinfo) and real gRPC
 //! clients. One test binary; one module per topic; shared machinery in [`harness`].
 //!
@@ -15,3 +15,4 @@ mod moments;
 mod multi_conn;
 mod space;
 mod window;
+mod replication;
