@@ -205,7 +205,9 @@ impl VolumePaths {
         }
         match &self.dir {
             Some(dir) => Ok(dir.join(format!("{volume}.img"))),
-            None => bail!("no path for volume {volume}: give --volume {volume}=PATH or --volume-dir DIR"),
+            None => bail!(
+                "no path for volume {volume}: give --volume {volume}=PATH or --volume-dir DIR"
+            ),
         }
     }
 }
@@ -226,7 +228,10 @@ pub async fn failback(
         .map_err(|s| anyhow::anyhow!("status of {home_url}: {}", s.message()))?
         .into_inner();
     let Some(held) = home_status.groups.iter().find(|g| g.group == group) else {
-        bail!("site {} ({home_url}) does not hold group {group}", home_status.site);
+        bail!(
+            "site {} ({home_url}) does not hold group {group}",
+            home_status.site
+        );
     };
     if held.role == "primary" {
         bail!(
@@ -382,11 +387,14 @@ async fn apply_delta(
                 }
                 if data_len > 0 {
                     file.write_all_at(&e.data, e.offset_bytes)
-                        .with_context(|| format!("write {} at {}", path.display(), e.offset_bytes))?;
+                        .with_context(|| {
+                            format!("write {} at {}", path.display(), e.offset_bytes)
+                        })?;
                     report.data_bytes += data_len;
                 } else if e.zero_len_bytes > 0 {
-                    zero_range(&file, e.offset_bytes, e.zero_len_bytes)
-                        .with_context(|| format!("zero {} at {}", path.display(), e.offset_bytes))?;
+                    zero_range(&file, e.offset_bytes, e.zero_len_bytes).with_context(|| {
+                        format!("zero {} at {}", path.display(), e.offset_bytes)
+                    })?;
                     report.zero_bytes += e.zero_len_bytes;
                 }
             }

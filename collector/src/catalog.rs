@@ -10,7 +10,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use tideline_core::store::{self, BlockDiff, DiffBase, GroupRole, PointInTime, RestorePlan, Store};
-use tideline_core::{Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
+use tideline_core::{
+    Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+};
 use tideline_proto::v1::{self, restore_request::Point};
 use tideline_proto::volume_name;
 
@@ -345,7 +347,11 @@ impl v1::catalog_server::Catalog for CatalogService {
                 .store
                 .checkpoint_seq(&group, &name)
                 .map(PointInTime::Seq)
-                .ok_or_else(|| Status::not_found(format!("group {group} has no checkpoint named {name:?} here")))?,
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "group {group} has no checkpoint named {name:?} here"
+                    ))
+                })?,
         };
         let epoch = (request.epoch > 0).then_some(Epoch(request.epoch));
         let store = self.store.clone();
@@ -400,7 +406,10 @@ impl v1::catalog_server::Catalog for CatalogService {
                 if replica.durable_seq >= target {
                     break;
                 }
-                if !matches!(tokio::time::timeout_at(deadline, changes.changed()).await, Ok(Ok(()))) {
+                if !matches!(
+                    tokio::time::timeout_at(deadline, changes.changed()).await,
+                    Ok(Ok(()))
+                ) {
                     self.live.set_draining(&group, false);
                     return Err(Status::deadline_exceeded(format!(
                         "the other site holds group {group} only through seq {} of {}; is it reachable? The group's agent may reconnect here",
@@ -546,7 +555,10 @@ fn stream_diff(
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
 ) {
     use v1::restore_message::Msg;
-    let send = |msg: Msg| tx.blocking_send(Ok(v1::RestoreMessage { msg: Some(msg) })).is_ok();
+    let send = |msg: Msg| {
+        tx.blocking_send(Ok(v1::RestoreMessage { msg: Some(msg) }))
+            .is_ok()
+    };
     let header = v1::RestoreHeader {
         size_bytes: diff.size_bytes,
         seq: diff.seq.0,

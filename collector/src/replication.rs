@@ -89,7 +89,9 @@ impl v1::replication_server::Replication for ReplicationService {
                 replica_status(e)
             })?;
         if let Some(before) = before {
-            if before.durable_seq != durable || before.role != tideline_core::store::GroupRole::Replica {
+            if before.durable_seq != durable
+                || before.role != tideline_core::store::GroupRole::Replica
+            {
                 // Joined the sender's timeline: this site's agent (if any) must stop, and
                 // durability restarts from the common prefix.
                 let time = self.store.record_time(&group, durable).unwrap_or_default();
@@ -97,7 +99,10 @@ impl v1::replication_server::Replication for ReplicationService {
                 self.live.kick(
                     &group,
                     tideline_proto::fenced_status(
-                        format!("group {group} is fenced at this site: site {} holds it at {epoch}", hello.site),
+                        format!(
+                            "group {group} is fenced at this site: site {} holds it at {epoch}",
+                            hello.site
+                        ),
                         epoch,
                     ),
                 );
@@ -206,7 +211,8 @@ impl ReplicaStream {
         .map_err(|e| Status::internal(format!("store task failed: {e}")))?
         .map_err(replica_status)?;
         self.live.durable(&self.group, durable, newest_time);
-        self.send(Out::Durable(v1::Durable { seq: durable.0 })).await
+        self.send(Out::Durable(v1::Durable { seq: durable.0 }))
+            .await
     }
 
     async fn send(&self, msg: Out) -> Result<(), Status> {

@@ -162,7 +162,8 @@ struct GroupReplicator {
 impl GroupReplicator {
     async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = BACKOFF_MIN;
-        self.live.replica(&self.group, |r| r.url = self.config.peer_url.clone());
+        self.live
+            .replica(&self.group, |r| r.url = self.config.peer_url.clone());
         loop {
             let end = tokio::select! {
                 end = self.session() => end,
@@ -204,7 +205,9 @@ impl GroupReplicator {
         let (store, group) = (self.store.clone(), self.group.clone());
         match tokio::task::spawn_blocking(move || store.fence(&group, epoch)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(group = %self.group, error = %e, "could not persist the fence"),
+            Ok(Err(e)) => {
+                tracing::error!(group = %self.group, error = %e, "could not persist the fence")
+            }
             Err(e) => tracing::error!(group = %self.group, error = %e, "fence task failed"),
         }
         self.live.kick(
@@ -339,7 +342,12 @@ impl GroupReplicator {
             let records = {
                 let (store, group) = (self.store.clone(), self.group.clone());
                 match tokio::task::spawn_blocking(move || {
-                    store.records_after(&group, next_after, BATCH_MAX_RECORDS, BATCH_MAX_BLOCK_BYTES)
+                    store.records_after(
+                        &group,
+                        next_after,
+                        BATCH_MAX_RECORDS,
+                        BATCH_MAX_BLOCK_BYTES,
+                    )
                 })
                 .await
                 {
@@ -382,7 +390,9 @@ impl GroupReplicator {
             let batch = {
                 let store = self.store.clone();
                 let wanted: Vec<ChunkHash> = missing.iter().map(|&i| chunks[i as usize]).collect();
-                match tokio::task::spawn_blocking(move || build_batch(&store, records, &wanted)).await {
+                match tokio::task::spawn_blocking(move || build_batch(&store, records, &wanted))
+                    .await
+                {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => return End::Failed(e),
                     Err(e) => return End::Failed(e.to_string()),
@@ -417,7 +427,10 @@ impl GroupReplicator {
         }
         loop {
             *query_id += 1;
-            let hashes = chunks.iter().map(|h| Bytes::copy_from_slice(&h.0)).collect();
+            let hashes = chunks
+                .iter()
+                .map(|h| Bytes::copy_from_slice(&h.0))
+                .collect();
             self.send_counted(
                 tx,
                 Out::HaveQuery(v1::HaveQuery {
@@ -444,7 +457,11 @@ impl GroupReplicator {
         }
     }
 
-    async fn send_counted(&self, tx: &mpsc::Sender<v1::ReplicaMessage>, msg: Out) -> Result<(), End> {
+    async fn send_counted(
+        &self,
+        tx: &mpsc::Sender<v1::ReplicaMessage>,
+        msg: Out,
+    ) -> Result<(), End> {
         let message = v1::ReplicaMessage { msg: Some(msg) };
         let bytes = message.encoded_len() as u64;
         tx.send(message)

@@ -305,8 +305,8 @@ impl TryFrom<v1::ReplicaHello> for ReplicaHello {
     type Error = WireError;
 
     fn try_from(hello: v1::ReplicaHello) -> Result<ReplicaHello, WireError> {
-        let site = SiteName::new(hello.site.as_str())
-            .map_err(|e| invalid("hello.site", e.to_string()))?;
+        let site =
+            SiteName::new(hello.site.as_str()).map_err(|e| invalid("hello.site", e.to_string()))?;
         let group = GroupName::new(hello.group.as_str())
             .map_err(|e| invalid("hello.group", e.to_string()))?;
         let history = History(

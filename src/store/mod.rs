@@ -98,10 +98,10 @@ mod pack;
 #[cfg(test)]
 mod tests;
 
+pub use epoch::{Abandoned, EpochStart, GroupRole, History};
 pub use materialise::{
     extents, materialise, plan_data_bytes, Extents, MaterialiseStats, MATERIALISE_EXTENT_BYTES,
 };
-pub use epoch::{Abandoned, EpochStart, GroupRole, History};
 pub use pack::{PackId, PACKS_DIR};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1918,10 +1918,7 @@ fn group_info(state: &State, name: &GroupName, g: &GroupState) -> GroupInfo {
                 })
             })
             .collect(),
-        abandoned: g
-            .abandoned
-            .as_ref()
-            .map(|a| (a.fork, a.tail.len() as u64)),
+        abandoned: g.abandoned.as_ref().map(|a| (a.fork, a.tail.len() as u64)),
     }
 }
 

@@ -692,7 +692,9 @@ impl Collector {
         self.proc.kill9();
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if let Some(proc) = spawn_collector_with(&self.data_dir, self.addr, &self.log, &self.extra) {
+            if let Some(proc) =
+                spawn_collector_with(&self.data_dir, self.addr, &self.log, &self.extra)
+            {
                 self.proc = proc;
                 return;
             }
@@ -895,7 +897,9 @@ impl Agent {
     /// Waits (bounded) for the agent to exit by itself; its exit status.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.proc.child.as_mut().expect("agent was started");
-        wait_for("the agent to exit", timeout, || child.try_wait().ok().flatten())
+        wait_for("the agent to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        })
     }
 
     /// Starts an agent without waiting for it to serve NBD (it may exit at once).

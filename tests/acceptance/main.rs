@@ -13,6 +13,6 @@ mod cli;
 mod crash;
 mod moments;
 mod multi_conn;
+mod replication;
 mod space;
 mod window;
-mod replication;

@@ -181,7 +181,15 @@ fn a_drill_at_b_while_a_replicates_succeeds_and_replication_keeps_going() {
     let drill = std::thread::spawn(move || {
         harness::tideline(
             &b_url,
-            &["restore", "--group", "drill", "--at", &at_drill, "--out-dir", drill_dir2.to_str().unwrap()],
+            &[
+                "restore",
+                "--group",
+                "drill",
+                "--at",
+                &at_drill,
+                "--out-dir",
+                drill_dir2.to_str().unwrap(),
+            ],
         )
     });
     let before = durable_seq(&b, "drill");
@@ -193,7 +201,10 @@ fn a_drill_at_b_while_a_replicates_succeeds_and_replication_keeps_going() {
     assert!(output.success(), "drill restore at B: {output}");
     harness::assert_same_image(&drill_dir.join("drill.img"), &expected, "drill at site B");
     let caught_up = wait_caught_up(&a, &b, "drill");
-    assert!(caught_up > before, "replication did not progress during the drill");
+    assert!(
+        caught_up > before,
+        "replication did not progress during the drill"
+    );
     harness::wait_durable(&b.url(), "drill", &harness::now_rfc3339());
     let latest = dir.path().join("latest.img");
     restore_at(&b.url(), "drill", None, &latest);
@@ -238,8 +249,15 @@ fn kill9_of_either_site_mid_stream_then_every_record_arrives_once() {
         (s.unique_chunk_bytes >= 16 * MIB).then_some(s.unique_chunk_bytes)
     });
     b.kill9();
-    println!("FIGURE killed B holding {} MiB of {} MiB", at_b / MIB, SIZE / MIB);
-    assert!(at_b < SIZE, "B held everything before it was killed: not mid-stream");
+    println!(
+        "FIGURE killed B holding {} MiB of {} MiB",
+        at_b / MIB,
+        SIZE / MIB
+    );
+    assert!(
+        at_b < SIZE,
+        "B held everything before it was killed: not mid-stream"
+    );
     harness::wait_for("A to get ahead", STARTUP_TIMEOUT, || {
         (a.stats().unique_chunk_bytes >= at_b + 16 * MIB).then_some(())
     });
@@ -265,7 +283,11 @@ fn kill9_of_either_site_mid_stream_then_every_record_arrives_once() {
     // Exactly once: the same records (seq and agent time of every flush point), the same
     // chunks, the same image.
     assert_eq!(a.points("crash"), b.points("crash"), "flush points differ");
-    assert_eq!(a.stats().chunk_count, b.stats().chunk_count, "chunk counts differ");
+    assert_eq!(
+        a.stats().chunk_count,
+        b.stats().chunk_count,
+        "chunk counts differ"
+    );
     let restored = dir.path().join("restored.img");
     restore_at(&b.url(), "crash", None, &restored);
     harness::assert_same_image(&restored, &source, "latest at B after both crashes");
@@ -402,7 +424,14 @@ fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
     let failover_dir = dir.path().join("site-b");
     let output = harness::tideline(
         &b.url(),
-        &["failover", "--group", "app", "--latest", "--out-dir", failover_dir.to_str().unwrap()],
+        &[
+            "failover",
+            "--group",
+            "app",
+            "--latest",
+            "--out-dir",
+            failover_dir.to_str().unwrap(),
+        ],
     );
     assert!(output.success(), "failover: {output}");
     println!("{}", output.stdout);
@@ -418,23 +447,37 @@ fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
 
     // A and its agent come back: both are fenced, and nothing from them reaches B.
     a.restart();
-    harness::wait_for("A to learn it no longer holds group app", STARTUP_TIMEOUT, || {
-        let g = a.group_status("app")?;
-        (g.role != "primary").then_some(())
-    });
+    harness::wait_for(
+        "A to learn it no longer holds group app",
+        STARTUP_TIMEOUT,
+        || {
+            let g = a.group_status("app")?;
+            (g.role != "primary").then_some(())
+        },
+    );
     let mut agent_a = Agent::spawn_only(&site_a, &a.url(), spec);
     let exit = agent_a.wait_exit(STARTUP_TIMEOUT);
     let log = agent_a.log_text();
-    assert_eq!(exit.code(), Some(3), "fenced agent's exit status; log:\n{log}");
+    assert_eq!(
+        exit.code(),
+        Some(3),
+        "fenced agent's exit status; log:\n{log}"
+    );
     assert!(
         log.contains("FENCED") && log.contains("group app") && log.contains("epoch 2"),
         "the agent's log does not say clearly that group app is fenced at epoch 2:\n{log}"
     );
     println!(
         "FIGURE fenced agent at A exited with status 3: {}",
-        log.lines().find(|l| l.contains("FENCED")).unwrap_or_default()
+        log.lines()
+            .find(|l| l.contains("FENCED"))
+            .unwrap_or_default()
     );
-    assert_eq!(durable_seq(&b, "app"), seq_at_failover, "something from A reached B");
+    assert_eq!(
+        durable_seq(&b, "app"),
+        seq_at_failover,
+        "something from A reached B"
+    );
     assert!(
         a.log_text().contains("fenced"),
         "site A's log does not say it is fenced"
@@ -466,23 +509,47 @@ fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
     assert_eq!(status_a.role, "replica", "A after joining B's timeline");
     assert!(status_a.abandoned_records > 0, "A set nothing aside");
 
+    let reverse = b
+        .group_status("app")
+        .unwrap()
+        .replicas
+        .first()
+        .map_or(0, |r| r.bytes_sent);
+
     // Failback: only the blocks that differ travel into A's own volume.
     let output = harness::tideline(
         &a.url(),
-        &["failback", "--group", "app", "--from", &b.url(), "--volume-dir", site_a.to_str().unwrap()],
+        &[
+            "failback",
+            "--group",
+            "app",
+            "--from",
+            &b.url(),
+            "--volume-dir",
+            site_a.to_str().unwrap(),
+        ],
     );
     assert!(output.success(), "failback: {output}");
     println!("{}", output.stdout);
     let shipped = shipped_bytes(&output.stdout);
     let rolled_back = MIB; // round 3, written at A after the fork
     let changed = changed_at_b + rolled_back;
-    let reverse = b.group_status("app").unwrap().replicas.first().map_or(0, |r| r.bytes_sent);
     println!(
         "FIGURE failback shipped {shipped} bytes for {changed} changed bytes ({changed_at_b} written at B, {rolled_back} rolled back at A); reverse replication B->A sent {reverse} bytes; volume size {SIZE}"
     );
-    assert!(shipped >= changed_at_b, "failback shipped less than what changed");
-    assert!(shipped <= 3 * changed, "failback shipped {shipped} bytes for {changed} changed");
-    assert!(reverse <= 3 * changed, "reverse replication sent {reverse} bytes for {changed} changed");
+    assert!(
+        shipped >= changed_at_b,
+        "failback shipped less than what changed"
+    );
+    assert!(
+        shipped <= 3 * changed,
+        "failback shipped {shipped} bytes for {changed} changed"
+    );
+    assert!(reverse > 0, "no reverse replication was measured");
+    assert!(
+        reverse <= 3 * changed,
+        "reverse replication sent {reverse} bytes for {changed} changed"
+    );
 
     harness::assert_same_image(&volume_a, &failed_over, "A's volume after failback");
     let latest_a = dir.path().join("latest-at-a.img");
