@@ -16,8 +16,11 @@
 //! A pack entry body is `u16 n | n x 32-byte hash | zstd bytes`. A new pack is started when
 //! appending a frame would take the current one past `pack_target_bytes` (a single larger frame
 //! still gets a pack of its own). The catalog holds `GroupRegistered {group, spool_id,
-//! volumes}` and `Batch {group, frames, new chunk locations (hash, pack, frame offset, frame
-//! length, index in frame), records}` entries, each with a 1-byte tag and a 1-byte version.
+//! seq_base, spool_epoch, volumes}`, `Batch {group, frames, new chunk locations (hash, pack,
+//! frame offset, frame length, index in frame), records}` and `GroupControl {group, role,
+//! epoch history, keep_through}` entries, each with a 1-byte tag and a 1-byte version. A
+//! `GroupControl` is how a group's epoch and role change (failover, fencing, joining another
+//! site's timeline); see [`GroupRole`] and [`History`] for why two sites never both accept writes.
 //!
 //! # Durability protocol (ingest)
 //!
