@@ -20,7 +20,8 @@
 //! frame offset, frame length, index in frame), records}` and `GroupControl {group, role,
 //! epoch history, keep_through}` entries, each with a 1-byte tag and a 1-byte version. A
 //! `GroupControl` is how a group's epoch and role change (failover, fencing, joining another
-//! site's timeline); see [`GroupRole`] and [`History`] for why two sites never both accept writes.
+//! site's timeline); see [`GroupRole`] and [`History`] for why two sites never both accept
+//! writes.
 //!
 //! # Durability protocol (ingest)
 //!
