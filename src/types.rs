@@ -24,6 +24,26 @@ impl fmt::Display for Seq {
     }
 }
 
+/// Generation of a consistency group's authority. Exactly one site accepts an agent's writes
+/// for a group at a given epoch; a failover or a failback raises it, and a site that meets a
+/// higher epoch than its own stops accepting the group's writes (it is *fenced*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
+impl Epoch {
+    /// The epoch of every group before its first failover.
+    pub const FIRST: Epoch = Epoch(1);
+    pub fn next(self) -> Epoch {
+        Epoch(self.0.saturating_add(1))
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "epoch {}", self.0)
+    }
+}
+
 /// Wall-clock time in nanoseconds since the Unix epoch (UTC), as stamped by an agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct TimeNs(pub i64);
@@ -148,6 +168,11 @@ name_type!(
     /// Name of a consistency group: volumes sharing one journal order.
     GroupName,
     "group"
+);
+name_type!(
+    /// Name of a site (a collector and what it protects), as given by `--site`.
+    SiteName,
+    "site"
 );
 name_type!(
     /// Name of a checkpoint: a named point in a group's journal.

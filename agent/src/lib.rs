@@ -32,6 +32,16 @@ use tideline_core::spool::{Spool, SpoolConfig, SpoolOp};
 use tideline_core::BLOCK_SIZE_BYTES;
 use tideline_proto::v1;
 
+/// Exit status of `tideline-agent` when a group it protects is fenced: another site took the
+/// group over (failover), so this agent must not go on shipping its writes. Restarting it will
+/// not help; for systemd, `RestartPreventExitStatus=3`.
+pub const EXIT_FENCED: u8 = 3;
+
+/// [`run`] ended because the collector fenced a group: its message names group and epoch.
+#[derive(Debug, thiserror::Error)]
+#[error("fenced: {0}")]
+pub struct Fenced(pub String);
+
 /// Where the agent serves NBD. Bound by the caller, so tests can use port 0 and temp sockets.
 #[derive(Default)]
 pub struct Listeners {
@@ -81,6 +91,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (fenced_tx, mut fenced_rx) = tokio::sync::mpsc::channel::<String>(4);
     let mut exports: Vec<(String, Arc<dyn nbd::BlockExport>)> = Vec::new();
     let mut tasks = Vec::new();
     let mut threads = Vec::new();
@@ -108,6 +119,7 @@ pub async fn run(
             collector_url: config.collector_url.clone(),
             agent_id: config.agent_id.clone(),
             hooks: config.hooks.clone(),
+            on_fenced: fenced_tx.clone(),
         };
         tasks.push(tokio::spawn(shipper::run(
             group.clone(),
@@ -145,7 +157,10 @@ pub async fn run(
         }));
     }
     tracing::info!(groups = groups.len(), "agent serving");
-    shutdown.await;
+    let fenced = tokio::select! {
+        _ = shutdown => None,
+        Some(message) = fenced_rx.recv() => Some(message),
+    };
     tracing::info!("agent shutting down");
     // FUSE exports first, while everything behind them still runs (a busy one is detached).
     let unmounted = tokio::task::spawn_blocking(move || {
@@ -174,7 +189,10 @@ pub async fn run(
             .sync()
             .with_context(|| format!("sync spool of group {}", group.name))?;
     }
-    Ok(())
+    match fenced {
+        Some(message) => Err(Fenced(message).into()),
+        None => Ok(()),
+    }
 }
 
 fn volume_infos(group: &Group) -> Vec<v1::VolumeInfo> {

@@ -10,6 +10,12 @@
 //! After a disconnect the shipper reconnects with capped exponential backoff and resumes after
 //! the collector's durable seq; the collector skips records it already has, so nothing is lost
 //! or applied twice.
+//!
+//! Fencing: when the collector refuses the stream with FAILED_PRECONDITION and the
+//! `tideline-fenced-epoch` trailer, another site holds the group at a newer epoch (a failover
+//! happened). Shipping would be split brain, so the shipper stops for good, logs the collector's
+//! message, and reports it on `ShipperConfig::on_fenced`; the agent then shuts down and exits
+//! with [`crate::EXIT_FENCED`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -41,6 +47,8 @@ pub struct ShipperConfig {
     pub collector_url: String,
     pub agent_id: String,
     pub hooks: crate::checkpoint::Hooks,
+    /// Where to report that the group is fenced (the collector's message).
+    pub on_fenced: mpsc::Sender<String>,
 }
 
 /// What the shipper reports about itself.
@@ -49,6 +57,8 @@ pub struct ShipperStatus {
     pub connected: bool,
     pub durable_seq: Seq,
     pub last_error: Option<String>,
+    /// Set once the collector said another site holds the group: shipping has stopped.
+    pub fenced: Option<String>,
 }
 
 /// Records and the unique non-zero chunks they name, ready to query and send.
@@ -69,12 +79,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    let fenced: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     loop {
         let session = Session {
             group: group.clone(),
             volumes: volumes.clone(),
             config: config.clone(),
             status: status.clone(),
+            fenced: fenced.clone(),
         };
         let result = tokio::select! {
             r = session.run() => r,
@@ -84,6 +96,17 @@ pub async fn run(
             Ok(()) => "collector closed the stream".to_owned(),
             Err(e) => e,
         };
+        let fence = fenced.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(fence) = fence {
+            tracing::error!(group = %group.name, message = %fence, "FENCED: the collector says another site holds this group at a newer epoch; this agent stops shipping it (its volumes' later writes are not protected)");
+            status.send_modify(|s| {
+                s.connected = false;
+                s.fenced = Some(fence.clone());
+                s.last_error = Some(fence.clone());
+            });
+            let _ = config.on_fenced.send(fence).await;
+            return;
+        }
         tracing::warn!(group = %group.name, error = %message, retry_in_ms = backoff.as_millis() as u64, "journal stream to collector ended");
         status.send_modify(|s| {
             s.connected = false;
@@ -105,6 +128,14 @@ struct Session {
     volumes: Vec<v1::VolumeInfo>,
     config: ShipperConfig,
     status: watch::Sender<ShipperStatus>,
+    fenced: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Remembers a refusal that says the group is fenced.
+fn note_fenced(slot: &std::sync::Mutex<Option<String>>, status: &tonic::Status) {
+    if tideline_proto::fenced_epoch(status).is_some() {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.message().to_owned());
+    }
 }
 
 type SessionResult = Result<(), String>;
@@ -133,14 +164,20 @@ impl Session {
         let mut inbound = client
             .journal(ReceiverStream::new(rx))
             .await
-            .map_err(|s| format!("open journal stream: {}", s.message()))?
+            .map_err(|s| {
+                note_fenced(&self.fenced, &s);
+                format!("open journal stream: {}", s.message())
+            })?
             .into_inner();
         let durable = match inbound.message().await {
             Ok(Some(v1::CollectorMessage {
                 msg: Some(In::Welcome(w)),
             })) => Seq(w.durable_seq),
             Ok(_) => return Err("collector did not answer Hello with Welcome".into()),
-            Err(s) => return Err(format!("collector refused the group: {}", s.message())),
+            Err(s) => {
+                note_fenced(&self.fenced, &s);
+                return Err(format!("collector refused the group: {}", s.message()));
+            }
         };
         tracing::info!(group = %self.group.name, durable = durable.0, "journal stream open");
         self.release(durable).await?;
@@ -158,7 +195,13 @@ impl Session {
         };
         // Aborted when this session ends for any reason, including being dropped at shutdown,
         // so no task keeps the stream (or its outbound sender) open.
-        let _receiver = AbortOnDrop(tokio::spawn(receive(inbound, reply_tx, durable_tx, orders)));
+        let _receiver = AbortOnDrop(tokio::spawn(receive(
+            inbound,
+            reply_tx,
+            durable_tx,
+            orders,
+            self.fenced.clone(),
+        )));
         self.pump(durable, &tx, reply_rx, durable_rx).await
     }
 
@@ -353,6 +396,7 @@ async fn receive(
     replies: mpsc::Sender<Vec<u32>>,
     durable: watch::Sender<Seq>,
     orders: Orders,
+    fenced: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     loop {
         match inbound.message().await {
@@ -375,6 +419,7 @@ async fn receive(
             Ok(None) => return,
             Err(status) => {
                 tracing::error!(code = ?status.code(), message = status.message(), "collector rejected the journal stream");
+                note_fenced(&fenced, &status);
                 return;
             }
         }

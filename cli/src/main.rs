@@ -3,6 +3,7 @@
 mod demo;
 mod drill;
 mod restore;
+mod site;
 mod timefmt;
 
 use std::path::PathBuf;
@@ -140,6 +141,51 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         timeout: f64,
     },
+    /// This site's groups: role, epoch, newest durable time and lag, and each replica's.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the collector's site primary for a group (raising its epoch, which fences the other
+    /// site) and materialise the group's volumes there.
+    #[command(group(clap::ArgGroup::new("when").args(["at", "latest", "checkpoint"])))]
+    Failover {
+        #[arg(long)]
+        group: String,
+        /// RFC 3339 time: continue the group from the newest record at or before it.
+        #[arg(long)]
+        at: Option<String>,
+        /// The newest durable point here (the default).
+        #[arg(long)]
+        latest: bool,
+        /// A named checkpoint.
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Write every volume of the group at the failover point as DIR/VOLUME.img.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Overwrite existing images.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Bring a group home to the collector's site from the site that took it over: only blocks
+    /// that differ are written into the home site's volumes.
+    Failback {
+        #[arg(long)]
+        group: String,
+        /// Collector of the site that holds the group now.
+        #[arg(long)]
+        from: String,
+        /// Home-site copy of a volume, NAME=PATH (repeatable).
+        #[arg(long = "volume", value_name = "NAME=PATH")]
+        volume: Vec<String>,
+        /// Directory holding the home-site copies as VOLUME.img.
+        #[arg(long)]
+        volume_dir: Option<PathBuf>,
+        /// Longest wait for the home site to catch up, in seconds.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+    },
     /// Run the whole pipeline in one process on a temporary directory and verify every restore.
     Demo,
 }
@@ -174,6 +220,44 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo => demo::run().await,
+        Command::Status { json } => site::status(&cli.collector, json).await,
+        Command::Failover {
+            group,
+            at,
+            latest: _,
+            checkpoint,
+            out_dir,
+            force,
+        } => {
+            use v1::failover_request::Point;
+            let point = match (at, checkpoint) {
+                (Some(at), _) => Point::AtTimeNs(timefmt::parse(&at)?),
+                (None, Some(name)) => Point::Checkpoint(name),
+                (None, None) => Point::Latest(true),
+            };
+            site::failover(&cli.collector, &group, point, out_dir, force).await
+        }
+        Command::Failback {
+            group,
+            from,
+            volume,
+            volume_dir,
+            timeout,
+        } => {
+            let explicit = volume
+                .iter()
+                .map(|v| {
+                    v.split_once('=')
+                        .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
+                        .with_context(|| format!("--volume {v:?}: expected NAME=PATH"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let paths = site::VolumePaths {
+                explicit,
+                dir: volume_dir,
+            };
+            site::failback(&cli.collector, &from, &group, paths, timeout).await
+        }
         Command::Volumes { json } => volumes(&cli.collector, json).await,
         Command::Restore {
             volume,
@@ -290,6 +374,7 @@ async fn volumes(url: &str, json: bool) -> anyhow::Result<ExitCode> {
                     "newest": (v.newest_ns > 0).then(|| timefmt::format(v.newest_ns)),
                     "oldest_ns": v.oldest_ns, "newest_ns": v.newest_ns,
                     "durable_seq": v.durable_seq, "lag_ms": v.lag_ms, "complete": v.complete,
+                    "site": v.site, "role": v.role, "epoch": v.epoch,
                 })
             })
             .collect();
@@ -297,8 +382,8 @@ async fn volumes(url: &str, json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<16} {:<16} {:>10}  {:<31} {:<31} {:>9}",
-        "VOLUME", "GROUP", "SIZE", "OLDEST", "NEWEST", "LAG"
+        "{:<16} {:<16} {:>10}  {:<31} {:<31} {:>9}  {:<8} {:<8} EPOCH",
+        "VOLUME", "GROUP", "SIZE", "OLDEST", "NEWEST", "LAG", "SITE", "ROLE"
     );
     for v in &list.volumes {
         let window = |ns: i64| {
@@ -314,13 +399,16 @@ async fn volumes(url: &str, json: bool) -> anyhow::Result<ExitCode> {
             "(baseline running)".into()
         };
         println!(
-            "{:<16} {:<16} {:>10}  {:<31} {:<31} {:>7}ms",
+            "{:<16} {:<16} {:>10}  {:<31} {:<31} {:>7}ms  {:<8} {:<8} {}",
             v.name,
             v.group,
             human_bytes(v.size_bytes),
             window(v.oldest_ns),
             newest,
-            v.lag_ms
+            v.lag_ms,
+            v.site,
+            v.role,
+            v.epoch
         );
     }
     Ok(ExitCode::SUCCESS)

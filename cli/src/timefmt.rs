@@ -17,3 +17,7 @@ pub fn format(ns: i64) -> String {
         .and_then(|t| t.format(&Rfc3339).ok())
         .unwrap_or_else(|| format!("{ns} ns"))
 }
+
+pub fn now_ns() -> i64 {
+    tideline_core::TimeNs::now().0
+}

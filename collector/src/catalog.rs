@@ -1,4 +1,6 @@
-//! The Catalog service: list volumes, wait for durability, restore a point in time.
+//! The Catalog service: list volumes, wait for durability, restore a point in time, and the
+//! operator's side of a second site: status with lag per site, failover, handover (the first
+//! half of a failback) and delta restores (its second half).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +9,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use tideline_core::store::{self, PointInTime, PointKinds, RestorePlan, Store};
-use tideline_core::{Seq, TimeNs, VolumeName};
+use tideline_core::store::{
+    self, BlockDiff, DiffBase, GroupRole, PointInTime, PointKinds, RestorePlan, Store,
+};
+use tideline_core::{
+    Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+};
 use tideline_proto::v1::{self, restore_request::Point};
 use tideline_proto::volume_name;
 
@@ -24,11 +30,27 @@ const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub struct CatalogService {
     store: Arc<Store>,
     live: Arc<Live>,
+    site: SiteName,
+    replicate_to: Option<String>,
 }
 
 impl CatalogService {
-    pub fn new(store: Arc<Store>, live: Arc<Live>) -> CatalogService {
-        CatalogService { store, live }
+    pub fn new(
+        store: Arc<Store>,
+        live: Arc<Live>,
+        site: SiteName,
+        replicate_to: Option<String>,
+    ) -> CatalogService {
+        CatalogService {
+            store,
+            live,
+            site,
+            replicate_to,
+        }
+    }
+
+    fn group(name: &str) -> Result<GroupName, Status> {
+        GroupName::new(name).map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
     fn group_of(&self, volume: &VolumeName) -> Result<tideline_core::GroupName, Status> {
@@ -80,9 +102,19 @@ impl v1::catalog_server::Catalog for CatalogService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let now = TimeNs::now();
+        let groups: std::collections::HashMap<GroupName, (GroupRole, Epoch)> = self
+            .store
+            .groups()
+            .into_iter()
+            .map(|g| (g.name, (g.role, g.epoch)))
+            .collect();
         let volumes = summaries
             .into_iter()
             .map(|v| {
+                let (role, epoch) = groups
+                    .get(&v.group)
+                    .copied()
+                    .unwrap_or((GroupRole::Primary, Epoch::FIRST));
                 let live = self.live.get(&v.group);
                 let (oldest, newest) = match v.window {
                     Some((oldest, newest)) if v.complete => {
@@ -110,6 +142,9 @@ impl v1::catalog_server::Catalog for CatalogService {
                     },
                     complete: v.complete,
                     stored_chunk_bytes: 0,
+                    site: self.site.to_string(),
+                    role: role.name().to_owned(),
+                    epoch: epoch.0,
                 }
             })
             .collect();
@@ -248,6 +283,196 @@ impl v1::catalog_server::Catalog for CatalogService {
         }))
     }
 
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let store = self.store.clone();
+        let groups = tokio::task::spawn_blocking(move || store.groups())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let now = TimeNs::now();
+        let lag = |t: TimeNs| if t.0 > 0 { t.ms_until(now) } else { 0 };
+        let groups = groups
+            .into_iter()
+            .map(|g| {
+                let live = self.live.get(&g.name);
+                let replicas = match (g.role, self.live.replica_status(&g.name)) {
+                    (GroupRole::Primary, Some(r)) => vec![v1::ReplicaStatus {
+                        site: r.site,
+                        url: r.url,
+                        connected: r.connected,
+                        durable_seq: r.durable_seq.0,
+                        durable_through_ns: r.durable_through.0,
+                        lag_ms: lag(r.durable_through),
+                        bytes_sent: r.bytes_sent,
+                        chunk_bytes_sent: r.chunk_bytes_sent,
+                        chunks_sent: r.chunks_sent,
+                        records_sent: r.records_sent,
+                        last_error: r.last_error.unwrap_or_default(),
+                    }],
+                    _ => Vec::new(),
+                };
+                v1::GroupStatus {
+                    group: g.name.to_string(),
+                    volumes: g.volumes.iter().map(|v| v.name.to_string()).collect(),
+                    role: g.role.name().to_owned(),
+                    epoch: g.epoch.0,
+                    fenced_by: match g.role {
+                        GroupRole::Fenced { by } => by.0,
+                        _ => 0,
+                    },
+                    durable_seq: g.durable_seq.0,
+                    durable_through_ns: live.durable_through.0,
+                    lag_ms: lag(live.durable_through),
+                    fork_seq: g.abandoned.map_or(0, |a| a.0 .0),
+                    abandoned_records: g.abandoned.map_or(0, |a| a.1),
+                    replicas,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::StatusResponse {
+            site: self.site.to_string(),
+            replicate_to: self.replicate_to.clone().unwrap_or_default(),
+            now_ns: now.0,
+            groups,
+        }))
+    }
+
+    async fn failover(
+        &self,
+        request: Request<v1::FailoverRequest>,
+    ) -> Result<Response<v1::FailoverResponse>, Status> {
+        use v1::failover_request::Point as F;
+        let request = request.into_inner();
+        let group = Self::group(&request.group)?;
+        let point = match request.point {
+            None | Some(F::Latest(_)) => PointInTime::Latest,
+            Some(F::AtSeq(seq)) => PointInTime::Seq(Seq(seq)),
+            Some(F::AtTimeNs(t)) => PointInTime::Time(TimeNs(t)),
+            Some(F::Checkpoint(name)) => self
+                .store
+                .checkpoint_seq(&group, &name)
+                .map(PointInTime::Seq)
+                .ok_or_else(|| {
+                    Status::not_found(format!(
+                        "group {group} has no checkpoint named {name:?} here"
+                    ))
+                })?,
+        };
+        let epoch = (request.epoch > 0).then_some(Epoch(request.epoch));
+        let store = self.store.clone();
+        let g = group.clone();
+        let result = tokio::task::spawn_blocking(move || store.take_over(&g, point, epoch))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        if result.dropped_records > 0 {
+            self.live.reset(&group, result.seq, result.time);
+        }
+        let volumes = self.store.group_volumes(&group).unwrap_or_default();
+        Ok(Response::new(v1::FailoverResponse {
+            epoch: result.epoch.0,
+            seq: result.seq.0,
+            time_ns: result.time.0,
+            dropped_records: result.dropped_records,
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        }))
+    }
+
+    async fn handover(
+        &self,
+        request: Request<v1::HandoverRequest>,
+    ) -> Result<Response<v1::HandoverResponse>, Status> {
+        let request = request.into_inner();
+        let group = Self::group(&request.group)?;
+        let info = self
+            .store
+            .group_info(&group)
+            .ok_or_else(|| Status::not_found(format!("no group {group} at this collector")))?;
+        if self.replicate_to.is_none() && info.role == GroupRole::Primary {
+            return Err(Status::failed_precondition(format!(
+                "this collector replicates nowhere (no --replicate-to), so no other site holds group {group}"
+            )));
+        }
+        let timeout = Duration::from_millis(if request.timeout_ms == 0 {
+            60_000
+        } else {
+            request.timeout_ms
+        })
+        .min(MAX_WAIT);
+        if info.role == GroupRole::Primary {
+            self.live.set_draining(&group, true);
+            self.live
+                .kick(&group, crate::ingest::draining_status(&group));
+            let target = self.store.durable_seq(&group).unwrap_or_default();
+            let mut changes = self.live.subscribe();
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let replica = self.live.replica_status(&group).unwrap_or_default();
+                if replica.durable_seq >= target {
+                    break;
+                }
+                if !matches!(
+                    tokio::time::timeout_at(deadline, changes.changed()).await,
+                    Ok(Ok(()))
+                ) {
+                    self.live.set_draining(&group, false);
+                    return Err(Status::deadline_exceeded(format!(
+                        "the other site holds group {group} only through seq {} of {}; is it reachable? The group's agent may reconnect here",
+                        replica.durable_seq.0, target.0
+                    )));
+                }
+            }
+        }
+        let store = self.store.clone();
+        let g = group.clone();
+        let result = tokio::task::spawn_blocking(move || store.hand_over(&g))
+            .await
+            .map_err(|e| Status::internal(e.to_string()));
+        self.live.set_draining(&group, false);
+        let (epoch, seq) = result?.map_err(store_status)?;
+        let site = self
+            .live
+            .replica_status(&group)
+            .map(|r| r.site)
+            .unwrap_or_default();
+        Ok(Response::new(v1::HandoverResponse {
+            epoch: epoch.0,
+            seq: seq.0,
+            site,
+        }))
+    }
+
+    type RestoreDeltaStream = ReceiverStream<Result<v1::RestoreMessage, Status>>;
+
+    async fn restore_delta(
+        &self,
+        request: Request<v1::RestoreDeltaRequest>,
+    ) -> Result<Response<Self::RestoreDeltaStream>, Status> {
+        use v1::restore_delta_request::{Base, Point as P};
+        let request = request.into_inner();
+        let volume = volume_name("volume", &request.volume)?;
+        let base = match request.base {
+            Some(Base::BaseSeq(seq)) => DiffBase::Seq(Seq(seq)),
+            Some(Base::BaseAbandoned(_)) | None => DiffBase::Abandoned,
+        };
+        let point = match request.point {
+            None | Some(P::Latest(_)) => PointInTime::Latest,
+            Some(P::AtSeq(seq)) => PointInTime::Seq(Seq(seq)),
+            Some(P::AtTimeNs(t)) => self.point(&volume, Some(Point::AtTimeNs(t)))?,
+        };
+        let store = self.store.clone();
+        let diff = tokio::task::spawn_blocking(move || store.diff(&volume, base, point))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(store_status)?;
+        let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || stream_diff(&store, &diff, &tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     type RestoreStream = ReceiverStream<Result<v1::RestoreMessage, Status>>;
 
     async fn restore(
@@ -298,6 +523,7 @@ fn stream_plan(
         size_bytes: plan.size_bytes,
         seq: plan.seq.0,
         time_ns: plan.time.0,
+        changed_blocks: 0,
     };
     if tx
         .blocking_send(Ok(v1::RestoreMessage {
@@ -313,6 +539,7 @@ fn stream_plan(
                 msg: Some(Msg::Extent(v1::Extent {
                     offset_bytes,
                     data: data.into(),
+                    zero_len_bytes: 0,
                 })),
             }),
             Err(e) => {
@@ -324,5 +551,79 @@ fn stream_plan(
         if tx.blocking_send(message).is_err() || failed {
             return;
         }
+    }
+}
+
+/// Sends the header and the changed blocks of `diff` in offset order: runs of blocks with data
+/// as data extents (each block verified), runs of zero blocks as zero extents.
+fn stream_diff(
+    store: &Store,
+    diff: &BlockDiff,
+    tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
+) {
+    use v1::restore_message::Msg;
+    let send = |msg: Msg| {
+        tx.blocking_send(Ok(v1::RestoreMessage { msg: Some(msg) }))
+            .is_ok()
+    };
+    let header = v1::RestoreHeader {
+        size_bytes: diff.size_bytes,
+        seq: diff.seq.0,
+        time_ns: diff.time.0,
+        changed_blocks: diff.changes.len() as u64,
+    };
+    if !send(Msg::Header(header)) {
+        return;
+    }
+    let max_run = (RESTORE_EXTENT_BYTES / BLOCK_SIZE) as u64;
+    let mut i = 0;
+    while i < diff.changes.len() {
+        let (first, content) = diff.changes[i];
+        let zero = content.is_none();
+        let mut j = i + 1;
+        while j < diff.changes.len()
+            && diff.changes[j].0 .0 == first.0 + (j - i) as u64
+            && diff.changes[j].1.is_none() == zero
+            && ((j - i) as u64) < max_run
+        {
+            j += 1;
+        }
+        let offset_bytes = first.offset_bytes();
+        let extent = if zero {
+            let len = (j - i) as u64 * BLOCK_SIZE_BYTES;
+            v1::Extent {
+                offset_bytes,
+                data: Default::default(),
+                zero_len_bytes: len.min(diff.size_bytes - offset_bytes),
+            }
+        } else {
+            let mut data = Vec::with_capacity((j - i) * BLOCK_SIZE);
+            for (block, hash) in &diff.changes[i..j] {
+                let Some(hash) = hash else { continue };
+                match store.read_chunk(hash) {
+                    Ok(bytes) => data.extend_from_slice(&bytes),
+                    Err(e) => {
+                        let message = format!(
+                            "volume {}: block at offset {}: {e}",
+                            diff.volume,
+                            block.offset_bytes()
+                        );
+                        tracing::error!(%message, "delta restore failed");
+                        let _ = tx.blocking_send(Err(Status::data_loss(message)));
+                        return;
+                    }
+                }
+            }
+            data.truncate((diff.size_bytes - offset_bytes) as usize);
+            v1::Extent {
+                offset_bytes,
+                data: data.into(),
+                zero_len_bytes: 0,
+            }
+        };
+        if !send(Msg::Extent(extent)) {
+            return;
+        }
+        i = j;
     }
 }

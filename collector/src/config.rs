@@ -5,8 +5,11 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use serde::Deserialize;
+use tideline_core::SiteName;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7100";
+/// Site name when none is given.
+pub const DEFAULT_SITE: &str = "local";
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
 #[command(
@@ -26,12 +29,21 @@ pub struct CollectorArgs {
     /// Address for the gRPC API (default 127.0.0.1:7100; use port 0 for any free port).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Name of this site in status reports and in the other site's (default "local").
+    #[arg(long)]
+    pub site: Option<String>,
+    /// Collector of the other site, e.g. http://dr-site:7100: every group this site is primary
+    /// for is replicated there continuously.
+    #[arg(long)]
+    pub replicate_to: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct CollectorConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    pub site: SiteName,
+    pub replicate_to: Option<String>,
 }
 
 impl CollectorConfig {
@@ -39,6 +51,8 @@ impl CollectorConfig {
         CollectorConfig {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            site: default_site(),
+            replicate_to: None,
         }
     }
 }
@@ -49,6 +63,16 @@ pub enum ConfigError {
     File { path: String, message: String },
     #[error("missing --{0} (or `{0}` in the config file)")]
     Missing(&'static str),
+    #[error("--{option} {value:?}: {message}")]
+    Invalid {
+        option: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+fn default_site() -> SiteName {
+    SiteName::new(DEFAULT_SITE).unwrap_or_else(|_| unreachable!("the default site name is valid"))
 }
 
 impl CollectorArgs {
@@ -73,6 +97,24 @@ impl CollectorArgs {
                 .or(file.data_dir)
                 .ok_or(ConfigError::Missing("data-dir"))?,
             listen: self.listen.or(file.listen).unwrap_or(default_listen),
+            site: match self.site.or(file.site) {
+                Some(name) => SiteName::new(name.as_str()).map_err(|e| ConfigError::Invalid {
+                    option: "site",
+                    value: name.clone(),
+                    message: e.to_string(),
+                })?,
+                None => default_site(),
+            },
+            replicate_to: match self.replicate_to.or(file.replicate_to) {
+                Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                    return Err(ConfigError::Invalid {
+                        option: "replicate-to",
+                        value: url,
+                        message: "give the other collector's URL, e.g. http://dr-site:7100".into(),
+                    })
+                }
+                other => other,
+            },
         })
     }
 }

@@ -46,6 +46,9 @@ pub fn store_status(e: StoreError) -> Status {
             Status::invalid_argument(message)
         }
         StoreError::SeqGap { .. } => Status::out_of_range(message),
+        StoreError::Fenced { by, .. } => tideline_proto::fenced_status(message, by),
+        StoreError::NotPrimary { epoch, .. } => tideline_proto::fenced_status(message, epoch),
+        StoreError::StaleEpoch { current, .. } => tideline_proto::fenced_status(message, current),
         StoreError::UnknownVolume { .. } => Status::not_found(message),
         StoreError::NotRestorable { .. } => Status::failed_precondition(message),
         _ => Status::failed_precondition(message),
@@ -103,18 +106,25 @@ impl v1::ingest_server::Ingest for IngestService {
         };
         let agent = hello.agent_id.clone();
         let (group, volumes, spool_id) = parse_hello(hello)?;
+        if self.live.is_draining(&group) {
+            return Err(draining_status(&group));
+        }
         let store = self.store.clone();
         let g = group.clone();
-        let durable =
-            tokio::task::spawn_blocking(move || store.register_group(&g, spool_id, &volumes))
+        let registration =
+            tokio::task::spawn_blocking(move || store.register_agent(&g, spool_id, &volumes))
                 .await
                 .map_err(blocking_status)?
-                .map_err(store_status)?;
-        tracing::info!(%group, %agent, durable = durable.0, "journal stream opened");
+                .map_err(|e| {
+                    tracing::warn!(%group, %agent, error = %e, "journal stream refused");
+                    store_status(e)
+                })?;
+        let (durable, seq_base) = (registration.durable, registration.seq_base);
+        tracing::info!(%group, %agent, durable = durable.0, seq_base = seq_base.0, "journal stream opened");
         let (tx, rx) = mpsc::channel(16);
         let _ = tx
             .send(reply(Out::Welcome(v1::Welcome {
-                durable_seq: durable.0,
+                durable_seq: durable.0.saturating_sub(seq_base.0),
             })))
             .await;
         let stream_id = self.live.attach(&group, tx.clone());
@@ -122,6 +132,7 @@ impl v1::ingest_server::Ingest for IngestService {
             store: self.store.clone(),
             live: self.live.clone(),
             group,
+            seq_base,
             replies: tx,
         };
         tokio::spawn(async move {
@@ -133,10 +144,19 @@ impl v1::ingest_server::Ingest for IngestService {
     }
 }
 
+/// The status an agent gets while its group is being handed over to the other site.
+pub fn draining_status(group: &GroupName) -> Status {
+    Status::failed_precondition(format!(
+        "group {group} is being handed over to the other site (failback); its agent is refused here"
+    ))
+}
+
 struct JournalStream {
     store: Arc<Store>,
     live: Arc<Live>,
     group: GroupName,
+    /// Journal seq = seq_base + the agent spool's seq.
+    seq_base: Seq,
     replies: Replies,
 }
 
@@ -185,19 +205,32 @@ impl JournalStream {
                 Ok(())
             }
             In::Heartbeat(hb) => {
-                self.live
-                    .heartbeat(&self.group, Seq(hb.last_seq), TimeNs(hb.time_ns));
+                self.live.heartbeat(
+                    &self.group,
+                    Seq(hb.last_seq.saturating_add(self.seq_base.0)),
+                    TimeNs(hb.time_ns),
+                );
                 Ok(())
             }
         }
     }
 
     async fn ingest(&self, batch: v1::Batch) -> Result<(), Status> {
+        if self.live.is_draining(&self.group) {
+            return Err(draining_status(&self.group));
+        }
+        let base = self.seq_base.0;
         let records = batch
             .records
             .iter()
-            .map(Record::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|wire| {
+                let mut record = Record::try_from(wire)?;
+                record.seq = Seq(record.seq.0.checked_add(base).ok_or_else(|| {
+                    Status::invalid_argument("record.seq: too large for the group's journal")
+                })?);
+                Ok(record)
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
         let frames = batch
             .frames
             .into_iter()
@@ -220,8 +253,10 @@ impl JournalStream {
         .map_err(blocking_status)?
         .map_err(store_status)?;
         self.live.durable(&self.group, durable, newest_time);
-        self.send(Out::Durable(v1::Durable { seq: durable.0 }))
-            .await
+        self.send(Out::Durable(v1::Durable {
+            seq: durable.0.saturating_sub(base),
+        }))
+        .await
     }
 
     async fn send(&self, msg: Out) -> Result<(), Status> {

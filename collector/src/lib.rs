@@ -1,4 +1,5 @@
-//! Tideline collector: receives journals from agents, stores them durably, and serves restores.
+//! Tideline collector: receives journals from agents, stores them durably, serves restores, and
+//! replicates to (or receives replication from) the collector of a second site.
 //!
 //! The storage engine is the synchronous [`tideline_core::store::Store`]; this crate is its
 //! network face. Every store call runs on tokio's blocking pool. Wire messages are converted
@@ -9,6 +10,8 @@ pub mod catalog;
 pub mod config;
 pub mod ingest;
 pub mod live;
+pub mod replication;
+pub mod replicator;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +27,8 @@ use tideline_proto::v1;
 /// Largest gRPC message accepted or sent (a 32 MiB client write plus framing fits).
 pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
 
-/// Opens the store and serves the Ingest and Catalog services on `listener` until `shutdown`.
+/// Opens the store and serves the Ingest, Catalog and Replication services on `listener` until
+/// `shutdown`; with `replicate_to`, also replicates every group this site is primary for.
 pub async fn run(
     config: CollectorConfig,
     listener: tokio::net::TcpListener,
@@ -37,7 +41,30 @@ pub async fn run(
     let store = Arc::new(store);
     let live = Arc::new(Live::from_store(&store));
     let ingest = ingest::IngestService::new(store.clone(), live.clone());
-    let catalog = catalog::CatalogService::new(store.clone(), live.clone());
+    let catalog = catalog::CatalogService::new(
+        store.clone(),
+        live.clone(),
+        config.site.clone(),
+        config.replicate_to.clone(),
+    );
+    let replication =
+        replication::ReplicationService::new(store.clone(), live.clone(), config.site.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let replicator = config.replicate_to.clone().map(|peer_url| {
+        tokio::spawn(replicator::run(
+            store.clone(),
+            live.clone(),
+            replicator::ReplicatorConfig {
+                site: config.site.clone(),
+                peer_url,
+            },
+            stop_rx,
+        ))
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<v1::ingest_server::IngestServer<ingest::IngestService>>()
@@ -50,7 +77,7 @@ pub async fn run(
         .build_v1()
         .context("build reflection service")?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, data_dir = %config.data_dir.display(), "collector serving");
+    tracing::info!(%addr, site = %config.site, data_dir = %config.data_dir.display(), "collector serving");
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
@@ -63,6 +90,11 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
+            v1::replication_server::ReplicationServer::new(replication)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
             v1::catalog_server::CatalogServer::new(catalog)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -70,6 +102,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("serve gRPC")?;
+    if let Some(replicator) = replicator {
+        let _ = replicator.await;
+    }
     tracing::info!("collector stopped");
     Ok(())
 }

@@ -53,10 +53,28 @@ struct Orders {
     pending: HashMap<u64, oneshot::Sender<v1::CheckpointDone>>,
 }
 
+/// Replication of one group from this site to the other, as the replicator last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaLive {
+    pub site: String,
+    pub url: String,
+    pub connected: bool,
+    pub durable_seq: Seq,
+    pub durable_through: TimeNs,
+    pub bytes_sent: u64,
+    pub chunk_bytes_sent: u64,
+    pub chunks_sent: u64,
+    pub records_sent: u64,
+    pub last_error: Option<String>,
+}
+
 pub struct Live {
     groups: Mutex<HashMap<GroupName, GroupLive>>,
     changed: watch::Sender<u64>,
     orders: Mutex<Orders>,
+    replicas: Mutex<HashMap<GroupName, ReplicaLive>>,
+    /// Groups being handed over: their agents are refused meanwhile.
+    draining: Mutex<std::collections::HashSet<GroupName>>,
 }
 
 impl Live {
@@ -73,6 +91,59 @@ impl Live {
             groups: Mutex::new(groups),
             changed: watch::channel(0).0,
             orders: Mutex::new(Orders::default()),
+            replicas: Mutex::new(HashMap::new()),
+            draining: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Changes to durability, for waiters.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The journal was forked: durability goes back to `seq`, stamped `time`.
+    pub fn reset(&self, group: &GroupName, seq: Seq, time: TimeNs) {
+        self.update(group, |g| {
+            g.durable_seq = seq;
+            g.durable_through = time;
+            g.pending_heartbeats.clear();
+        });
+    }
+
+    /// Updates what is known of `group`'s replication.
+    pub fn replica<R>(&self, group: &GroupName, f: impl FnOnce(&mut ReplicaLive) -> R) -> R {
+        let result = {
+            let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+            f(replicas.entry(group.clone()).or_default())
+        };
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        result
+    }
+
+    pub fn replica_status(&self, group: &GroupName) -> Option<ReplicaLive> {
+        let replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        replicas.get(group).cloned()
+    }
+
+    pub fn set_draining(&self, group: &GroupName, draining: bool) {
+        let mut set = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+        if draining {
+            set.insert(group.clone());
+        } else {
+            set.remove(group);
+        }
+    }
+
+    pub fn is_draining(&self, group: &GroupName) -> bool {
+        let set = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+        set.contains(group)
+    }
+
+    /// Ends the journal stream of `group`'s agent, if one is attached, with `status`.
+    pub fn kick(&self, group: &GroupName, status: Status) {
+        let replies = self.orders().streams.remove(group).map(|a| a.replies);
+        if let Some(replies) = replies {
+            let _ = replies.try_send(Err(status));
         }
     }
 
@@ -234,6 +305,8 @@ mod tests {
             groups: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
             orders: Mutex::new(Orders::default()),
+            replicas: Mutex::new(HashMap::new()),
+            draining: Mutex::new(std::collections::HashSet::new()),
         };
         let g = GroupName::new("g").unwrap();
         live.durable(&g, Seq(5), TimeNs(100));

@@ -1,7 +1,9 @@
 use bytes::Bytes;
 use tideline_core::record::{Record, RecordKind, WriteOrigin, MAX_BLOCKS_PER_RECORD};
+use tideline_core::store::{EpochStart, History, ReplicaOffer, VolumeMeta};
 use tideline_core::{
-    BlockNo, CheckpointName, ChunkHash, Seq, TimeNs, VolumeName, BLOCK_SIZE_BYTES,
+    BlockNo, CheckpointName, ChunkHash, Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName,
+    BLOCK_SIZE_BYTES,
 };
 
 use crate::v1;
@@ -242,6 +244,132 @@ impl TryFrom<v1::Frame> for WireFrame {
     }
 }
 
+/// gRPC metadata key naming the epoch at which a site holds a group, sent with the
+/// FAILED_PRECONDITION status that refuses a fenced site or its agent.
+pub const FENCED_EPOCH_KEY: &str = "tideline-fenced-epoch";
+
+/// A FAILED_PRECONDITION status saying the receiver is fenced: another site holds the group
+/// at `epoch`.
+pub fn fenced_status(message: String, epoch: Epoch) -> tonic::Status {
+    let mut status = tonic::Status::failed_precondition(message);
+    if let Ok(value) = epoch.0.to_string().parse() {
+        status.metadata_mut().insert(FENCED_EPOCH_KEY, value);
+    }
+    status
+}
+
+/// The epoch a fenced-refusal status names, if `status` is one.
+pub fn fenced_epoch(status: &tonic::Status) -> Option<Epoch> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    let value = status.metadata().get(FENCED_EPOCH_KEY)?.to_str().ok()?;
+    value.parse().ok().map(Epoch)
+}
+
+/// Volumes of a hello: names valid, sizes positive block multiples.
+pub fn volume_metas(volumes: &[v1::VolumeInfo]) -> Result<Vec<VolumeMeta>, WireError> {
+    if volumes.is_empty() {
+        return Err(invalid("volumes", "a group needs at least one volume"));
+    }
+    volumes
+        .iter()
+        .map(|v| {
+            let name = volume_name("volumes.name", &v.name)?;
+            if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
+                return Err(invalid(
+                    "volumes.size_bytes",
+                    format!(
+                        "volume {name} size {} is not a positive multiple of {BLOCK_SIZE_BYTES}",
+                        v.size_bytes
+                    ),
+                ));
+            }
+            Ok(VolumeMeta {
+                name,
+                size_bytes: v.size_bytes,
+            })
+        })
+        .collect()
+}
+
+/// A replication hello, validated: the sending site, the group and what it offers.
+#[derive(Debug, Clone)]
+pub struct ReplicaHello {
+    pub site: SiteName,
+    pub group: GroupName,
+    pub offer: ReplicaOffer,
+}
+
+impl TryFrom<v1::ReplicaHello> for ReplicaHello {
+    type Error = WireError;
+
+    fn try_from(hello: v1::ReplicaHello) -> Result<ReplicaHello, WireError> {
+        let site =
+            SiteName::new(hello.site.as_str()).map_err(|e| invalid("hello.site", e.to_string()))?;
+        let group = GroupName::new(hello.group.as_str())
+            .map_err(|e| invalid("hello.group", e.to_string()))?;
+        let history = History(
+            hello
+                .history
+                .iter()
+                .map(|e| EpochStart {
+                    epoch: Epoch(e.epoch),
+                    after: Seq(e.after_seq),
+                })
+                .collect(),
+        );
+        history
+            .validate()
+            .map_err(|e| invalid("hello.history", e))?;
+        if hello.spool_epoch == 0 {
+            return Err(invalid("hello.spool_epoch", "epochs start at 1"));
+        }
+        Ok(ReplicaHello {
+            site,
+            group,
+            offer: ReplicaOffer {
+                history,
+                spool_id: hello.spool_id,
+                seq_base: Seq(hello.seq_base),
+                spool_epoch: Epoch(hello.spool_epoch),
+                volumes: volume_metas(&hello.volumes)?,
+            },
+        })
+    }
+}
+
+impl From<&ReplicaHello> for v1::ReplicaHello {
+    fn from(hello: &ReplicaHello) -> v1::ReplicaHello {
+        v1::ReplicaHello {
+            site: hello.site.to_string(),
+            group: hello.group.to_string(),
+            volumes: hello
+                .offer
+                .volumes
+                .iter()
+                .map(|v| v1::VolumeInfo {
+                    name: v.name.to_string(),
+                    size_bytes: v.size_bytes,
+                })
+                .collect(),
+            spool_id: hello.offer.spool_id,
+            seq_base: hello.offer.seq_base.0,
+            spool_epoch: hello.offer.spool_epoch.0,
+            history: hello
+                .offer
+                .history
+                .0
+                .iter()
+                .map(|e| v1::EpochStart {
+                    epoch: e.epoch.0,
+                    after_seq: e.after.0,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +388,36 @@ mod tests {
         };
         let wire = v1::Record::from(&record);
         assert_eq!(Record::try_from(&wire).unwrap(), record);
+    }
+
+    #[test]
+    fn replica_hellos_round_trip_and_bad_histories_are_refused() {
+        let hello = ReplicaHello {
+            site: SiteName::new("a").unwrap(),
+            group: GroupName::new("g").unwrap(),
+            offer: ReplicaOffer {
+                history: History::default().with(Epoch(2), Seq(9)),
+                spool_id: 7,
+                seq_base: Seq(9),
+                spool_epoch: Epoch(2),
+                volumes: vec![VolumeMeta {
+                    name: VolumeName::new("v").unwrap(),
+                    size_bytes: 4096,
+                }],
+            },
+        };
+        let mut wire = v1::ReplicaHello::from(&hello);
+        let back = ReplicaHello::try_from(wire.clone()).unwrap();
+        assert_eq!(back.offer, hello.offer);
+        wire.history.reverse();
+        assert!(ReplicaHello::try_from(wire).is_err());
+    }
+
+    #[test]
+    fn fenced_statuses_carry_their_epoch() {
+        let status = fenced_status("fenced".into(), Epoch(4));
+        assert_eq!(fenced_epoch(&status), Some(Epoch(4)));
+        assert_eq!(fenced_epoch(&tonic::Status::failed_precondition("x")), None);
     }
 
     #[test]

@@ -1,16 +1,27 @@
 //! Entries of `catalog.log`, the store-wide append-only log that commits everything.
 //!
 //! Every entry body starts with a 1-byte tag and a 1-byte version; all integers are
-//! little-endian, a name is `u8 len | UTF-8 bytes`. Version 1:
+//! little-endian, a name is `u8 len | UTF-8 bytes`:
 //!
 //! ```text
 //! GroupRegistered  tag 1 | ver 1 | group name | u64 spool_id | u32 n |
 //!                  n x (volume name | u64 size_bytes)
+//!                  tag 1 | ver 2 | group name | u64 spool_id | u64 seq_base | u64 spool_epoch |
+//!                  u32 n | n x (volume name | u64 size_bytes)
 //! Batch            tag 2 | ver 1 | group name |
 //!                  u32 f | f x (u32 pack id | u64 entry offset | u32 entry len | u16 block count)
 //!                  u32 c | c x (32-byte hash | u32 frame index (into the f frames) | u16 block index)
 //!                  u32 r | r x (u32 len | record, as `Record::encode` writes it)
+//! GroupControl     tag 3 | ver 1 | group name | u8 role (1 primary, 2 replica, 3 fenced) |
+//!                  u64 fenced_by | u64 keep_through (u64::MAX: keep all) |
+//!                  u32 n | n x (u64 epoch | u64 starts after seq)
 //! ```
+//!
+//! `GroupRegistered` is written as version 1 while its seq base is 0 and its spool epoch 1
+//! (so a store that never failed over stays byte-identical to older ones), else version 2. A `GroupControl` sets the group's role and epoch history and, when `keep_through`
+//! is below the durable seq, sets the journal's tail after it aside (a fork): it is ordered with
+//! the batches in the same log, so a replay drops exactly the records the fork dropped and
+//! keeps the ones appended after it.
 //!
 //! A `Batch` lists the frames it appended to packs once, and each new chunk's location as a
 //! reference into that list: (hash, pack, frame offset, frame length, index in frame).
@@ -19,19 +30,36 @@
 use crate::record::Record;
 use crate::types::{ChunkHash, GroupName, VolumeName};
 
+use super::epoch::{EpochStart, GroupRole, History};
 use super::pack::PackId;
 use super::VolumeMeta;
+use crate::types::{Epoch, Seq};
 
 pub(crate) const TAG_GROUP_REGISTERED: u8 = 1;
 pub(crate) const TAG_BATCH: u8 = 2;
+pub(crate) const TAG_GROUP_CONTROL: u8 = 3;
 pub(crate) const VERSION_1: u8 = 1;
+pub(crate) const VERSION_2: u8 = 2;
 
 /// A group was registered or re-registered (new spool id, more volumes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct GroupRegistered {
     pub group: GroupName,
     pub spool_id: u64,
+    /// Journal seq of the spool's seq 0.
+    pub seq_base: Seq,
+    /// Epoch in which the spool took over the group.
+    pub spool_epoch: Epoch,
     pub volumes: Vec<VolumeMeta>,
+}
+
+/// A group's role and epoch history changed, possibly forking its journal after `keep_through`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GroupControl {
+    pub group: GroupName,
+    pub role: GroupRole,
+    pub history: History,
+    pub keep_through: Option<Seq>,
 }
 
 /// A frame appended to a pack by a batch.
@@ -64,6 +92,7 @@ pub(crate) struct Batch {
 pub(crate) enum Entry {
     GroupRegistered(GroupRegistered),
     Batch(Batch),
+    GroupControl(GroupControl),
 }
 
 impl Batch {
@@ -106,9 +135,17 @@ impl Entry {
         let mut out = Vec::new();
         match self {
             Entry::GroupRegistered(g) => {
-                out.extend_from_slice(&[TAG_GROUP_REGISTERED, VERSION_1]);
+                // Version 1 while the new fields hold their defaults, so stores that never
+                // failed over stay byte-identical to older ones.
+                let v1 = g.seq_base == Seq::ZERO && g.spool_epoch == Epoch::FIRST;
+                let version = if v1 { VERSION_1 } else { VERSION_2 };
+                out.extend_from_slice(&[TAG_GROUP_REGISTERED, version]);
                 put_name(&mut out, g.group.as_str());
                 out.extend_from_slice(&g.spool_id.to_le_bytes());
+                if !v1 {
+                    out.extend_from_slice(&g.seq_base.0.to_le_bytes());
+                    out.extend_from_slice(&g.spool_epoch.0.to_le_bytes());
+                }
                 out.extend_from_slice(&(g.volumes.len() as u32).to_le_bytes());
                 for v in &g.volumes {
                     put_name(&mut out, v.name.as_str());
@@ -116,6 +153,19 @@ impl Entry {
                 }
             }
             Entry::Batch(b) => b.encode_into(&mut out),
+            Entry::GroupControl(c) => {
+                out.extend_from_slice(&[TAG_GROUP_CONTROL, VERSION_1]);
+                put_name(&mut out, c.group.as_str());
+                let (role, by) = c.role.code();
+                out.push(role);
+                out.extend_from_slice(&by.to_le_bytes());
+                out.extend_from_slice(&c.keep_through.map_or(u64::MAX, |s| s.0).to_le_bytes());
+                out.extend_from_slice(&(c.history.0.len() as u32).to_le_bytes());
+                for e in &c.history.0 {
+                    out.extend_from_slice(&e.epoch.0.to_le_bytes());
+                    out.extend_from_slice(&e.after.0.to_le_bytes());
+                }
+            }
         }
         out
     }
@@ -125,19 +175,47 @@ impl Entry {
         let mut r = Reader { bytes: body, at: 0 };
         let tag = r.u8()?;
         let version = r.u8()?;
-        if !matches!(tag, TAG_GROUP_REGISTERED | TAG_BATCH) {
+        if !matches!(tag, TAG_GROUP_REGISTERED | TAG_BATCH | TAG_GROUP_CONTROL) {
             return Err(format!(
                 "unknown catalog entry type {tag}: the store was written by a newer Tideline; run that version"
             ));
         }
-        if version != VERSION_1 {
+        let known = version == VERSION_1 || (tag == TAG_GROUP_REGISTERED && version == VERSION_2);
+        if !known {
             return Err(format!(
                 "catalog entry type {tag} has version {version}, this build reads version {VERSION_1}: the store was written by a newer Tideline; run that version"
             ));
         }
-        let entry = if tag == TAG_GROUP_REGISTERED {
+        let entry = if tag == TAG_GROUP_CONTROL {
+            let group = r.group()?;
+            let code = r.u8()?;
+            let by = r.u64()?;
+            let role = GroupRole::from_code(code, by)
+                .ok_or_else(|| format!("group control names unknown role {code}"))?;
+            let keep = r.u64()?;
+            let n = r.count(16)?;
+            let mut history = Vec::with_capacity(n);
+            for _ in 0..n {
+                let epoch = Epoch(r.u64()?);
+                let after = Seq(r.u64()?);
+                history.push(EpochStart { epoch, after });
+            }
+            let history = History(history);
+            history.validate()?;
+            Entry::GroupControl(GroupControl {
+                group,
+                role,
+                history,
+                keep_through: (keep != u64::MAX).then_some(Seq(keep)),
+            })
+        } else if tag == TAG_GROUP_REGISTERED {
             let group = r.group()?;
             let spool_id = r.u64()?;
+            let (seq_base, spool_epoch) = if version == VERSION_2 {
+                (Seq(r.u64()?), Epoch(r.u64()?))
+            } else {
+                (Seq::ZERO, Epoch::FIRST)
+            };
             let n = r.count(1 + 8)?;
             let mut volumes = Vec::with_capacity(n);
             for _ in 0..n {
@@ -148,6 +226,8 @@ impl Entry {
             Entry::GroupRegistered(GroupRegistered {
                 group,
                 spool_id,
+                seq_base,
+                spool_epoch,
                 volumes,
             })
         } else {
@@ -291,9 +371,17 @@ mod tests {
     fn samples() -> Vec<Entry> {
         let vol = VolumeName::new("vol-a").unwrap();
         vec![
+            Entry::GroupControl(GroupControl {
+                group: GroupName::new("g1").unwrap(),
+                role: GroupRole::Fenced { by: Epoch(3) },
+                history: History::default().with(Epoch(2), Seq(40)),
+                keep_through: Some(Seq(40)),
+            }),
             Entry::GroupRegistered(GroupRegistered {
                 group: GroupName::new("g1").unwrap(),
                 spool_id: 0xdead_beef,
+                seq_base: Seq(17),
+                spool_epoch: Epoch(2),
                 volumes: vec![
                     VolumeMeta {
                         name: vol.clone(),
@@ -398,7 +486,7 @@ mod tests {
 
     #[test]
     fn bad_references_are_errors() {
-        let Entry::Batch(mut batch) = samples()[1].clone() else {
+        let Entry::Batch(mut batch) = samples()[2].clone() else {
             unreachable!()
         };
         batch.chunks[0].frame = 5;
@@ -412,7 +500,7 @@ mod tests {
     fn garbage_never_panics() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        let valid = samples()[1].encode();
+        let valid = samples()[2].encode();
         for _ in 0..20_000 {
             let mut bytes = valid.clone();
             for _ in 0..rng.gen_range(1..4) {

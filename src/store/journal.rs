@@ -9,14 +9,27 @@
 use std::collections::BTreeMap;
 
 use crate::record::{Record, RecordKind};
-use crate::types::{BlockNo, ChunkHash, GroupName, Seq, TimeNs, VolumeName};
+use crate::types::{BlockNo, ChunkHash, Epoch, GroupName, Seq, TimeNs, VolumeName};
 
+use super::epoch::{Abandoned, GroupRole, History};
 use super::PointInTime;
 
-/// One consistency group: its agent spool, its volumes and its journal.
+/// One consistency group: its agent spool, its volumes, its journal and its epoch.
 #[derive(Debug)]
 pub(crate) struct GroupState {
     pub spool_id: u64,
+    /// Journal seq = `seq_base` + the agent spool's own seq (non-zero once a new spool took over
+    /// the group after a failover).
+    pub seq_base: Seq,
+    /// The epoch in which the current spool was registered: a new spool may take over the
+    /// group only in a later epoch.
+    pub spool_epoch: Epoch,
+    /// Spools that fed the group before the current one: never accepted again.
+    pub retired_spools: Vec<u64>,
+    pub role: GroupRole,
+    pub history: History,
+    /// What this site set aside when it last joined a newer timeline.
+    pub abandoned: Option<Abandoned>,
     /// Member volumes, in the order they were first registered.
     pub volumes: Vec<VolumeName>,
     /// Every durable record, seq-contiguous, time non-decreasing.
@@ -24,6 +37,24 @@ pub(crate) struct GroupState {
 }
 
 impl GroupState {
+    pub fn new(spool_id: u64) -> GroupState {
+        GroupState {
+            spool_id,
+            seq_base: Seq::ZERO,
+            spool_epoch: Epoch::FIRST,
+            retired_spools: Vec::new(),
+            role: GroupRole::Primary,
+            history: History::default(),
+            abandoned: None,
+            volumes: Vec::new(),
+            records: Vec::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.history.current()
+    }
+
     pub fn durable(&self) -> Seq {
         self.records.last().map_or(Seq::ZERO, |r| r.seq)
     }
@@ -156,7 +187,10 @@ pub(crate) fn block_count(size_bytes: u64) -> u64 {
 }
 
 /// The non-zero blocks of `volume` after applying `records` in order, sorted by block.
-pub(crate) fn replay(records: &[Record], volume: &VolumeName) -> Vec<(BlockNo, ChunkHash)> {
+pub(crate) fn replay<'a>(
+    records: impl IntoIterator<Item = &'a Record>,
+    volume: &VolumeName,
+) -> Vec<(BlockNo, ChunkHash)> {
     let mut map: BTreeMap<u64, ChunkHash> = BTreeMap::new();
     for record in records {
         match &record.kind {

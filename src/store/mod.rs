@@ -16,8 +16,12 @@
 //! A pack entry body is `u16 n | n x 32-byte hash | zstd bytes`. A new pack is started when
 //! appending a frame would take the current one past `pack_target_bytes` (a single larger frame
 //! still gets a pack of its own). The catalog holds `GroupRegistered {group, spool_id,
-//! volumes}` and `Batch {group, frames, new chunk locations (hash, pack, frame offset, frame
-//! length, index in frame), records}` entries, each with a 1-byte tag and a 1-byte version.
+//! seq_base, spool_epoch, volumes}`, `Batch {group, frames, new chunk locations (hash, pack,
+//! frame offset, frame length, index in frame), records}` and `GroupControl {group, role,
+//! epoch history, keep_through}` entries, each with a 1-byte tag and a 1-byte version. A
+//! `GroupControl` is how a group's epoch and role change (failover, fencing, joining another
+//! site's timeline); see [`GroupRole`] and [`History`] for why two sites never both accept
+//! writes.
 //!
 //! # Durability protocol (ingest)
 //!
@@ -91,12 +95,14 @@
 //! first read and kept open: one descriptor per pack read since open.
 
 mod catalog;
+mod epoch;
 mod journal;
 mod materialise;
 mod pack;
 #[cfg(test)]
 mod tests;
 
+pub use epoch::{Abandoned, EpochStart, GroupRole, History};
 pub use materialise::{
     extents, materialise, plan_data_bytes, Extents, MaterialiseStats, MATERIALISE_EXTENT_BYTES,
 };
@@ -115,10 +121,10 @@ use crate::frame::{self, FrameError, MAX_FRAME_BLOCKS};
 use crate::framed::{self, ScanError, ENTRY_HEADER_BYTES, MAX_ENTRY_BODY_BYTES};
 use crate::record::{Record, RecordKind, MAX_BLOCKS_PER_RECORD};
 use crate::types::{
-    BlockNo, ChunkHash, GroupName, Seq, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+    BlockNo, ChunkHash, Epoch, GroupName, Seq, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
 };
 
-use catalog::{Batch, Entry, FramePos, GroupRegistered, NewChunk};
+use catalog::{Batch, Entry, FramePos, GroupControl, GroupRegistered, NewChunk};
 use journal::{GroupState, Marker, MarkerKind, VolumeState};
 use pack::{ChunkLoc, FrameCache, LoadedFrame, Packs};
 
@@ -173,6 +179,87 @@ impl StoreConfig {
 pub struct VolumeMeta {
     pub name: VolumeName,
     pub size_bytes: u64,
+}
+
+/// What [`Store::register_agent`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentRegistration {
+    /// The group's durable seq (journal seq, not spool seq).
+    pub durable: Seq,
+    /// Journal seq = `seq_base` + spool seq.
+    pub seq_base: Seq,
+}
+
+/// What the primary site says about a group when it starts replicating it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaOffer {
+    pub history: History,
+    pub spool_id: u64,
+    pub seq_base: Seq,
+    pub spool_epoch: Epoch,
+    pub volumes: Vec<VolumeMeta>,
+}
+
+/// A group as [`Store::group_info`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub name: GroupName,
+    pub role: GroupRole,
+    pub epoch: Epoch,
+    pub history: History,
+    pub durable_seq: Seq,
+    pub newest_record_time: Option<TimeNs>,
+    pub spool_id: u64,
+    pub seq_base: Seq,
+    pub spool_epoch: Epoch,
+    pub volumes: Vec<VolumeMeta>,
+    /// Fork seq and record count of the timeline this site set aside, if any.
+    pub abandoned: Option<(Seq, u64)>,
+}
+
+impl GroupInfo {
+    /// What to offer a replica of this group.
+    pub fn offer(&self) -> ReplicaOffer {
+        ReplicaOffer {
+            history: self.history.clone(),
+            spool_id: self.spool_id,
+            seq_base: self.seq_base,
+            spool_epoch: self.spool_epoch,
+            volumes: self.volumes.clone(),
+        }
+    }
+}
+
+/// What [`Store::take_over`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakeOver {
+    pub epoch: Epoch,
+    /// The journal continues after this record.
+    pub seq: Seq,
+    pub time: TimeNs,
+    /// Records after `seq` that were set aside.
+    pub dropped_records: u64,
+}
+
+/// The state a [`Store::diff`] starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffBase {
+    /// After every record up to this seq of the journal.
+    Seq(Seq),
+    /// The end of the timeline this site set aside when it last joined another site's: what
+    /// the volumes at this site held when it was fenced.
+    Abandoned,
+}
+
+/// Blocks to write to turn a volume at a [`DiffBase`] into the volume at a point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockDiff {
+    pub volume: VolumeName,
+    pub size_bytes: u64,
+    pub seq: Seq,
+    pub time: TimeNs,
+    /// Sorted by block; `None`: the block reads as zeroes.
+    pub changes: Vec<(BlockNo, Option<ChunkHash>)>,
 }
 
 /// A compressed frame received with a batch: `hashes[i]` names block `i` of the decompressed
@@ -374,6 +461,35 @@ pub enum StoreError {
     },
     #[error("the store refuses writes since an earlier failure ({0}); restart the collector so that it recovers from its files")]
     Poisoned(String),
+    #[error("group {group} is fenced at this site: another site took it over at {by} (this site last held it at {epoch}), so its writes are accepted there only; point the agent at that site, or bring the group home with `tideline failback`")]
+    Fenced {
+        group: GroupName,
+        epoch: Epoch,
+        by: Epoch,
+    },
+    #[error("group {group} is fenced for agents at this site: it is a replica here at {epoch}, fed by replication from its primary site, and agents must stream it there (or run `tideline failover` here to make this site primary)")]
+    NotPrimary { group: GroupName, epoch: Epoch },
+    #[error("group {group}: refused a replication stream at {offered}, because this site holds the group at {current} ({role}); the sending site is fenced")]
+    StaleEpoch {
+        group: GroupName,
+        offered: Epoch,
+        current: Epoch,
+        role: GroupRole,
+    },
+    #[error("group {group} is primary at both sites at {epoch}: two unrelated groups share the name, or a site was restored from an old copy; rename one of them")]
+    BothPrimary { group: GroupName, epoch: Epoch },
+    #[error("group {group} is already primary at this site ({epoch}); run the failover at the site that should take over")]
+    AlreadyPrimary { group: GroupName, epoch: Epoch },
+    #[error("group {group}: spool {spool_id:#x} fed the group before a failover, and its unshipped records belong to an abandoned timeline; start the agent with a fresh --spool-dir (the volumes are baselined again, and only changed blocks travel)")]
+    RetiredSpool { group: GroupName, spool_id: u64 },
+    #[error("group {group} cannot move to {requested}: this site already knows {known}")]
+    EpochTooLow {
+        group: GroupName,
+        requested: Epoch,
+        known: Epoch,
+    },
+    #[error("group {group}: {reason}")]
+    NoSuchPoint { group: GroupName, reason: String },
 }
 
 fn io_error(action: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
@@ -415,12 +531,15 @@ impl State {
         let group = self
             .groups
             .entry(reg.group.clone())
-            .or_insert_with(|| GroupState {
-                spool_id: reg.spool_id,
-                volumes: Vec::new(),
-                records: Vec::new(),
-            });
-        group.spool_id = reg.spool_id;
+            .or_insert_with(|| GroupState::new(reg.spool_id));
+        if group.spool_id != reg.spool_id {
+            if group.durable() > Seq::ZERO && !group.retired_spools.contains(&group.spool_id) {
+                group.retired_spools.push(group.spool_id);
+            }
+            group.spool_id = reg.spool_id;
+        }
+        group.seq_base = reg.seq_base;
+        group.spool_epoch = reg.spool_epoch;
         for v in &reg.volumes {
             if !group.volumes.contains(&v.name) {
                 group.volumes.push(v.name.clone());
@@ -512,10 +631,34 @@ impl State {
         Ok(())
     }
 
+    /// Applies a role and history change, setting the journal's tail aside at a fork.
+    fn apply_control(&mut self, control: &GroupControl) -> Result<(), String> {
+        control.history.validate()?;
+        let group = self
+            .groups
+            .entry(control.group.clone())
+            .or_insert_with(|| GroupState::new(0));
+        if let Some(keep) = control.keep_through {
+            let keep = keep.min(group.durable());
+            let cut = group.prefix_len(PointInTime::Seq(keep));
+            let tail = group.records.split_off(cut);
+            for name in &group.volumes {
+                if let Some(volume) = self.volumes.get_mut(name) {
+                    volume.markers.retain(|m| m.seq <= keep);
+                }
+            }
+            group.abandoned = Some(Abandoned { fork: keep, tail });
+        }
+        group.role = control.role;
+        group.history = control.history.clone();
+        Ok(())
+    }
+
     fn apply(&mut self, entry: &Entry) -> Result<(), String> {
         match entry {
             Entry::GroupRegistered(reg) => self.apply_registration(reg),
             Entry::Batch(batch) => self.apply_batch(batch),
+            Entry::GroupControl(control) => self.apply_control(control),
         }
     }
 }
@@ -663,78 +806,433 @@ impl Store {
 
     /// Registers (or re-registers after a reconnect) `group` with its volumes and the agent
     /// spool that feeds it; returns the group's durable seq (`Seq(0)` if new). Volumes missing
-    /// from `volumes` but registered before stay in the group.
+    /// from `volumes` but registered before stay in the group. See [`Store::register_agent`].
     pub fn register_group(
         &self,
         group: &GroupName,
         spool_id: u64,
         volumes: &[VolumeMeta],
     ) -> Result<Seq, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidRegistration {
-            group: group.clone(),
-            reason,
-        };
-        if volumes.is_empty() {
-            return Err(invalid("a group needs at least one volume".into()));
-        }
-        let mut seen = HashSet::new();
-        for v in volumes {
-            if !seen.insert(&v.name) {
-                return Err(invalid(format!("volume {} is listed twice", v.name)));
-            }
-            if v.size_bytes == 0 {
-                return Err(invalid(format!("volume {} has a size of 0 bytes", v.name)));
-            }
-        }
+        self.register_agent(group, spool_id, volumes)
+            .map(|r| r.durable)
+    }
 
+    /// Registers an agent's spool for `group`. Refused unless this site is the group's primary.
+    /// A spool other than the registered one takes over a group with history only in a later
+    /// epoch than the registered spool's (after a failover), and never a spool that fed the
+    /// group before; its seqs are then offset by the group's durable seq
+    /// ([`AgentRegistration::seq_base`]).
+    pub fn register_agent(
+        &self,
+        group: &GroupName,
+        spool_id: u64,
+        volumes: &[VolumeMeta],
+    ) -> Result<AgentRegistration, StoreError> {
+        check_volume_list(group, volumes)?;
         let mut writer = lock(&self.writer);
-        let (durable, changed) = {
+        let (registration, durable) = {
             let state = self.read_state();
-            for v in volumes {
-                if let Some(existing) = state.volumes.get(&v.name) {
-                    if existing.group != *group {
-                        return Err(StoreError::VolumeInOtherGroup {
-                            volume: v.name.clone(),
-                            existing: existing.group.clone(),
-                            requested: group.clone(),
-                        });
-                    }
-                    if existing.size_bytes != v.size_bytes {
-                        return Err(StoreError::VolumeSizeChanged {
-                            volume: v.name.clone(),
-                            registered_bytes: existing.size_bytes,
-                            reported_bytes: v.size_bytes,
-                        });
-                    }
-                }
-            }
+            check_volumes(&state, group, volumes)?;
             match state.groups.get(group) {
-                None => (Seq::ZERO, true),
+                None => (
+                    GroupRegistered {
+                        group: group.clone(),
+                        spool_id,
+                        seq_base: Seq::ZERO,
+                        spool_epoch: Epoch::FIRST,
+                        volumes: volumes.to_vec(),
+                    },
+                    Seq::ZERO,
+                ),
                 Some(g) => {
+                    match g.role {
+                        GroupRole::Primary => {}
+                        GroupRole::Replica => {
+                            return Err(StoreError::NotPrimary {
+                                group: group.clone(),
+                                epoch: g.epoch(),
+                            })
+                        }
+                        GroupRole::Fenced { by } => {
+                            return Err(StoreError::Fenced {
+                                group: group.clone(),
+                                epoch: g.epoch(),
+                                by,
+                            })
+                        }
+                    }
                     let durable = g.durable();
-                    if g.spool_id != spool_id && durable > Seq::ZERO {
+                    let (seq_base, spool_epoch) = if g.spool_id == spool_id {
+                        (g.seq_base, g.spool_epoch)
+                    } else if g.retired_spools.contains(&spool_id) {
+                        return Err(StoreError::RetiredSpool {
+                            group: group.clone(),
+                            spool_id,
+                        });
+                    } else if durable == Seq::ZERO {
+                        (Seq::ZERO, g.epoch())
+                    } else if g.spool_epoch < g.epoch() {
+                        (durable, g.epoch())
+                    } else {
                         return Err(StoreError::SpoolMismatch {
                             group: group.clone(),
                             registered_spool_id: g.spool_id,
                             offered_spool_id: spool_id,
                         });
-                    }
+                    };
                     let new_volume = volumes.iter().any(|v| !g.volumes.contains(&v.name));
-                    (durable, g.spool_id != spool_id || new_volume)
+                    let changed = g.spool_id != spool_id
+                        || g.seq_base != seq_base
+                        || g.spool_epoch != spool_epoch
+                        || new_volume;
+                    if !changed {
+                        return Ok(AgentRegistration { durable, seq_base });
+                    }
+                    (
+                        GroupRegistered {
+                            group: group.clone(),
+                            spool_id,
+                            seq_base,
+                            spool_epoch,
+                            volumes: volumes.to_vec(),
+                        },
+                        durable,
+                    )
                 }
             }
         };
-        if !changed {
-            return Ok(durable);
-        }
-        let registration = GroupRegistered {
-            group: group.clone(),
-            spool_id,
-            volumes: volumes.to_vec(),
-        };
+        let seq_base = registration.seq_base;
         self.commit(&mut writer, &[], |_| Entry::GroupRegistered(registration))?;
-        tracing::info!(%group, spool_id, volumes = volumes.len(), "group registered");
+        tracing::info!(%group, spool_id, seq_base = seq_base.0, volumes = volumes.len(), "group registered");
+        Ok(AgentRegistration { durable, seq_base })
+    }
+
+    /// Registers `group` as a replica of the primary site that offers it, joining the offered
+    /// timeline: if this site's journal parts ways with it (see [`History::common_prefix`]),
+    /// the part after the common prefix is set aside ([`Abandoned`]). Refused when the offer's
+    /// epoch is older than one this site knows (the offering site is fenced), or when both
+    /// sites claim to be primary at the same epoch. Returns the durable seq to resume after.
+    pub fn register_replica(
+        &self,
+        group: &GroupName,
+        offer: &ReplicaOffer,
+    ) -> Result<Seq, StoreError> {
+        check_volume_list(group, &offer.volumes)?;
+        offer
+            .history
+            .validate()
+            .map_err(|reason| StoreError::InvalidRegistration {
+                group: group.clone(),
+                reason,
+            })?;
+        let offered = offer.history.current();
+        let mut writer = lock(&self.writer);
+        let (control, registration, durable) = {
+            let state = self.read_state();
+            check_volumes(&state, group, &offer.volumes)?;
+            let registration = GroupRegistered {
+                group: group.clone(),
+                spool_id: offer.spool_id,
+                seq_base: offer.seq_base,
+                spool_epoch: offer.spool_epoch,
+                volumes: offer.volumes.clone(),
+            };
+            match state.groups.get(group) {
+                None => (
+                    Some(GroupControl {
+                        group: group.clone(),
+                        role: GroupRole::Replica,
+                        history: offer.history.clone(),
+                        keep_through: None,
+                    }),
+                    Some(registration),
+                    Seq::ZERO,
+                ),
+                Some(g) => {
+                    let mine = g.epoch();
+                    let known = match g.role {
+                        GroupRole::Fenced { by } => by.max(mine),
+                        _ => mine,
+                    };
+                    if offered < known {
+                        return Err(StoreError::StaleEpoch {
+                            group: group.clone(),
+                            offered,
+                            current: known,
+                            role: g.role,
+                        });
+                    }
+                    if offered == mine && g.role == GroupRole::Primary {
+                        return Err(StoreError::BothPrimary {
+                            group: group.clone(),
+                            epoch: mine,
+                        });
+                    }
+                    let durable = g.durable();
+                    let keep = g
+                        .history
+                        .common_prefix(&offer.history)
+                        .map(|c| c.min(durable));
+                    let control = (g.role != GroupRole::Replica
+                        || g.history != offer.history
+                        || keep.is_some())
+                    .then(|| GroupControl {
+                        group: group.clone(),
+                        role: GroupRole::Replica,
+                        history: offer.history.clone(),
+                        keep_through: keep,
+                    });
+                    let new_volume = offer.volumes.iter().any(|v| !g.volumes.contains(&v.name));
+                    let registration = (g.spool_id != offer.spool_id
+                        || g.seq_base != offer.seq_base
+                        || g.spool_epoch != offer.spool_epoch
+                        || new_volume)
+                        .then_some(registration);
+                    (control, registration, keep.unwrap_or(durable))
+                }
+            }
+        };
+        if let Some(control) = control {
+            tracing::warn!(%group, epoch = offered.0, keep_through = ?control.keep_through.map(|s| s.0), "joining the primary site's timeline as a replica");
+            self.commit(&mut writer, &[], |_| Entry::GroupControl(control))?;
+        }
+        if let Some(registration) = registration {
+            self.commit(&mut writer, &[], |_| Entry::GroupRegistered(registration))?;
+        }
         Ok(durable)
+    }
+
+    /// This site learned that another site holds `group` at epoch `by`: unless it knows that
+    /// already, it stops being primary (persisted). Returns true when something changed.
+    pub fn fence(&self, group: &GroupName, by: Epoch) -> Result<bool, StoreError> {
+        let mut writer = lock(&self.writer);
+        let control = {
+            let state = self.read_state();
+            let Some(g) = state.groups.get(group) else {
+                return Ok(false);
+            };
+            let already = match g.role {
+                GroupRole::Fenced { by: known } => known >= by,
+                GroupRole::Replica => true,
+                GroupRole::Primary => by <= g.epoch(),
+            };
+            if already {
+                return Ok(false);
+            }
+            GroupControl {
+                group: group.clone(),
+                role: GroupRole::Fenced { by },
+                history: g.history.clone(),
+                keep_through: None,
+            }
+        };
+        self.commit(&mut writer, &[], |_| Entry::GroupControl(control))?;
+        tracing::error!(%group, by = by.0, "group fenced: another site holds it at a newer epoch; refusing its agents from now on");
+        Ok(true)
+    }
+
+    /// Makes this site primary for `group` at a new epoch (`epoch`, or one above every epoch
+    /// this site knows), continuing its journal after `point`: records after it are set aside.
+    /// Refused at a site that is primary already.
+    pub fn take_over(
+        &self,
+        group: &GroupName,
+        point: PointInTime,
+        epoch: Option<Epoch>,
+    ) -> Result<TakeOver, StoreError> {
+        let mut writer = lock(&self.writer);
+        let (control, result) = {
+            let state = self.read_state();
+            let g = state
+                .groups
+                .get(group)
+                .ok_or_else(|| StoreError::UnknownGroup {
+                    group: group.clone(),
+                })?;
+            let known = match g.role {
+                GroupRole::Primary => {
+                    return Err(StoreError::AlreadyPrimary {
+                        group: group.clone(),
+                        epoch: g.epoch(),
+                    })
+                }
+                GroupRole::Fenced { by } => by.max(g.epoch()),
+                GroupRole::Replica => g.epoch(),
+            };
+            let epoch = epoch.unwrap_or(known.next());
+            if epoch <= known {
+                return Err(StoreError::EpochTooLow {
+                    group: group.clone(),
+                    requested: epoch,
+                    known,
+                });
+            }
+            let durable = g.durable();
+            if let PointInTime::Seq(seq) = point {
+                if seq > durable {
+                    return Err(StoreError::NoSuchPoint {
+                        group: group.clone(),
+                        reason: format!("{seq} is not here yet: this site holds the group through {durable}; wait for replication to catch up"),
+                    });
+                }
+            }
+            let applied = g.prefix_len(point);
+            let Some(last) = applied.checked_sub(1).map(|i| &g.records[i]) else {
+                return Err(StoreError::NoSuchPoint {
+                    group: group.clone(),
+                    reason: format!("{point} is before the group's first record"),
+                });
+            };
+            let result = TakeOver {
+                epoch,
+                seq: last.seq,
+                time: last.time,
+                dropped_records: durable.0 - last.seq.0,
+            };
+            (
+                GroupControl {
+                    group: group.clone(),
+                    role: GroupRole::Primary,
+                    history: g.history.with(epoch, last.seq),
+                    keep_through: (last.seq < durable).then_some(last.seq),
+                },
+                result,
+            )
+        };
+        self.commit(&mut writer, &[], |_| Entry::GroupControl(control))?;
+        tracing::warn!(%group, epoch = result.epoch.0, seq = result.seq.0, "this site is now primary for the group");
+        Ok(result)
+    }
+
+    /// Hands `group` over to the other site: this site stops being primary and records the
+    /// next epoch as starting after its durable seq, which the other site then takes over with
+    /// [`Store::take_over`] at exactly that seq. Idempotent once handed over.
+    pub fn hand_over(&self, group: &GroupName) -> Result<(Epoch, Seq), StoreError> {
+        let mut writer = lock(&self.writer);
+        let (control, epoch, durable) = {
+            let state = self.read_state();
+            let g = state
+                .groups
+                .get(group)
+                .ok_or_else(|| StoreError::UnknownGroup {
+                    group: group.clone(),
+                })?;
+            let durable = g.durable();
+            if g.role == GroupRole::Replica {
+                return Ok((g.epoch(), durable));
+            }
+            if let GroupRole::Fenced { by } = g.role {
+                return Err(StoreError::Fenced {
+                    group: group.clone(),
+                    epoch: g.epoch(),
+                    by,
+                });
+            }
+            let epoch = g.epoch().next();
+            (
+                GroupControl {
+                    group: group.clone(),
+                    role: GroupRole::Replica,
+                    history: g.history.with(epoch, durable),
+                    keep_through: None,
+                },
+                epoch,
+                durable,
+            )
+        };
+        self.commit(&mut writer, &[], |_| Entry::GroupControl(control))?;
+        tracing::warn!(%group, epoch = epoch.0, seq = durable.0, "group handed over: this site is a replica now");
+        Ok((epoch, durable))
+    }
+
+    /// Everything about `group` that replication and status reports need.
+    pub fn group_info(&self, group: &GroupName) -> Option<GroupInfo> {
+        let state = self.read_state();
+        let g = state.groups.get(group)?;
+        Some(group_info(&state, group, g))
+    }
+
+    /// Time of the record at `seq` of `group`, if the journal holds it.
+    pub fn record_time(&self, group: &GroupName, seq: Seq) -> Option<TimeNs> {
+        let state = self.read_state();
+        state.groups.get(group)?.record(seq).map(|r| r.time)
+    }
+
+    /// Every group, sorted by name.
+    pub fn groups(&self) -> Vec<GroupInfo> {
+        let state = self.read_state();
+        state
+            .groups
+            .iter()
+            .map(|(name, g)| group_info(&state, name, g))
+            .collect()
+    }
+
+    /// Records of `group` after seq `after`, in order: at most `max_records`, and no more
+    /// than `max_block_bytes` of written blocks (but at least one record when there is one).
+    pub fn records_after(
+        &self,
+        group: &GroupName,
+        after: Seq,
+        max_records: usize,
+        max_block_bytes: u64,
+    ) -> Vec<Record> {
+        let state = self.read_state();
+        let Some(g) = state.groups.get(group) else {
+            return Vec::new();
+        };
+        let start = g.prefix_len(PointInTime::Seq(after));
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for record in &g.records[start..] {
+            let size = record.kind.block_count() * BLOCK_SIZE_BYTES;
+            if !out.is_empty() && (out.len() >= max_records || bytes + size > max_block_bytes) {
+                break;
+            }
+            bytes += size;
+            out.push(record.clone());
+        }
+        out
+    }
+
+    /// The blocks of `volume` whose content at `target` differs from `base`: what must be
+    /// written to a copy of the volume as it was at `base` to make it equal the volume at
+    /// `target`. `None` in a change is a block that reads as zeroes at `target`.
+    pub fn diff(
+        &self,
+        volume: &VolumeName,
+        base: DiffBase,
+        target: PointInTime,
+    ) -> Result<BlockDiff, StoreError> {
+        let plan = self.plan(volume, target)?;
+        let state = self.read_state();
+        let unknown = || StoreError::UnknownVolume {
+            volume: volume.clone(),
+        };
+        let vol = state.volumes.get(volume).ok_or_else(unknown)?;
+        let group = state.groups.get(&vol.group).ok_or_else(unknown)?;
+        let base_blocks = match base {
+            DiffBase::Seq(seq) => {
+                let n = group.prefix_len(PointInTime::Seq(seq));
+                journal::replay(group.records[..n].iter(), volume)
+            }
+            DiffBase::Abandoned => {
+                let abandoned = group.abandoned.as_ref().ok_or_else(|| StoreError::NoSuchPoint {
+                    group: vol.group.clone(),
+                    reason: "this site never set a timeline of the group aside (it was never fenced and then fed by the site that took over), so there is nothing to roll back from".into(),
+                })?;
+                let n = group.prefix_len(PointInTime::Seq(abandoned.fork));
+                journal::replay(group.records[..n].iter().chain(&abandoned.tail), volume)
+            }
+        };
+        let changes = diff_blocks(&base_blocks, &plan.blocks);
+        Ok(BlockDiff {
+            volume: volume.clone(),
+            size_bytes: plan.size_bytes,
+            seq: plan.seq,
+            time: plan.time,
+            changes,
+        })
     }
 
     /// Indexes (into `hashes`) of the chunks the store does not hold durably.
@@ -756,6 +1254,28 @@ impl Store {
         records: &[Record],
         frames: &[IncomingFrame<'_>],
     ) -> Result<Seq, StoreError> {
+        self.ingest_from(group, Source::Agent, records, frames)
+    }
+
+    /// [`Store::ingest`] for a batch replicated from the group's primary site at `epoch`:
+    /// accepted only while this site is the group's replica at that very epoch.
+    pub fn ingest_replica(
+        &self,
+        group: &GroupName,
+        epoch: Epoch,
+        records: &[Record],
+        frames: &[IncomingFrame<'_>],
+    ) -> Result<Seq, StoreError> {
+        self.ingest_from(group, Source::Replica(epoch), records, frames)
+    }
+
+    fn ingest_from(
+        &self,
+        group: &GroupName,
+        source: Source,
+        records: &[Record],
+        frames: &[IncomingFrame<'_>],
+    ) -> Result<Seq, StoreError> {
         for (index, incoming) in frames.iter().enumerate() {
             verify_incoming(index, incoming)?;
         }
@@ -763,7 +1283,7 @@ impl Store {
         if let Some(reason) = &writer.poisoned {
             return Err(StoreError::Poisoned(reason.clone()));
         }
-        let prepared = self.prepare(group, records, frames)?;
+        let prepared = self.prepare(group, source, records, frames)?;
         if prepared.records.is_empty() && prepared.frames.is_empty() {
             return Ok(prepared.durable);
         }
@@ -815,6 +1335,7 @@ impl Store {
     fn prepare(
         &self,
         group: &GroupName,
+        source: Source,
         records: &[Record],
         frames: &[IncomingFrame<'_>],
     ) -> Result<PreparedBatch, StoreError> {
@@ -825,6 +1346,7 @@ impl Store {
             .ok_or_else(|| StoreError::UnknownGroup {
                 group: group.clone(),
             })?;
+        check_source(group, journal, source)?;
         let durable = journal.durable();
         let incoming: HashSet<&ChunkHash> = frames.iter().flat_map(|f| f.hashes).collect();
         let mut expected = durable.next();
@@ -1312,6 +1834,146 @@ fn check_record(
         }
     }
     Ok(())
+}
+
+/// Who sent a batch: the group's agent (this site must be primary) or the primary site.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Agent,
+    Replica(Epoch),
+}
+
+fn check_source(group: &GroupName, g: &GroupState, source: Source) -> Result<(), StoreError> {
+    let epoch = g.epoch();
+    match (source, g.role) {
+        (Source::Agent, GroupRole::Primary) => Ok(()),
+        (Source::Agent, GroupRole::Fenced { by }) => Err(StoreError::Fenced {
+            group: group.clone(),
+            epoch,
+            by,
+        }),
+        (Source::Agent, GroupRole::Replica) => Err(StoreError::NotPrimary {
+            group: group.clone(),
+            epoch,
+        }),
+        (Source::Replica(offered), GroupRole::Replica) if offered == epoch => Ok(()),
+        (Source::Replica(offered), role) => Err(StoreError::StaleEpoch {
+            group: group.clone(),
+            offered,
+            current: match role {
+                GroupRole::Fenced { by } => by.max(epoch),
+                _ => epoch,
+            },
+            role,
+        }),
+    }
+}
+
+/// Checks a registration's own volume list.
+fn check_volume_list(group: &GroupName, volumes: &[VolumeMeta]) -> Result<(), StoreError> {
+    let invalid = |reason: String| StoreError::InvalidRegistration {
+        group: group.clone(),
+        reason,
+    };
+    if volumes.is_empty() {
+        return Err(invalid("a group needs at least one volume".into()));
+    }
+    let mut seen = HashSet::new();
+    for v in volumes {
+        if !seen.insert(&v.name) {
+            return Err(invalid(format!("volume {} is listed twice", v.name)));
+        }
+        if v.size_bytes == 0 {
+            return Err(invalid(format!("volume {} has a size of 0 bytes", v.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks registered volumes against what the store knows of them.
+fn check_volumes(
+    state: &State,
+    group: &GroupName,
+    volumes: &[VolumeMeta],
+) -> Result<(), StoreError> {
+    for v in volumes {
+        if let Some(existing) = state.volumes.get(&v.name) {
+            if existing.group != *group {
+                return Err(StoreError::VolumeInOtherGroup {
+                    volume: v.name.clone(),
+                    existing: existing.group.clone(),
+                    requested: group.clone(),
+                });
+            }
+            if existing.size_bytes != v.size_bytes {
+                return Err(StoreError::VolumeSizeChanged {
+                    volume: v.name.clone(),
+                    registered_bytes: existing.size_bytes,
+                    reported_bytes: v.size_bytes,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn group_info(state: &State, name: &GroupName, g: &GroupState) -> GroupInfo {
+    GroupInfo {
+        name: name.clone(),
+        role: g.role,
+        epoch: g.epoch(),
+        history: g.history.clone(),
+        durable_seq: g.durable(),
+        newest_record_time: g.records.last().map(|r| r.time),
+        spool_id: g.spool_id,
+        seq_base: g.seq_base,
+        spool_epoch: g.spool_epoch,
+        volumes: g
+            .volumes
+            .iter()
+            .filter_map(|v| {
+                state.volumes.get(v).map(|s| VolumeMeta {
+                    name: v.clone(),
+                    size_bytes: s.size_bytes,
+                })
+            })
+            .collect(),
+        abandoned: g.abandoned.as_ref().map(|a| (a.fork, a.tail.len() as u64)),
+    }
+}
+
+/// Blocks whose content differs between two sorted block maps, with their content in `to`.
+fn diff_blocks(
+    from: &[(BlockNo, ChunkHash)],
+    to: &[(BlockNo, ChunkHash)],
+) -> Vec<(BlockNo, Option<ChunkHash>)> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        match (from.get(i), to.get(j)) {
+            (Some(a), Some(b)) if a.0 == b.0 => {
+                if a.1 != b.1 {
+                    out.push((b.0, Some(b.1)));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(a), Some(b)) if a.0 < b.0 => {
+                out.push((a.0, None));
+                i += 1;
+            }
+            (Some(a), None) => {
+                out.push((a.0, None));
+                i += 1;
+            }
+            (_, Some(b)) => {
+                out.push((b.0, Some(b.1)));
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    out
 }
 
 /// Takes the store directory's lock, so that two processes never append to the same files.

@@ -1828,3 +1828,125 @@ fn golden_fixture_with_a_torn_catalog_opens_at_the_previous_batch() {
         golden_image("disk0", 5)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Epochs: replication, failover, fencing, failback (two stores standing for two sites)
+// ---------------------------------------------------------------------------------------------
+
+/// Copies every record of `group` after the replica's durable seq from `from` to `to`.
+fn replicate(from: &Store, to: &Store, group: &GroupName) -> Result<Seq, StoreError> {
+    let info = from.group_info(group).unwrap();
+    let durable = to.register_replica(group, &info.offer())?;
+    let records = from.records_after(group, durable, usize::MAX, u64::MAX);
+    let mut hashes: Vec<ChunkHash> = Vec::new();
+    for r in &records {
+        if let RecordKind::Write { blocks, .. } = &r.kind {
+            hashes.extend(blocks.iter().flatten());
+        }
+    }
+    hashes.sort();
+    hashes.dedup();
+    let missing: Vec<ChunkHash> = to
+        .missing(&hashes)
+        .iter()
+        .map(|&i| hashes[i as usize])
+        .collect();
+    let blocks: Vec<Vec<u8>> = missing
+        .iter()
+        .map(|h| from.read_chunk(h).unwrap())
+        .collect();
+    let frames: Vec<OwnedFrame> = blocks
+        .chunks(crate::frame::MAX_FRAME_BLOCKS)
+        .map(|c| OwnedFrame::new(&c.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+        .collect();
+    to.ingest_replica(group, info.epoch, &records, &incoming(&frames))
+}
+
+#[test]
+fn failover_fences_the_old_primary_and_failback_diffs_only_changed_blocks() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open(dir_a.path()), open(dir_b.path()));
+    let g = grp("g");
+    a.register_group(&g, 7, &[meta("v", 16 * 4096)]).unwrap();
+    let (p1, p2, p3, p4) = (block(1), block(2), block(3), block(4));
+    let frames = [OwnedFrame::new(&[&p1, &p2])];
+    a.ingest(
+        &g,
+        &[
+            write(1, 10, "v", 0, &[Some(&p1), Some(&p2)]),
+            complete(2, 11, "v"),
+        ],
+        &incoming(&frames),
+    )
+    .unwrap();
+    assert_eq!(replicate(&a, &b, &g).unwrap(), Seq(2));
+    assert!(matches!(
+        b.register_group(&g, 7, &[meta("v", 16 * 4096)]),
+        Err(StoreError::NotPrimary { .. })
+    ));
+
+    // A writes seq 3 that never reaches B; B takes over at its latest point.
+    a.ingest(
+        &g,
+        &[write(3, 12, "v", 5, &[Some(&p3)])],
+        &incoming(&[OwnedFrame::new(&[&p3])]),
+    )
+    .unwrap();
+    let taken = b.take_over(&g, PointInTime::Latest, None).unwrap();
+    assert_eq!((taken.epoch, taken.seq), (Epoch(2), Seq(2)));
+
+    // A's replication at epoch 1 is refused: A is fenced, and so is its agent.
+    assert!(matches!(
+        replicate(&a, &b, &g),
+        Err(StoreError::StaleEpoch {
+            current: Epoch(2),
+            ..
+        })
+    ));
+    assert!(a.fence(&g, Epoch(2)).unwrap());
+    assert!(matches!(
+        a.ingest(&g, &[write(4, 13, "v", 6, &[None])], &[]),
+        Err(StoreError::Fenced { by: Epoch(2), .. })
+    ));
+
+    // A new spool protects the volume at B; its records continue after seq 2.
+    let reg = b.register_agent(&g, 99, &[meta("v", 16 * 4096)]).unwrap();
+    assert_eq!(reg.seq_base, Seq(2));
+    b.ingest(
+        &g,
+        &[write(3, 20, "v", 1, &[Some(&p4)])],
+        &incoming(&[OwnedFrame::new(&[&p4])]),
+    )
+    .unwrap();
+
+    // B replicates back: A joins B's timeline, setting its seq 3 aside; reopening keeps that.
+    assert_eq!(replicate(&b, &a, &g).unwrap(), Seq(3));
+    drop(a);
+    let a = open(dir_a.path());
+    let info = a.group_info(&g).unwrap();
+    assert_eq!((info.role, info.epoch), (GroupRole::Replica, Epoch(2)));
+    assert_eq!(info.abandoned, Some((Seq(2), 1)));
+    assert!(matches!(
+        a.register_group(&g, 7, &[meta("v", 16 * 4096)]),
+        Err(StoreError::NotPrimary { .. })
+    ));
+
+    // Failback: only block 1 (written at B) and block 5 (written at A after the fork) differ.
+    let (epoch, seq) = b.hand_over(&g).unwrap();
+    let back = a.take_over(&g, PointInTime::Seq(seq), Some(epoch)).unwrap();
+    assert_eq!(back.epoch, Epoch(3));
+    let diff = a
+        .diff(&vol("v"), DiffBase::Abandoned, PointInTime::Latest)
+        .unwrap();
+    assert_eq!(
+        diff.changes,
+        vec![(BlockNo(1), Some(ChunkHash::of(&p4))), (BlockNo(5), None)]
+    );
+    // The old agent spool of A belongs to the abandoned timeline: refused for good.
+    assert!(matches!(
+        a.register_group(&g, 7, &[meta("v", 16 * 4096)]),
+        Err(StoreError::RetiredSpool { .. })
+    ));
+    assert_eq!(replicate(&a, &b, &g).unwrap(), Seq(3));
+    assert_eq!(b.group_info(&g).unwrap().epoch, Epoch(3));
+}

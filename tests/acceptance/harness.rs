@@ -595,6 +595,14 @@ pub struct Collector {
     pub addr: SocketAddr,
     log: PathBuf,
     proc: Proc,
+    /// Extra command-line arguments (`--site`, `--replicate-to`), kept for restarts.
+    extra: Vec<String>,
+}
+
+/// An address on loopback with a port that is free now, for a collector whose URL another
+/// collector must know before it starts.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 impl Collector {
@@ -610,6 +618,7 @@ impl Collector {
                     addr,
                     log,
                     proc,
+                    extra: Vec::new(),
                 };
             }
         }
@@ -619,12 +628,87 @@ impl Collector {
         );
     }
 
+    /// Starts a collector of site `site` with data in `dir/NAME` on `addr` (see [`free_addr`]),
+    /// replicating to `replicate_to` if given.
+    pub fn start_site(
+        dir: &Path,
+        site: &str,
+        addr: SocketAddr,
+        replicate_to: Option<&str>,
+    ) -> Collector {
+        let data_dir = dir.join(format!("collector-{site}"));
+        let log = dir.join(format!("collector-{site}.log"));
+        let mut extra = vec!["--site".to_owned(), site.to_owned()];
+        if let Some(url) = replicate_to {
+            extra.extend(["--replicate-to".to_owned(), url.to_owned()]);
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(proc) = spawn_collector_with(&data_dir, addr, &log, &extra) {
+                return Collector {
+                    data_dir,
+                    addr,
+                    log,
+                    proc,
+                    extra,
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "could not start collector {site} on {addr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.proc.log_text()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     pub fn kill9(&mut self) {
         self.proc.kill9();
+    }
+
+    /// The Status RPC.
+    pub fn status(&self) -> v1::StatusResponse {
+        block_on(async {
+            let mut client = catalog_client(&self.url()).await;
+            client
+                .status(v1::StatusRequest {})
+                .await
+                .expect("Status RPC")
+                .into_inner()
+        })
+    }
+
+    /// Status of one group, if this site holds it.
+    pub fn group_status(&self, group: &str) -> Option<v1::GroupStatus> {
+        self.status().groups.into_iter().find(|g| g.group == group)
+    }
+
+    /// Flush points and checkpoints of a group, as (seq, time, kind).
+    pub fn points(&self, group: &str) -> Vec<(u64, i64, String)> {
+        block_on(async {
+            let mut client = catalog_client(&self.url()).await;
+            client
+                .list_points(v1::ListPointsRequest {
+                    volume: String::new(),
+                    group: group.to_owned(),
+                    limit: 100_000,
+                    checkpoints_only: false,
+                })
+                .await
+                .expect("ListPoints RPC")
+                .into_inner()
+                .points
+                .into_iter()
+                .map(|p| (p.seq, p.time_ns, p.kind))
+                .collect()
+        })
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -637,7 +721,9 @@ impl Collector {
         self.proc.kill9();
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if let Some(proc) = spawn_collector(&self.data_dir, self.addr, &self.log) {
+            if let Some(proc) =
+                spawn_collector_with(&self.data_dir, self.addr, &self.log, &self.extra)
+            {
                 self.proc = proc;
                 return;
             }
@@ -700,12 +786,22 @@ pub async fn catalog_client(
 
 /// Spawns a collector on `addr` and waits until it serves; None if it could not listen there.
 fn spawn_collector(data_dir: &Path, addr: SocketAddr, log: &Path) -> Option<Proc> {
+    spawn_collector_with(data_dir, addr, log, &[])
+}
+
+fn spawn_collector_with(
+    data_dir: &Path,
+    addr: SocketAddr,
+    log: &Path,
+    extra: &[String],
+) -> Option<Proc> {
     let mut command = Command::new(bin("tideline-collector"));
     command
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--listen")
-        .arg(addr.to_string());
+        .arg(addr.to_string())
+        .args(extra);
     let mut proc = Proc::spawn("collector", command, log, Stdio::piped());
     let stdout = proc.take_stdout().expect("collector stdout");
     let (tx, rx) = mpsc::channel();
@@ -836,6 +932,30 @@ impl Agent {
         self.proc.terminate()
     }
 
+    /// Waits (bounded) for the agent to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.proc.child.as_mut().expect("agent was started");
+        wait_for("the agent to exit", timeout, || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Starts an agent without waiting for it to serve NBD (it may exit at once).
+    pub fn spawn_only(dir: &Path, collector_url: &str, spec: AgentSpec) -> Agent {
+        let socket = dir.join("nbd.sock");
+        let spool_dir = dir.join("spool");
+        let log = dir.join("agent.log");
+        let proc = spawn_agent_with(&spec, &socket, &spool_dir, collector_url, &log, false);
+        Agent {
+            socket,
+            spool_dir,
+            spec,
+            collector_url: collector_url.to_owned(),
+            log,
+            proc,
+        }
+    }
+
     pub fn nbd(&self, export: &str) -> NbdClient<std::os::unix::net::UnixStream> {
         NbdClient::connect_unix(&self.socket, export)
             .unwrap_or_else(|e| panic!("NBD connect to {export}: {e}"))
@@ -848,6 +968,17 @@ fn spawn_agent(
     spool_dir: &Path,
     collector_url: &str,
     log: &Path,
+) -> Proc {
+    spawn_agent_with(spec, socket, spool_dir, collector_url, log, true)
+}
+
+fn spawn_agent_with(
+    spec: &AgentSpec,
+    socket: &Path,
+    spool_dir: &Path,
+    collector_url: &str,
+    log: &Path,
+    wait_serving: bool,
 ) -> Proc {
     let mut command = Command::new(bin("tideline-agent"));
     for (name, path) in &spec.volumes {
@@ -875,6 +1006,9 @@ fn spawn_agent(
     }
     command.args(&spec.extra_args);
     let mut proc = Proc::spawn("agent", command, log, Stdio::null());
+    if !wait_serving {
+        return proc;
+    }
     // Serving once a client completes the handshake on the first export.
     let export = &spec.volumes.first().expect("an agent needs a volume").0;
     wait_for("the agent to serve NBD", STARTUP_TIMEOUT, || {

@@ -15,5 +15,6 @@ mod crash;
 mod moments;
 mod multi_conn;
 mod postgres;
+mod replication;
 mod space;
 mod window;

@@ -1,0 +1,563 @@
+//! The replicator: streams every group this site is primary for to the other site's collector.
+//!
+//! A supervisor starts one task per primary group (and notices new groups and role changes).
+//! Each task opens a `Replication.Stream`, says which epoch history it offers, learns the
+//! replica's durable seq and streams the store's records after it, with only the chunks the
+//! replica lacks (a `HaveQuery` per batch, as the agent does), compressed into zstd frames.
+//! Records keep their seqs and agent times; the replica skips seqs it holds, so a resend after
+//! either side was killed applies nothing twice. While caught up it forwards this site's
+//! durable-through time as heartbeats, so the replica knows how recent its copy is.
+//!
+//! Bounded: at most [`MAX_BATCHES_IN_FLIGHT`] unacknowledged batches of at most
+//! [`BATCH_MAX_BLOCK_BYTES`] of block data each. After a failure the task reconnects with
+//! capped exponential backoff. If the replica refuses the hello because it holds the group at a
+//! newer epoch, this site is fenced: the fence is persisted, the group's agent stream is cut,
+//! and the task ends.
+//!
+//! A chunk crosses the link once, whichever group names it: a chunk one group's batch is
+//! sending is *claimed* until that batch is acknowledged, and a batch of another group that
+//! needs it waits for the claim to go, then asks again.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL, MAX_FRAME_BLOCKS};
+use tideline_core::record::{Record, RecordKind};
+use tideline_core::store::{GroupRole, Store};
+use tideline_core::{ChunkHash, Epoch, GroupName, Seq, SiteName, TimeNs, BLOCK_SIZE};
+use tideline_proto::v1::{self, replica_message::Msg as Out, replica_reply::Msg as In};
+use tideline_proto::ReplicaHello;
+
+use crate::live::Live;
+use crate::MAX_MESSAGE_BYTES;
+
+/// Most block data (4 KiB per written block, zero blocks included) in one replicated batch.
+pub const BATCH_MAX_BLOCK_BYTES: u64 = 8 << 20;
+/// Most records in one replicated batch.
+pub const BATCH_MAX_RECORDS: usize = 4096;
+/// Unacknowledged batches per group.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct ReplicatorConfig {
+    pub site: SiteName,
+    pub peer_url: String,
+}
+
+/// Runs until `shutdown` flips to true.
+pub async fn run(
+    store: Arc<Store>,
+    live: Arc<Live>,
+    config: ReplicatorConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tracing::info!(peer = %config.peer_url, site = %config.site, "replicating primary groups");
+    let claims = Arc::new(Claims::default());
+    let mut tasks: HashMap<GroupName, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        tasks.retain(|_, task| !task.is_finished());
+        let groups = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.groups())
+                .await
+                .unwrap_or_default()
+        };
+        for info in groups {
+            if info.role != GroupRole::Primary || tasks.contains_key(&info.name) {
+                continue;
+            }
+            let task = GroupReplicator {
+                store: store.clone(),
+                live: live.clone(),
+                config: config.clone(),
+                group: info.name.clone(),
+                claims: claims.clone(),
+            };
+            tasks.insert(info.name, tokio::spawn(task.run(shutdown.clone())));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+            _ = shutdown.wait_for(|&stop| stop) => break,
+        }
+    }
+    for (_, task) in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Chunks being sent by some group's unacknowledged batch.
+#[derive(Default)]
+struct Claims {
+    held: Mutex<HashSet<ChunkHash>>,
+    released: Notify,
+}
+
+/// Chunks one batch claimed; released when dropped (acknowledged, or the session ended).
+struct Claim {
+    claims: Arc<Claims>,
+    hashes: Vec<ChunkHash>,
+}
+
+impl Claims {
+    /// Claims all of `hashes` for one batch, or none if another batch holds any of them.
+    fn try_claim(self: &Arc<Self>, hashes: &[ChunkHash]) -> Option<Claim> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if hashes.iter().any(|h| held.contains(h)) {
+            return None;
+        }
+        held.extend(hashes.iter().copied());
+        Some(Claim {
+            claims: self.clone(),
+            hashes: hashes.to_vec(),
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut held = self.claims.held.lock().unwrap_or_else(|p| p.into_inner());
+        for h in &self.hashes {
+            held.remove(h);
+        }
+        drop(held);
+        self.claims.released.notify_waiters();
+    }
+}
+
+/// Why a replication session ended.
+enum End {
+    /// The replica holds the group at a newer epoch.
+    Fenced(Epoch, String),
+    /// This site is no longer primary for the group.
+    NotPrimary,
+    Failed(String),
+}
+
+impl From<String> for End {
+    fn from(e: String) -> End {
+        End::Failed(e)
+    }
+}
+
+struct GroupReplicator {
+    store: Arc<Store>,
+    live: Arc<Live>,
+    config: ReplicatorConfig,
+    group: GroupName,
+    claims: Arc<Claims>,
+}
+
+impl GroupReplicator {
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_MIN;
+        self.live
+            .replica(&self.group, |r| r.url = self.config.peer_url.clone());
+        loop {
+            let end = tokio::select! {
+                end = self.session() => end,
+                _ = shutdown.wait_for(|&stop| stop) => return,
+            };
+            let message = match end {
+                End::NotPrimary => {
+                    tracing::info!(group = %self.group, "not primary here any more; replication of the group stops");
+                    self.live.replica(&self.group, |r| r.connected = false);
+                    return;
+                }
+                End::Fenced(epoch, message) => {
+                    self.fence(epoch, message).await;
+                    return;
+                }
+                End::Failed(message) => message,
+            };
+            let was_connected = self.live.replica(&self.group, |r| {
+                let was = r.connected;
+                r.connected = false;
+                r.last_error = Some(message.clone());
+                was
+            });
+            if was_connected {
+                backoff = BACKOFF_MIN;
+            }
+            tracing::warn!(group = %self.group, peer = %self.config.peer_url, error = %message, retry_in_ms = backoff.as_millis() as u64, "replication stream ended");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait_for(|&stop| stop) => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// The other site holds the group at `epoch`: stop accepting its writes here.
+    async fn fence(&self, epoch: Epoch, message: String) {
+        tracing::error!(group = %self.group, epoch = epoch.0, %message, "the other site refused replication: this site is fenced for the group");
+        let (store, group) = (self.store.clone(), self.group.clone());
+        match tokio::task::spawn_blocking(move || store.fence(&group, epoch)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(group = %self.group, error = %e, "could not persist the fence")
+            }
+            Err(e) => tracing::error!(group = %self.group, error = %e, "fence task failed"),
+        }
+        self.live.kick(
+            &self.group,
+            tideline_proto::fenced_status(
+                format!(
+                    "group {} is fenced at this site: another site took it over at {epoch}; its writes are accepted there only",
+                    self.group
+                ),
+                epoch,
+            ),
+        );
+        self.live.replica(&self.group, |r| {
+            r.connected = false;
+            r.last_error = Some(format!("fenced: {message}"));
+        });
+    }
+
+    fn is_primary(&self) -> bool {
+        self.store
+            .group_info(&self.group)
+            .is_some_and(|g| g.role == GroupRole::Primary)
+    }
+
+    async fn session(&self) -> End {
+        let Some(info) = self.store.group_info(&self.group) else {
+            return End::NotPrimary;
+        };
+        if info.role != GroupRole::Primary {
+            return End::NotPrimary;
+        }
+        let endpoint = match Endpoint::from_shared(self.config.peer_url.clone()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(16 << 20)),
+            Err(e) => return End::Failed(format!("bad --replicate-to URL: {e}")),
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return End::Failed(format!("connect to {}: {e}", self.config.peer_url)),
+        };
+        let mut client = v1::replication_client::ReplicationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel(4);
+        let hello = ReplicaHello {
+            site: self.config.site.clone(),
+            group: self.group.clone(),
+            offer: info.offer(),
+        };
+        let epoch = info.epoch;
+        if let Err(e) = send(&tx, Out::Hello(v1::ReplicaHello::from(&hello))).await {
+            return e.into();
+        }
+        let refused = |status: tonic::Status| match tideline_proto::fenced_epoch(&status) {
+            Some(epoch) => End::Fenced(epoch, status.message().to_owned()),
+            None => End::Failed(format!("replica refused the group: {}", status.message())),
+        };
+        let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return refused(status),
+        };
+        let (peer_site, durable) = match inbound.message().await {
+            Ok(Some(v1::ReplicaReply {
+                msg: Some(In::Welcome(w)),
+            })) => (w.site, Seq(w.durable_seq)),
+            Ok(_) => return End::Failed("replica did not answer the hello".into()),
+            Err(status) => return refused(status),
+        };
+        tracing::info!(group = %self.group, peer = %peer_site, epoch = epoch.0, durable = durable.0, "replication stream open");
+        let peer_time = self.store.record_time(&self.group, durable);
+        self.live.replica(&self.group, |r| {
+            r.site = peer_site;
+            r.connected = true;
+            r.last_error = None;
+            r.durable_seq = durable;
+            if let Some(t) = peer_time {
+                r.durable_through = r.durable_through.max(t);
+            }
+        });
+        let (reply_tx, reply_rx) = mpsc::channel(MAX_BATCHES_IN_FLIGHT);
+        let (durable_tx, durable_rx) = watch::channel(durable);
+        let (fail_tx, fail_rx) = watch::channel(None);
+        let _receiver = AbortOnDrop(tokio::spawn(receive(
+            inbound, reply_tx, durable_tx, fail_tx,
+        )));
+        let end = self.pump(durable, &tx, reply_rx, durable_rx).await;
+        // A refusal the receiver saw explains the end better than the closed channel did.
+        let failure = fail_rx.borrow().clone();
+        match failure {
+            Some(status) => refused(status),
+            None => end,
+        }
+    }
+
+    async fn pump(
+        &self,
+        durable: Seq,
+        tx: &mpsc::Sender<v1::ReplicaMessage>,
+        mut replies: mpsc::Receiver<Vec<u32>>,
+        mut durable_rx: watch::Receiver<Seq>,
+    ) -> End {
+        let mut changes = self.live.subscribe();
+        let mut next_after = durable;
+        let mut in_flight: VecDeque<(Seq, TimeNs, Option<Claim>)> = VecDeque::new();
+        let mut query_id = 0u64;
+        loop {
+            let acked = *durable_rx.borrow_and_update();
+            let mut acked_time = None;
+            while in_flight.front().is_some_and(|(s, _, _)| *s <= acked) {
+                if let Some((_, time, _claim)) = in_flight.pop_front() {
+                    acked_time = Some(time);
+                }
+            }
+            self.live.replica(&self.group, |r| {
+                r.durable_seq = r.durable_seq.max(acked);
+                if let Some(t) = acked_time {
+                    r.durable_through = r.durable_through.max(t);
+                }
+            });
+            if !self.is_primary() {
+                return End::NotPrimary;
+            }
+            if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+                if durable_rx.changed().await.is_err() {
+                    return End::Failed("replica stream closed".into());
+                }
+                continue;
+            }
+            let records = {
+                let (store, group) = (self.store.clone(), self.group.clone());
+                match tokio::task::spawn_blocking(move || {
+                    store.records_after(
+                        &group,
+                        next_after,
+                        BATCH_MAX_RECORDS,
+                        BATCH_MAX_BLOCK_BYTES,
+                    )
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(e) => return End::Failed(e.to_string()),
+                }
+            };
+            let Some(last) = records.last().map(|r| (r.seq, r.time)) else {
+                // Caught up: tell the replica how recent everything is, then wait for news.
+                let local = self.live.get(&self.group);
+                if local.durable_seq <= next_after && local.durable_through.0 > 0 {
+                    let heartbeat = v1::Heartbeat {
+                        last_seq: local.durable_seq.0,
+                        time_ns: local.durable_through.0,
+                    };
+                    if let Err(e) = self.send_counted(tx, Out::Heartbeat(heartbeat)).await {
+                        return e;
+                    }
+                    if acked >= local.durable_seq {
+                        self.live.replica(&self.group, |r| {
+                            r.durable_through = r.durable_through.max(local.durable_through)
+                        });
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+                    r = changes.changed() => { if r.is_err() { return End::Failed("shutting down".into()); } }
+                    r = durable_rx.changed() => { if r.is_err() { return End::Failed("replica stream closed".into()); } }
+                }
+                continue;
+            };
+            let chunks = unique_chunks(&records);
+            let (missing, claim) = match self
+                .query_and_claim(tx, &mut replies, &mut query_id, &chunks)
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => return e,
+            };
+            let batch = {
+                let store = self.store.clone();
+                let wanted: Vec<ChunkHash> = missing.iter().map(|&i| chunks[i as usize]).collect();
+                match tokio::task::spawn_blocking(move || build_batch(&store, records, &wanted))
+                    .await
+                {
+                    Ok(Ok(b)) => b,
+                    Ok(Err(e)) => return End::Failed(e),
+                    Err(e) => return End::Failed(e.to_string()),
+                }
+            };
+            let chunk_bytes: u64 = batch.frames.iter().map(|f| f.zstd_data.len() as u64).sum();
+            let records_sent = batch.records.len() as u64;
+            if let Err(e) = self.send_counted(tx, Out::Batch(batch)).await {
+                return e;
+            }
+            self.live.replica(&self.group, |r| {
+                r.chunk_bytes_sent += chunk_bytes;
+                r.chunks_sent += missing.len() as u64;
+                r.records_sent += records_sent;
+            });
+            in_flight.push_back((last.0, last.1, claim));
+            next_after = last.0;
+        }
+    }
+
+    /// Asks which chunks the replica lacks and claims them; waits (and asks again) while
+    /// another group's unacknowledged batch is sending some of them.
+    async fn query_and_claim(
+        &self,
+        tx: &mpsc::Sender<v1::ReplicaMessage>,
+        replies: &mut mpsc::Receiver<Vec<u32>>,
+        query_id: &mut u64,
+        chunks: &[ChunkHash],
+    ) -> Result<(Vec<u32>, Option<Claim>), End> {
+        if chunks.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        loop {
+            *query_id += 1;
+            let hashes = chunks
+                .iter()
+                .map(|h| Bytes::copy_from_slice(&h.0))
+                .collect();
+            self.send_counted(
+                tx,
+                Out::HaveQuery(v1::HaveQuery {
+                    query_id: *query_id,
+                    hashes,
+                }),
+            )
+            .await?;
+            let missing = replies
+                .recv()
+                .await
+                .ok_or_else(|| End::Failed("replica stream closed".into()))?;
+            if missing.iter().any(|&i| i as usize >= chunks.len()) {
+                return Err(End::Failed(
+                    "replica answered a have-query with an index out of range".into(),
+                ));
+            }
+            let wanted: Vec<ChunkHash> = missing.iter().map(|&i| chunks[i as usize]).collect();
+            let released = self.claims.released.notified();
+            if let Some(claim) = self.claims.try_claim(&wanted) {
+                return Ok((missing, Some(claim)));
+            }
+            let _ = tokio::time::timeout(CLAIM_WAIT, released).await;
+        }
+    }
+
+    async fn send_counted(
+        &self,
+        tx: &mpsc::Sender<v1::ReplicaMessage>,
+        msg: Out,
+    ) -> Result<(), End> {
+        let message = v1::ReplicaMessage { msg: Some(msg) };
+        let bytes = message.encoded_len() as u64;
+        tx.send(message)
+            .await
+            .map_err(|_| End::Failed("replication stream closed".into()))?;
+        self.live.replica(&self.group, |r| r.bytes_sent += bytes);
+        Ok(())
+    }
+}
+
+async fn send(tx: &mpsc::Sender<v1::ReplicaMessage>, msg: Out) -> Result<(), String> {
+    tx.send(v1::ReplicaMessage { msg: Some(msg) })
+        .await
+        .map_err(|_| "replication stream closed".to_owned())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Dispatches the replica's answers: have-replies to the pump, durable seqs to a watch, a
+/// refusal to `failed`.
+async fn receive(
+    mut inbound: tonic::Streaming<v1::ReplicaReply>,
+    replies: mpsc::Sender<Vec<u32>>,
+    durable: watch::Sender<Seq>,
+    failed: watch::Sender<Option<tonic::Status>>,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(v1::ReplicaReply {
+                msg: Some(In::HaveReply(reply)),
+            })) => {
+                if replies.send(reply.missing).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(v1::ReplicaReply {
+                msg: Some(In::Durable(d)),
+            })) => durable.send_modify(|s| *s = (*s).max(Seq(d.seq))),
+            Ok(Some(_)) => tracing::warn!("unexpected message from the replica ignored"),
+            Ok(None) => return,
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "replica ended the stream");
+                let _ = failed.send(Some(status));
+                return;
+            }
+        }
+    }
+}
+
+/// Distinct non-zero chunks the records name, in first-seen order.
+fn unique_chunks(records: &[Record]) -> Vec<ChunkHash> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for record in records {
+        if let RecordKind::Write { blocks, .. } = &record.kind {
+            for hash in blocks.iter().flatten() {
+                if seen.insert(*hash) {
+                    out.push(*hash);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Reads the wanted chunks back from the store (each verified against its hash), compresses
+/// them into frames and builds the batch.
+fn build_batch(
+    store: &Store,
+    records: Vec<Record>,
+    wanted: &[ChunkHash],
+) -> Result<v1::Batch, String> {
+    let mut frames = Vec::new();
+    for group in wanted.chunks(MAX_FRAME_BLOCKS) {
+        let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
+        let mut hashes = Vec::with_capacity(group.len());
+        for hash in group {
+            let block = store
+                .read_chunk(hash)
+                .map_err(|e| format!("read chunk {hash} to replicate it: {e}"))?;
+            raw.extend_from_slice(&block);
+            hashes.push(Bytes::copy_from_slice(&hash.0));
+        }
+        frames.push(v1::Frame {
+            hashes,
+            zstd_data: Bytes::from(frame::compress(&raw, DEFAULT_ZSTD_LEVEL)),
+        });
+    }
+    Ok(v1::Batch {
+        records: records.iter().map(v1::Record::from).collect(),
+        frames,
+    })
+}
