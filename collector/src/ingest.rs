@@ -12,12 +12,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tideline_core::record::Record;
-use tideline_core::store::{IncomingFrame, Store, StoreError, VolumeMeta};
+use tideline_core::store::{Store, StoreError, VolumeMeta};
 use tideline_core::{GroupName, Seq, TimeNs, BLOCK_SIZE_BYTES};
 use tideline_proto::v1::{self, agent_message::Msg as In, collector_message::Msg as Out};
 use tideline_proto::{volume_name, WireFrame};
 
 use crate::live::Live;
+use crate::stream::{blocking_status, have_reply, on_blocking_pool, pump, OrderedStream};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,10 +54,6 @@ pub fn store_status(e: StoreError) -> Status {
         StoreError::NotRestorable { .. } => Status::failed_precondition(message),
         _ => Status::failed_precondition(message),
     }
-}
-
-fn blocking_status(e: tokio::task::JoinError) -> Status {
-    Status::internal(format!("store task failed: {e}"))
 }
 
 fn parse_hello(hello: v1::Hello) -> Result<(GroupName, Vec<VolumeMeta>, u64), Status> {
@@ -137,7 +134,7 @@ impl v1::ingest_server::Ingest for IngestService {
         };
         tokio::spawn(async move {
             let (live, group) = (stream.live.clone(), stream.group.clone());
-            stream.run(inbound).await;
+            pump(stream, inbound).await;
             live.detach(&group, stream_id);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -160,44 +157,30 @@ struct JournalStream {
     replies: Replies,
 }
 
-impl JournalStream {
-    async fn run(self, mut inbound: Streaming<v1::AgentMessage>) {
-        loop {
-            let message = match inbound.message().await {
-                Ok(Some(v1::AgentMessage { msg: Some(m) })) => m,
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::info!(group = %self.group, message = status.message(), "journal stream broken");
-                    break;
-                }
-            };
-            if let Err(status) = self.handle(message).await {
-                tracing::warn!(group = %self.group, code = ?status.code(), message = status.message(), "journal stream refused");
-                let _ = self.replies.send(Err(status)).await;
-                break;
-            }
-        }
+impl OrderedStream for JournalStream {
+    type Wire = v1::AgentMessage;
+    type In = In;
+    type Reply = v1::CollectorMessage;
+    const WHAT: &'static str = "journal stream";
+
+    fn payload(wire: v1::AgentMessage) -> Option<In> {
+        wire.msg
+    }
+
+    fn group(&self) -> &GroupName {
+        &self.group
+    }
+
+    fn replies(&self) -> &Replies {
+        &self.replies
     }
 
     async fn handle(&self, message: In) -> Result<(), Status> {
         match message {
             In::Hello(_) => Err(Status::invalid_argument("Hello sent twice")),
             In::HaveQuery(query) => {
-                let hashes = query
-                    .hashes
-                    .iter()
-                    .map(|h| {
-                        tideline_proto::chunk_hash("have_query.hashes", h, false)
-                            .map(|h| h.unwrap_or(tideline_core::ChunkHash([0; 32])))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let missing = self.store.missing(&hashes);
-                self.send(Out::HaveReply(v1::HaveReply {
-                    query_id: query.query_id,
-                    missing,
-                }))
-                .await
+                let reply = have_reply(&self.store, query).await?;
+                self.send(Out::HaveReply(reply)).await
             }
             In::Batch(batch) => self.ingest(batch).await,
             In::CheckpointDone(done) => {
@@ -214,7 +197,9 @@ impl JournalStream {
             }
         }
     }
+}
 
+impl JournalStream {
     async fn ingest(&self, batch: v1::Batch) -> Result<(), Status> {
         if self.live.is_draining(&self.group) {
             return Err(draining_status(&self.group));
@@ -239,18 +224,10 @@ impl JournalStream {
         let newest_time = records.last().map(|r| r.time).unwrap_or_default();
         let store = self.store.clone();
         let group = self.group.clone();
-        let durable = tokio::task::spawn_blocking(move || {
-            let incoming: Vec<IncomingFrame<'_>> = frames
-                .iter()
-                .map(|f| IncomingFrame {
-                    hashes: &f.hashes,
-                    zstd_data: &f.zstd_data,
-                })
-                .collect();
-            store.ingest(&group, &records, &incoming)
+        let durable = on_blocking_pool(frames, move |incoming| {
+            store.ingest(&group, &records, incoming)
         })
-        .await
-        .map_err(blocking_status)?
+        .await?
         .map_err(store_status)?;
         self.live.durable(&self.group, durable, newest_time);
         self.send(Out::Durable(v1::Durable {

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod live;
 pub mod replication;
 pub mod replicator;
+mod stream;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -14,13 +14,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tideline_core::record::Record;
-use tideline_core::store::{IncomingFrame, Store, StoreError};
+use tideline_core::store::{Store, StoreError};
 use tideline_core::{Epoch, GroupName, Seq, SiteName, TimeNs};
 use tideline_proto::v1::{self, replica_message::Msg as In, replica_reply::Msg as Out};
 use tideline_proto::{ReplicaHello, WireFrame};
 
 use crate::ingest::store_status;
 use crate::live::Live;
+use crate::stream::{have_reply, on_blocking_pool, pump, OrderedStream};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -123,7 +124,7 @@ impl v1::replication_server::Replication for ReplicationService {
             epoch,
             replies: tx,
         };
-        tokio::spawn(stream.run(inbound));
+        tokio::spawn(pump(stream, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -136,44 +137,30 @@ struct ReplicaStream {
     replies: Replies,
 }
 
-impl ReplicaStream {
-    async fn run(self, mut inbound: Streaming<v1::ReplicaMessage>) {
-        loop {
-            let message = match inbound.message().await {
-                Ok(Some(v1::ReplicaMessage { msg: Some(m) })) => m,
-                Ok(Some(_)) => continue,
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::info!(group = %self.group, message = status.message(), "replication stream broken");
-                    break;
-                }
-            };
-            if let Err(status) = self.handle(message).await {
-                tracing::warn!(group = %self.group, code = ?status.code(), message = status.message(), "replication stream refused");
-                let _ = self.replies.send(Err(status)).await;
-                break;
-            }
-        }
+impl OrderedStream for ReplicaStream {
+    type Wire = v1::ReplicaMessage;
+    type In = In;
+    type Reply = v1::ReplicaReply;
+    const WHAT: &'static str = "replication stream";
+
+    fn payload(wire: v1::ReplicaMessage) -> Option<In> {
+        wire.msg
+    }
+
+    fn group(&self) -> &GroupName {
+        &self.group
+    }
+
+    fn replies(&self) -> &Replies {
+        &self.replies
     }
 
     async fn handle(&self, message: In) -> Result<(), Status> {
         match message {
             In::Hello(_) => Err(Status::invalid_argument("ReplicaHello sent twice")),
             In::HaveQuery(query) => {
-                let hashes = query
-                    .hashes
-                    .iter()
-                    .map(|h| {
-                        tideline_proto::chunk_hash("have_query.hashes", h, false)
-                            .map(|h| h.unwrap_or(tideline_core::ChunkHash([0; 32])))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let missing = self.store.missing(&hashes);
-                self.send(Out::HaveReply(v1::HaveReply {
-                    query_id: query.query_id,
-                    missing,
-                }))
-                .await
+                let reply = have_reply(&self.store, query).await?;
+                self.send(Out::HaveReply(reply)).await
             }
             In::Batch(batch) => self.ingest(batch).await,
             In::Heartbeat(hb) => {
@@ -183,7 +170,9 @@ impl ReplicaStream {
             }
         }
     }
+}
 
+impl ReplicaStream {
     async fn ingest(&self, batch: v1::Batch) -> Result<(), Status> {
         let records = batch
             .records
@@ -197,18 +186,10 @@ impl ReplicaStream {
             .collect::<Result<Vec<_>, _>>()?;
         let newest_time = records.last().map(|r| r.time).unwrap_or_default();
         let (store, group, epoch) = (self.store.clone(), self.group.clone(), self.epoch);
-        let durable = tokio::task::spawn_blocking(move || {
-            let incoming: Vec<IncomingFrame<'_>> = frames
-                .iter()
-                .map(|f| IncomingFrame {
-                    hashes: &f.hashes,
-                    zstd_data: &f.zstd_data,
-                })
-                .collect();
-            store.ingest_replica(&group, epoch, &records, &incoming)
+        let durable = on_blocking_pool(frames, move |incoming| {
+            store.ingest_replica(&group, epoch, &records, incoming)
         })
-        .await
-        .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+        .await?
         .map_err(replica_status)?;
         self.live.durable(&self.group, durable, newest_time);
         self.send(Out::Durable(v1::Durable { seq: durable.0 }))
