@@ -100,8 +100,30 @@ pub async fn run(
 /// Chunks being sent by some group's unacknowledged batch.
 #[derive(Default)]
 struct Claims {
-    held: Mutex<HashSet<ChunkHash>>,
+    held: Mutex<Held>,
     released: Notify,
+}
+
+/// Releases remembered, so that a have-reply older than a release can be recognised as stale.
+const REMEMBERED_RELEASES: usize = 64;
+
+#[derive(Default)]
+struct Held {
+    claimed: HashSet<ChunkHash>,
+    /// Counts releases; a have-query remembers the count it was asked at.
+    generation: u64,
+    /// The newest releases: (generation after it, the chunks it released).
+    recent: VecDeque<(u64, Vec<ChunkHash>)>,
+}
+
+/// What [`Claims::try_claim`] found.
+enum ClaimOutcome {
+    Claimed(Claim),
+    /// Another batch is sending some of the chunks: wait for a release, then ask again.
+    Busy,
+    /// A batch holding some of the chunks was acknowledged after the replica answered: the
+    /// answer may be out of date, ask again.
+    Stale,
 }
 
 /// Chunks one batch claimed; released when dropped (acknowledged, or the session ended).
@@ -111,25 +133,60 @@ struct Claim {
 }
 
 impl Claims {
-    /// Claims all of `hashes` for one batch, or none if another batch holds any of them.
-    fn try_claim(self: &Arc<Self>, hashes: &[ChunkHash]) -> Option<Claim> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if hashes.iter().any(|h| held.contains(h)) {
-            return None;
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The release count now; pass it to [`Claims::try_claim`] for a query asked after this.
+    fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Claims all of `hashes` for one batch, or none: if another batch holds any of them, or if
+    /// a batch released since `asked_at` (the replica's answer predates its acknowledgement)
+    /// held any of them.
+    fn try_claim(self: &Arc<Self>, hashes: &[ChunkHash], asked_at: u64) -> ClaimOutcome {
+        let mut held = self.lock();
+        if hashes.iter().any(|h| held.claimed.contains(h)) {
+            return ClaimOutcome::Busy;
         }
-        held.extend(hashes.iter().copied());
-        Some(Claim {
+        if held.generation != asked_at && released_since(&held, asked_at, hashes) {
+            return ClaimOutcome::Stale;
+        }
+        held.claimed.extend(hashes.iter().copied());
+        ClaimOutcome::Claimed(Claim {
             claims: self.clone(),
             hashes: hashes.to_vec(),
         })
     }
 }
 
+/// True if a release after `asked_at` may have held one of `hashes` (also when that history
+/// is no longer remembered).
+fn released_since(held: &Held, asked_at: u64, hashes: &[ChunkHash]) -> bool {
+    let remembered_from = held.recent.front().map_or(u64::MAX, |(g, _)| *g);
+    if remembered_from > asked_at + 1 {
+        return true;
+    }
+    let wanted: HashSet<&ChunkHash> = hashes.iter().collect();
+    held.recent
+        .iter()
+        .filter(|(g, _)| *g > asked_at)
+        .any(|(_, released)| released.iter().any(|h| wanted.contains(h)))
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
-        let mut held = self.claims.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.claims.lock();
         for h in &self.hashes {
-            held.remove(h);
+            held.claimed.remove(h);
+        }
+        held.generation += 1;
+        let generation = held.generation;
+        held.recent
+            .push_back((generation, std::mem::take(&mut self.hashes)));
+        while held.recent.len() > REMEMBERED_RELEASES {
+            held.recent.pop_front();
         }
         drop(held);
         self.claims.released.notify_waiters();
@@ -426,6 +483,7 @@ impl GroupReplicator {
             return Ok((Vec::new(), None));
         }
         loop {
+            let asked_at = self.claims.generation();
             *query_id += 1;
             let hashes = chunks
                 .iter()
@@ -450,10 +508,13 @@ impl GroupReplicator {
             }
             let wanted: Vec<ChunkHash> = missing.iter().map(|&i| chunks[i as usize]).collect();
             let released = self.claims.released.notified();
-            if let Some(claim) = self.claims.try_claim(&wanted) {
-                return Ok((missing, Some(claim)));
+            match self.claims.try_claim(&wanted, asked_at) {
+                ClaimOutcome::Claimed(claim) => return Ok((missing, Some(claim))),
+                ClaimOutcome::Stale => continue,
+                ClaimOutcome::Busy => {
+                    let _ = tokio::time::timeout(CLAIM_WAIT, released).await;
+                }
             }
-            let _ = tokio::time::timeout(CLAIM_WAIT, released).await;
         }
     }
 
@@ -560,4 +621,62 @@ fn build_batch(
         records: records.iter().map(v1::Record::from).collect(),
         frames,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn hash(n: u8) -> ChunkHash {
+        ChunkHash([n; 32])
+    }
+
+    #[test]
+    fn an_answer_older_than_a_release_of_the_same_chunks_is_stale() {
+        let claims = Arc::new(Claims::default());
+        let ClaimOutcome::Claimed(first) = claims.try_claim(&[hash(1), hash(2)], 0) else {
+            panic!("nothing held yet");
+        };
+        // Another group asks while the first batch is in flight: busy.
+        let asked_at = claims.generation();
+        assert!(matches!(
+            claims.try_claim(&[hash(2), hash(3)], asked_at),
+            ClaimOutcome::Busy
+        ));
+        // The first batch is acknowledged before the second group claims: its answer said
+        // chunk 2 was missing, which may no longer be true.
+        drop(first);
+        assert!(matches!(
+            claims.try_claim(&[hash(2), hash(3)], asked_at),
+            ClaimOutcome::Stale
+        ));
+        // Chunks the release did not hold can be claimed on that answer.
+        assert!(matches!(
+            claims.try_claim(&[hash(3)], asked_at),
+            ClaimOutcome::Claimed(_)
+        ));
+        // An answer asked after the release is current.
+        assert!(matches!(
+            claims.try_claim(&[hash(2)], claims.generation()),
+            ClaimOutcome::Claimed(_)
+        ));
+    }
+
+    #[test]
+    fn a_release_older_than_the_remembered_history_counts_as_stale() {
+        let claims = Arc::new(Claims::default());
+        let asked_at = claims.generation();
+        for n in 0..=REMEMBERED_RELEASES as u8 {
+            let ClaimOutcome::Claimed(claim) = claims.try_claim(&[hash(n)], claims.generation())
+            else {
+                panic!("free chunk");
+            };
+            drop(claim);
+        }
+        assert!(matches!(
+            claims.try_claim(&[hash(200)], asked_at),
+            ClaimOutcome::Stale
+        ));
+    }
 }
