@@ -1,8 +1,17 @@
 //! The Ingest service: one bidirectional journal stream per agent group.
 //!
-//! Each stream is handled by one task that processes messages in order; while a batch is being
-//! made durable the task does not read the next message, so HTTP/2 flow control pushes back on
-//! the agent (backpressure, not buffering). Replies go through a bounded channel.
+//! Each stream is handled by two tasks. The reader takes messages in order, converts them,
+//! answers have-queries at once (from the durable chunk index) and hands batches to the writer
+//! through a channel of [`MAX_QUEUED_BATCHES`]; when that is full the reader stops reading, so
+//! HTTP/2 flow control pushes back on the agent (backpressure, not buffering). The writer makes
+//! batches durable in order. Batches that queued up while it was busy are committed together
+//! (group commit: one pack fsync and one catalog fsync for all of them, one `Durable` for the
+//! newest seq), so the agent's next batch is prepared while the previous ones are verified and
+//! written. Replies go through a bounded channel.
+//!
+//! A have-query answered while earlier batches are still queued may name chunks those batches
+//! carry as missing; the agent does not ask about chunks of its unacknowledged batches, and a
+//! chunk sent twice is stored once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +29,10 @@ use tideline_proto::{volume_name, WireFrame};
 use crate::live::Live;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Batches received and not yet durable, per stream.
+pub const MAX_QUEUED_BATCHES: usize = 4;
+/// Most batches committed together.
+const MAX_GROUP_COMMIT: usize = 8;
 
 pub struct IngestService {
     store: Arc<Store>,
@@ -140,8 +153,16 @@ struct JournalStream {
     replies: Replies,
 }
 
+/// A batch converted into core types, waiting for the writer.
+struct Pending {
+    records: Vec<Record>,
+    frames: Vec<WireFrame>,
+}
+
 impl JournalStream {
     async fn run(self, mut inbound: Streaming<v1::AgentMessage>) {
+        let (batches, queue) = mpsc::channel(MAX_QUEUED_BATCHES);
+        let writer = tokio::spawn(Writer::from(&self).run(queue));
         loop {
             let message = match inbound.message().await {
                 Ok(Some(v1::AgentMessage { msg: Some(m) })) => m,
@@ -152,15 +173,17 @@ impl JournalStream {
                     break;
                 }
             };
-            if let Err(status) = self.handle(message).await {
+            if let Err(status) = self.handle(message, &batches).await {
                 tracing::warn!(group = %self.group, code = ?status.code(), message = status.message(), "journal stream refused");
                 let _ = self.replies.send(Err(status)).await;
                 break;
             }
         }
+        drop(batches);
+        let _ = writer.await;
     }
 
-    async fn handle(&self, message: In) -> Result<(), Status> {
+    async fn handle(&self, message: In, batches: &mpsc::Sender<Pending>) -> Result<(), Status> {
         match message {
             In::Hello(_) => Err(Status::invalid_argument("Hello sent twice")),
             In::HaveQuery(query) => {
@@ -179,7 +202,25 @@ impl JournalStream {
                 }))
                 .await
             }
-            In::Batch(batch) => self.ingest(batch).await,
+            In::Batch(batch) => {
+                let pending = Pending {
+                    records: batch
+                        .records
+                        .iter()
+                        .map(Record::try_from)
+                        .collect::<Result<Vec<_>, _>>()?,
+                    frames: batch
+                        .frames
+                        .into_iter()
+                        .map(WireFrame::try_from)
+                        .collect::<Result<Vec<_>, _>>()?,
+                };
+                // Fails only once the writer stopped, after it sent the reason to the agent.
+                batches
+                    .send(pending)
+                    .await
+                    .map_err(|_| Status::aborted("an earlier batch of this stream was refused"))
+            }
             In::CheckpointDone(done) => {
                 self.live.checkpoint_done(done);
                 Ok(())
@@ -192,42 +233,100 @@ impl JournalStream {
         }
     }
 
-    async fn ingest(&self, batch: v1::Batch) -> Result<(), Status> {
-        let records = batch
-            .records
-            .iter()
-            .map(Record::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let frames = batch
-            .frames
-            .into_iter()
-            .map(WireFrame::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let newest_time = records.last().map(|r| r.time).unwrap_or_default();
-        let store = self.store.clone();
-        let group = self.group.clone();
-        let durable = tokio::task::spawn_blocking(move || {
-            let incoming: Vec<IncomingFrame<'_>> = frames
-                .iter()
-                .map(|f| IncomingFrame {
-                    hashes: &f.hashes,
-                    zstd_data: &f.zstd_data,
-                })
-                .collect();
-            store.ingest(&group, &records, &incoming)
-        })
-        .await
-        .map_err(blocking_status)?
-        .map_err(store_status)?;
-        self.live.durable(&self.group, durable, newest_time);
-        self.send(Out::Durable(v1::Durable { seq: durable.0 }))
-            .await
-    }
-
     async fn send(&self, msg: Out) -> Result<(), Status> {
         self.replies
             .send(reply(msg))
             .await
             .map_err(|_| Status::cancelled("agent went away"))
     }
+}
+
+/// The stream's writer: makes queued batches durable, in order, committing together those
+/// that queued up while it was busy.
+struct Writer {
+    store: Arc<Store>,
+    live: Arc<Live>,
+    group: GroupName,
+    replies: Replies,
+}
+
+impl From<&JournalStream> for Writer {
+    fn from(stream: &JournalStream) -> Writer {
+        Writer {
+            store: stream.store.clone(),
+            live: stream.live.clone(),
+            group: stream.group.clone(),
+            replies: stream.replies.clone(),
+        }
+    }
+}
+
+impl Writer {
+    async fn run(self, mut queue: mpsc::Receiver<Pending>) {
+        while let Some(first) = queue.recv().await {
+            let mut pending = vec![first];
+            while pending.len() < MAX_GROUP_COMMIT {
+                match queue.try_recv() {
+                    Ok(next) => pending.push(next),
+                    Err(_) => break,
+                }
+            }
+            if let Err(status) = self.commit(pending).await {
+                tracing::warn!(group = %self.group, code = ?status.code(), message = status.message(), "journal stream refused");
+                let _ = self.replies.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+
+    /// Makes `pending` durable and answers `Durable` with the newest seq.
+    async fn commit(&self, pending: Vec<Pending>) -> Result<(), Status> {
+        let newest_time = pending
+            .iter()
+            .rev()
+            .find_map(|p| p.records.last())
+            .map(|r| r.time)
+            .unwrap_or_default();
+        let store = self.store.clone();
+        let group = self.group.clone();
+        let durable = tokio::task::spawn_blocking(move || ingest_group(&store, &group, &pending))
+            .await
+            .map_err(blocking_status)?
+            .map_err(store_status)?;
+        self.live.durable(&self.group, durable, newest_time);
+        self.replies
+            .send(reply(Out::Durable(v1::Durable { seq: durable.0 })))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))
+    }
+}
+
+/// Ingests consecutive batches as one (one catalog entry, two fsyncs). If that is refused, they
+/// are ingested one by one, so that the batches before a bad one are still stored and the error
+/// is the bad batch's own.
+fn ingest_group(store: &Store, group: &GroupName, pending: &[Pending]) -> Result<Seq, StoreError> {
+    if pending.len() > 1 {
+        let all: Vec<&Pending> = pending.iter().collect();
+        let records: Vec<Record> = all.iter().flat_map(|p| p.records.iter().cloned()).collect();
+        if let Ok(durable) = store.ingest(group, &records, &incoming(&all)) {
+            return Ok(durable);
+        }
+    }
+    let mut durable = Seq::ZERO;
+    for p in pending {
+        durable = store.ingest(group, &p.records, &incoming(&[p]))?;
+    }
+    Ok(durable)
+}
+
+/// The frames of `pending`, in order, as the store takes them.
+fn incoming<'a>(pending: &[&'a Pending]) -> Vec<IncomingFrame<'a>> {
+    pending
+        .iter()
+        .flat_map(|p| &p.frames)
+        .map(|f| IncomingFrame {
+            hashes: &f.hashes,
+            zstd_data: &f.zstd_data,
+        })
+        .collect()
 }
