@@ -98,7 +98,8 @@ mod pack;
 mod tests;
 
 pub use materialise::{
-    extents, materialise, plan_data_bytes, Extents, MaterialiseStats, MATERIALISE_EXTENT_BYTES,
+    extents, for_each_extent, materialise, plan_data_bytes, Extents, MaterialiseStats,
+    MATERIALISE_EXTENT_BYTES,
 };
 pub use pack::{PackId, PACKS_DIR};
 
@@ -129,7 +130,7 @@ pub const LOCK_FILE: &str = "lock";
 /// Default for [`StoreConfig::pack_target_bytes`].
 pub const DEFAULT_PACK_TARGET_BYTES: u64 = 64 << 20;
 /// Default for [`StoreConfig::frame_cache_frames`].
-pub const DEFAULT_FRAME_CACHE_FRAMES: usize = 16;
+pub const DEFAULT_FRAME_CACHE_FRAMES: usize = 32;
 
 /// How to open a [`Store`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +140,7 @@ pub struct StoreConfig {
     /// A new pack file is started when a frame would take the current one past this size.
     /// Default 64 MiB.
     pub pack_target_bytes: u64,
-    /// Decompressed frames kept in memory (each up to 1 MiB); 0 disables the cache. Default 16.
+    /// Decompressed frames kept in memory (each up to 1 MiB); 0 disables the cache. Default 32.
     pub frame_cache_frames: usize,
 }
 
@@ -160,7 +161,7 @@ impl StoreConfig {
         }
         if self.frame_cache_frames > 1 << 16 {
             return Err(StoreError::InvalidConfig(format!(
-                "frame_cache_frames is {}, but each frame may take 1 MiB of memory; use at most 65536 (default 16)",
+                "frame_cache_frames is {}, but each frame may take 1 MiB of memory; use at most 65536 (default 32)",
                 self.frame_cache_frames
             )));
         }
