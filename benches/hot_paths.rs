@@ -2,7 +2,9 @@
 //! and decompression, spool append, chunk-store ingest and read, materialisation.
 //!
 //! Data is text-like and compressible, as file-system blocks are; figures are per byte of
-//! uncompressed block data.
+//! uncompressed block data. With `TIDELINE_BENCH_SAMPLE=FILE` (the end-to-end benchmark sets it
+//! to its ext4 image of system files), hashing and compression run on the non-zero blocks of
+//! FILE instead, so the ceiling derived from them is the one of that data.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
@@ -33,8 +35,40 @@ fn realistic(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `len` bytes of non-zero blocks taken from 1 MiB windows spread evenly over
+/// `TIDELINE_BENCH_SAMPLE`, or of [`realistic`] data when it is not set.
+fn sample(len: usize, seed: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let Some(path) = std::env::var_os("TIDELINE_BENCH_SAMPLE") else {
+        return realistic(len, seed);
+    };
+    let file = std::fs::File::open(&path).expect("open TIDELINE_BENCH_SAMPLE");
+    let file_len = file.metadata().expect("stat TIDELINE_BENCH_SAMPLE").len();
+    let windows = (len / MIB).max(1) as u64 * 4;
+    let step = (file_len / windows).max(MIB as u64) & !(BLOCK_SIZE as u64 - 1);
+    let mut out = Vec::with_capacity(len);
+    let mut window = vec![0u8; MIB];
+    let mut at = 0;
+    while out.len() < len && at < file_len {
+        let n = file
+            .read_at(&mut window, at)
+            .expect("read TIDELINE_BENCH_SAMPLE");
+        for block in window[..n - n % BLOCK_SIZE].chunks_exact(BLOCK_SIZE) {
+            if !block::is_zero(block) && out.len() < len {
+                out.extend_from_slice(block);
+            }
+        }
+        at += step;
+    }
+    assert!(!out.is_empty(), "TIDELINE_BENCH_SAMPLE holds no data");
+    while out.len() < len {
+        out.extend_from_within(..(len - out.len()).min(out.len()));
+    }
+    out
+}
+
 fn hashing(c: &mut Criterion) {
-    let data = realistic(8 * MIB, 1);
+    let data = sample(8 * MIB, 1);
     let zeroes = vec![0u8; 8 * MIB];
     let mut group = c.benchmark_group("block");
     group.throughput(Throughput::Bytes(data.len() as u64));
@@ -55,16 +89,34 @@ fn hashing(c: &mut Criterion) {
 }
 
 fn compression(c: &mut Criterion) {
-    let data = realistic(MAX_FRAME_BLOCKS * BLOCK_SIZE, 2);
+    let frame_bytes = MAX_FRAME_BLOCKS * BLOCK_SIZE;
+    // Several frames from across the sample, so that one odd frame does not decide the figure.
+    let frames = if std::env::var_os("TIDELINE_BENCH_SAMPLE").is_some() {
+        16
+    } else {
+        1
+    };
+    let data = sample(frames * frame_bytes, 2);
     let hashes: Vec<ChunkHash> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
-    let compressed = frame::compress(&data, DEFAULT_ZSTD_LEVEL);
+    let compressed: Vec<Vec<u8>> = data
+        .chunks(frame_bytes)
+        .map(|f| frame::compress(f, DEFAULT_ZSTD_LEVEL))
+        .collect();
     let mut group = c.benchmark_group("frame");
     group.throughput(Throughput::Bytes(data.len() as u64));
     group.bench_function("compress_1mib_level1", |b| {
-        b.iter(|| black_box(frame::compress(&data, DEFAULT_ZSTD_LEVEL)))
+        b.iter(|| {
+            for f in data.chunks(frame_bytes) {
+                black_box(frame::compress(f, DEFAULT_ZSTD_LEVEL));
+            }
+        })
     });
     group.bench_function("open_1mib_decompress_verify", |b| {
-        b.iter(|| black_box(frame::open(&compressed, &hashes)))
+        b.iter(|| {
+            for (z, h) in compressed.iter().zip(hashes.chunks(MAX_FRAME_BLOCKS)) {
+                black_box(frame::open(z, h).expect("open"));
+            }
+        })
     });
     group.finish();
 }

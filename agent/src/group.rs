@@ -134,11 +134,13 @@ impl Group {
     /// Appends `op` to the spool; if the spool is full, marks the blocks dirty instead and
     /// opens a gap in the journal (once), so writes keep flowing and a resync catches up later.
     fn append_or_mark_gap(&self, volume: &mut VolumeState, op: SpoolOp) -> Result<(), TapError> {
+        // The blocks `op` covers, known before `op` moves into the spool (no copy of its data).
+        let blocks = blocks_of(&op);
         if volume.in_gap {
-            mark_dirty(volume, &op);
+            mark_dirty(volume, blocks);
             return Ok(());
         }
-        match self.spool.append(op.clone()) {
+        match self.spool.append(op) {
             Ok(_) => Ok(()),
             Err(SpoolError::Full { .. }) => {
                 tracing::warn!(group = %self.name, volume = %volume.name,
@@ -148,7 +150,7 @@ impl Group {
                 }))?;
                 volume.in_gap = true;
                 volume.dirty.set_resync_pending(true);
-                mark_dirty(volume, &op);
+                mark_dirty(volume, blocks);
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -189,14 +191,20 @@ impl Group {
     }
 }
 
-fn mark_dirty(volume: &mut VolumeState, op: &SpoolOp) {
-    let (first, count) = match op {
-        SpoolOp::Write { first, data, .. } => (first.0, (data.len() / BLOCK_SIZE) as u64),
+/// The (first block, count) a spooled change covers, if any.
+fn blocks_of(op: &SpoolOp) -> Option<(u64, u64)> {
+    match op {
+        SpoolOp::Write { first, data, .. } => Some((first.0, (data.len() / BLOCK_SIZE) as u64)),
         SpoolOp::Other(RecordKind::Trim { first, count, .. })
-        | SpoolOp::Other(RecordKind::WriteZeroes { first, count, .. }) => (first.0, *count),
-        SpoolOp::Other(_) => return,
-    };
-    volume.dirty.mark(first, count);
+        | SpoolOp::Other(RecordKind::WriteZeroes { first, count, .. }) => Some((first.0, *count)),
+        SpoolOp::Other(_) => None,
+    }
+}
+
+fn mark_dirty(volume: &mut VolumeState, blocks: Option<(u64, u64)>) {
+    if let Some((first, count)) = blocks {
+        volume.dirty.mark(first, count);
+    }
 }
 
 fn io_error<'a>(

@@ -2,8 +2,14 @@
 //!
 //! Per batch of spooled records: hash every 4 KiB block (blake3) and drop all-zero blocks, ask
 //! the collector which of the remaining chunks it lacks (`HaveQuery`), compress only those into
-//! multi-block zstd frames, and send the records with the frames. The collector answers
-//! `Durable(seq)` once records and chunks are on its disk; only then is spool space released.
+//! multi-block zstd frames (spread over the cores), and send the records with the frames. The
+//! collector answers `Durable(seq)` once records and chunks are on its disk; only then is spool
+//! space released.
+//!
+//! The collector answers a query at once, while earlier batches may still be on their way to
+//! its disk; so chunks carried by this session's unacknowledged batches are not asked about
+//! (they are never sent twice). That is safe because the collector makes a stream's batches
+//! durable in order and stops the stream at the first one it refuses.
 //!
 //! Bounded: at most [`MAX_BATCHES_IN_FLIGHT`] unacknowledged batches of at most
 //! [`BATCH_MAX_BYTES`] of block data each; the outbound channel holds a handful of messages.
@@ -17,7 +23,7 @@
 //! message, and reports it on `ShipperConfig::on_fenced`; the agent then shuts down and exits
 //! with [`crate::EXIT_FENCED`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -232,12 +238,13 @@ impl Session {
             ));
         }
         let mut reader = Some(self.group.spool.reader(start));
-        let mut in_flight: VecDeque<Seq> = VecDeque::new();
+        // Last seq of each unacknowledged batch, and the chunks it carries.
+        let mut in_flight: VecDeque<(Seq, HashSet<ChunkHash>)> = VecDeque::new();
         let mut query_id = 0u64;
         let mut released = durable;
         loop {
             let acked = *durable_rx.borrow_and_update();
-            while in_flight.front().is_some_and(|&s| s <= acked) {
+            while in_flight.front().is_some_and(|(s, _)| *s <= acked) {
                 in_flight.pop_front();
             }
             if acked > released {
@@ -259,13 +266,17 @@ impl Session {
                 continue;
             };
             query_id += 1;
-            let missing = self.query(tx, &mut replies, query_id, &batch).await?;
+            let missing = self
+                .query(tx, &mut replies, query_id, &batch, &in_flight)
+                .await?;
             let last_seq = batch.last_seq;
+            let sent: HashSet<ChunkHash> =
+                missing.iter().map(|&i| batch.chunks[i as usize]).collect();
             let message = tokio::task::spawn_blocking(move || build_batch(batch, &missing))
                 .await
                 .map_err(|e| e.to_string())?;
             send(tx, Out::Batch(message)).await?;
-            in_flight.push_back(last_seq);
+            in_flight.push_back((last_seq, sent));
         }
     }
 
@@ -314,27 +325,35 @@ impl Session {
         Ok(())
     }
 
+    /// Indexes into `batch.chunks` of the chunks to send: those the collector lacks and no
+    /// unacknowledged batch carries.
     async fn query(
         &self,
         tx: &mpsc::Sender<v1::AgentMessage>,
         replies: &mut mpsc::Receiver<Vec<u32>>,
         query_id: u64,
         batch: &PreparedBatch,
+        in_flight: &VecDeque<(Seq, HashSet<ChunkHash>)>,
     ) -> Result<Vec<u32>, String> {
-        if batch.chunks.is_empty() {
+        let asked: Vec<u32> = (0u32..)
+            .zip(&batch.chunks)
+            .filter(|(_, h)| !in_flight.iter().any(|(_, sent)| sent.contains(*h)))
+            .map(|(i, _)| i)
+            .collect();
+        if asked.is_empty() {
             return Ok(Vec::new());
         }
-        let hashes = batch
-            .chunks
+        let hashes = asked
             .iter()
-            .map(|h| Bytes::copy_from_slice(&h.0))
+            .map(|&i| Bytes::copy_from_slice(&batch.chunks[i as usize].0))
             .collect();
         send(tx, Out::HaveQuery(v1::HaveQuery { query_id, hashes })).await?;
         let missing = replies.recv().await.ok_or("collector stream closed")?;
-        if missing.iter().any(|&i| i as usize >= batch.chunks.len()) {
-            return Err("collector answered a have-query with an index out of range".into());
-        }
-        Ok(missing)
+        missing
+            .iter()
+            .map(|&i| asked.get(i as usize).copied())
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| "collector answered a have-query with an index out of range".into())
     }
 }
 
@@ -497,24 +516,52 @@ fn to_record(
     }
 }
 
-/// Compresses the chunks the collector lacks into frames and builds the batch message.
+/// Compresses the chunks the collector lacks into frames (the frames spread over the cores)
+/// and builds the batch message.
 fn build_batch(batch: PreparedBatch, missing: &[u32]) -> v1::Batch {
-    let mut frames = Vec::new();
-    for group in missing.chunks(MAX_FRAME_BLOCKS) {
-        let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
-        let mut hashes = Vec::with_capacity(group.len());
-        for &i in group {
-            let i = i as usize;
-            raw.extend_from_slice(&batch.chunk_data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
-            hashes.push(Bytes::copy_from_slice(&batch.chunks[i].0));
-        }
-        frames.push(v1::Frame {
-            hashes,
-            zstd_data: Bytes::from(frame::compress(&raw, DEFAULT_ZSTD_LEVEL)),
-        });
-    }
+    let groups: Vec<&[u32]> = missing.chunks(MAX_FRAME_BLOCKS).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(groups.len())
+        .max(1);
+    let per_thread = groups.len().div_ceil(threads).max(1);
+    let frames = std::thread::scope(|scope| {
+        let workers: Vec<_> = groups
+            .chunks(per_thread)
+            .map(|part| {
+                let batch = &batch;
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|g| compress_frame(batch, g))
+                        .collect::<Vec<v1::Frame>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect::<Vec<v1::Frame>>()
+    });
     v1::Batch {
         records: batch.records,
         frames,
+    }
+}
+
+/// One frame of the chunks `batch.chunks[i]` for `i` in `group`.
+fn compress_frame(batch: &PreparedBatch, group: &[u32]) -> v1::Frame {
+    let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
+    let mut hashes = Vec::with_capacity(group.len());
+    for &i in group {
+        let i = i as usize;
+        raw.extend_from_slice(&batch.chunk_data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+        hashes.push(Bytes::copy_from_slice(&batch.chunks[i].0));
+    }
+    v1::Frame {
+        hashes,
+        zstd_data: Bytes::from(frame::compress(&raw, DEFAULT_ZSTD_LEVEL)),
     }
 }

@@ -533,24 +533,32 @@ fn stream_plan(
     {
         return;
     }
-    for extent in store::extents(store, plan, RESTORE_EXTENT_BYTES) {
-        let message = match extent {
-            Ok((offset_bytes, data)) => Ok(v1::RestoreMessage {
-                msg: Some(Msg::Extent(v1::Extent {
-                    offset_bytes,
-                    data: data.into(),
-                    zero_len_bytes: 0,
-                })),
-            }),
-            Err(e) => {
-                tracing::error!(volume = %plan.volume, error = %e, "restore failed");
-                Err(Status::data_loss(e.to_string()))
-            }
+    let sent = store::for_each_extent(store, plan, RESTORE_EXTENT_BYTES, |offset_bytes, data| {
+        let message = v1::RestoreMessage {
+            msg: Some(Msg::Extent(v1::Extent {
+                offset_bytes,
+                data: data.into(),
+                zero_len_bytes: 0,
+            })),
         };
-        let failed = message.is_err();
-        if tx.blocking_send(message).is_err() || failed {
-            return;
-        }
+        tx.blocking_send(Ok(message))
+            .map_err(|_| StreamEnd::ClientGone)
+    });
+    if let Err(StreamEnd::Failed(e)) = sent {
+        tracing::error!(volume = %plan.volume, error = %e, "restore failed");
+        let _ = tx.blocking_send(Err(Status::data_loss(e.to_string())));
+    }
+}
+
+/// Why a restore stream ended early.
+enum StreamEnd {
+    Failed(tideline_core::store::StoreError),
+    ClientGone,
+}
+
+impl From<tideline_core::store::StoreError> for StreamEnd {
+    fn from(e: tideline_core::store::StoreError) -> StreamEnd {
+        StreamEnd::Failed(e)
     }
 }
 

@@ -1,8 +1,17 @@
 //! The Ingest service: one bidirectional journal stream per agent group.
 //!
-//! Each stream is handled by one task that processes messages in order; while a batch is being
-//! made durable the task does not read the next message, so HTTP/2 flow control pushes back on
-//! the agent (backpressure, not buffering). Replies go through a bounded channel.
+//! Each stream is handled by two tasks. The reader takes messages in order, converts them,
+//! answers have-queries at once (from the durable chunk index) and hands batches to the writer
+//! through a channel of [`MAX_QUEUED_BATCHES`]; when that is full the reader stops reading, so
+//! HTTP/2 flow control pushes back on the agent (backpressure, not buffering). The writer makes
+//! batches durable in order. Batches that queued up while it was busy are committed together
+//! (group commit: one pack fsync and one catalog fsync for all of them, one `Durable` for the
+//! newest seq), so the agent's next batch is prepared while the previous ones are verified and
+//! written. Replies go through a bounded channel.
+//!
+//! A have-query answered while earlier batches are still queued may name chunks those batches
+//! carry as missing; the agent does not ask about chunks of its unacknowledged batches, and a
+//! chunk sent twice is stored once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +21,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tideline_core::record::Record;
-use tideline_core::store::{Store, StoreError, VolumeMeta};
+use tideline_core::store::{IncomingFrame, Store, StoreError, VolumeMeta};
 use tideline_core::{GroupName, Seq, TimeNs, BLOCK_SIZE_BYTES};
 use tideline_proto::v1::{self, agent_message::Msg as In, collector_message::Msg as Out};
 use tideline_proto::{volume_name, WireFrame};
 
 use crate::live::Live;
-use crate::stream::{blocking_status, have_reply, on_blocking_pool, pump, OrderedStream};
+use crate::stream::{blocking_status, have_reply, pump, OrderedStream};
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Batches received and not yet durable, per stream.
+pub const MAX_QUEUED_BATCHES: usize = 4;
+/// Most batches committed together.
+const MAX_GROUP_COMMIT: usize = 8;
 
 pub struct IngestService {
     store: Arc<Store>,
@@ -125,16 +138,29 @@ impl v1::ingest_server::Ingest for IngestService {
             })))
             .await;
         let stream_id = self.live.attach(&group, tx.clone());
+        let (batches, queue) = mpsc::channel(MAX_QUEUED_BATCHES);
+        let writer = Writer {
+            store: self.store.clone(),
+            live: self.live.clone(),
+            group: group.clone(),
+            seq_base,
+            replies: tx.clone(),
+        };
         let stream = JournalStream {
             store: self.store.clone(),
             live: self.live.clone(),
             group,
             seq_base,
             replies: tx,
+            batches,
         };
         tokio::spawn(async move {
             let (live, group) = (stream.live.clone(), stream.group.clone());
+            let writing = tokio::spawn(writer.run(queue));
+            // The reader ends first and drops its end of the queue; the writer finishes what is
+            // queued before the stream is detached.
             pump(stream, inbound).await;
+            let _ = writing.await;
             live.detach(&group, stream_id);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -155,6 +181,14 @@ struct JournalStream {
     /// Journal seq = seq_base + the agent spool's seq.
     seq_base: Seq,
     replies: Replies,
+    batches: mpsc::Sender<Pending>,
+}
+
+/// A batch converted into core types (seqs already in the group's journal), waiting for the
+/// writer.
+struct Pending {
+    records: Vec<Record>,
+    frames: Vec<WireFrame>,
 }
 
 impl OrderedStream for JournalStream {
@@ -200,6 +234,7 @@ impl OrderedStream for JournalStream {
 }
 
 impl JournalStream {
+    /// Converts a batch and queues it for the writer.
     async fn ingest(&self, batch: v1::Batch) -> Result<(), Status> {
         if self.live.is_draining(&self.group) {
             return Err(draining_status(&self.group));
@@ -221,19 +256,11 @@ impl JournalStream {
             .into_iter()
             .map(WireFrame::try_from)
             .collect::<Result<Vec<_>, _>>()?;
-        let newest_time = records.last().map(|r| r.time).unwrap_or_default();
-        let store = self.store.clone();
-        let group = self.group.clone();
-        let durable = on_blocking_pool(frames, move |incoming| {
-            store.ingest(&group, &records, incoming)
-        })
-        .await?
-        .map_err(store_status)?;
-        self.live.durable(&self.group, durable, newest_time);
-        self.send(Out::Durable(v1::Durable {
-            seq: durable.0.saturating_sub(base),
-        }))
-        .await
+        // Fails only once the writer stopped, after it sent the reason to the agent.
+        self.batches
+            .send(Pending { records, frames })
+            .await
+            .map_err(|_| Status::aborted("an earlier batch of this stream was refused"))
     }
 
     async fn send(&self, msg: Out) -> Result<(), Status> {
@@ -242,4 +269,87 @@ impl JournalStream {
             .await
             .map_err(|_| Status::cancelled("agent went away"))
     }
+}
+
+/// The stream's writer: makes queued batches durable, in order, committing together those
+/// that queued up while it was busy.
+struct Writer {
+    store: Arc<Store>,
+    live: Arc<Live>,
+    group: GroupName,
+    seq_base: Seq,
+    replies: Replies,
+}
+
+impl Writer {
+    async fn run(self, mut queue: mpsc::Receiver<Pending>) {
+        while let Some(first) = queue.recv().await {
+            let mut pending = vec![first];
+            while pending.len() < MAX_GROUP_COMMIT {
+                match queue.try_recv() {
+                    Ok(next) => pending.push(next),
+                    Err(_) => break,
+                }
+            }
+            if let Err(status) = self.commit(pending).await {
+                tracing::warn!(group = %self.group, code = ?status.code(), message = status.message(), "journal stream refused");
+                let _ = self.replies.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+
+    /// Makes `pending` durable and answers `Durable` with the newest seq (in the agent's
+    /// numbering).
+    async fn commit(&self, pending: Vec<Pending>) -> Result<(), Status> {
+        let newest_time = pending
+            .iter()
+            .rev()
+            .find_map(|p| p.records.last())
+            .map(|r| r.time)
+            .unwrap_or_default();
+        let store = self.store.clone();
+        let group = self.group.clone();
+        let durable = tokio::task::spawn_blocking(move || ingest_group(&store, &group, &pending))
+            .await
+            .map_err(blocking_status)?
+            .map_err(store_status)?;
+        self.live.durable(&self.group, durable, newest_time);
+        self.replies
+            .send(reply(Out::Durable(v1::Durable {
+                seq: durable.0.saturating_sub(self.seq_base.0),
+            })))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))
+    }
+}
+
+/// Ingests consecutive batches as one (one catalog entry, two fsyncs). If that is refused, they
+/// are ingested one by one, so that the batches before a bad one are still stored and the error
+/// is the bad batch's own.
+fn ingest_group(store: &Store, group: &GroupName, pending: &[Pending]) -> Result<Seq, StoreError> {
+    if pending.len() > 1 {
+        let all: Vec<&Pending> = pending.iter().collect();
+        let records: Vec<Record> = all.iter().flat_map(|p| p.records.iter().cloned()).collect();
+        if let Ok(durable) = store.ingest(group, &records, &incoming(&all)) {
+            return Ok(durable);
+        }
+    }
+    let mut durable = Seq::ZERO;
+    for p in pending {
+        durable = store.ingest(group, &p.records, &incoming(&[p]))?;
+    }
+    Ok(durable)
+}
+
+/// The frames of `pending`, in order, as the store takes them.
+fn incoming<'a>(pending: &[&'a Pending]) -> Vec<IncomingFrame<'a>> {
+    pending
+        .iter()
+        .flat_map(|p| &p.frames)
+        .map(|f| IncomingFrame {
+            hashes: &f.hashes,
+            zstd_data: &f.zstd_data,
+        })
+        .collect()
 }

@@ -1,0 +1,110 @@
+//! Ingest: new data written through the agent's NBD export (nbdcopy, which skips holes and
+//! zero blocks) until all of it is durable at the collector, for an ext4 image of system files
+//! and for random data. Throughput is data bytes (the source's non-hole bytes) over the time
+//! from the first write to durability; CPU is utime + stime of agent and collector over the
+//! same span.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::data;
+use crate::procs::{now_ns, Agent, Collector, Grpc};
+use crate::report::{Goal, Row};
+use crate::sys;
+use crate::Settings;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// One ingest run's figures.
+struct Sample {
+    mb_per_s: f64,
+    cpu_s_per_gb: f64,
+    agent_rss_mib: f64,
+    collector_rss_mib: f64,
+}
+
+fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
+    let work = sys::fresh_dir(&s.work.join("ingest"))?;
+    let volume = work.join("volume.img");
+    let size = std::fs::metadata(source)?.len();
+    std::fs::File::create(&volume)?.set_len(size)?;
+    let data_bytes = data::data_bytes(source)?;
+    let collector = Collector::start(&s.bin_dir, &work)?;
+    let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
+    let mut grpc = Grpc::connect(&collector.url)?;
+    let cpu_before = agent.proc.usage().cpu_seconds + collector.proc.usage().cpu_seconds;
+    let started = Instant::now();
+    sys::run(
+        Command::new("nbdcopy")
+            .arg("--flush")
+            .arg(source)
+            .arg(agent.uri()),
+        Duration::from_secs(3600),
+    )?;
+    grpc.wait_durable(&agent.volume, now_ns())?;
+    let seconds = started.elapsed().as_secs_f64();
+    let (a, c) = (agent.proc.usage(), collector.proc.usage());
+    let cpu = a.cpu_seconds + c.cpu_seconds - cpu_before;
+    Ok(Sample {
+        mb_per_s: data_bytes as f64 / 1e6 / seconds,
+        cpu_s_per_gb: cpu / (data_bytes as f64 / 1e9),
+        agent_rss_mib: a.peak_rss_bytes as f64 / MIB,
+        collector_rss_mib: c.peak_rss_bytes as f64 / MIB,
+    })
+}
+
+fn rows_for(
+    s: &Settings,
+    label: &str,
+    source: &Path,
+    goal: Option<f64>,
+) -> anyhow::Result<Vec<Row>> {
+    let mut samples = Vec::new();
+    for run in 0..s.runs {
+        eprintln!("ingest ({label}): run {}/{}", run + 1, s.runs);
+        samples.push(run_once(s, source)?);
+    }
+    let col = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    let data_mb = data::data_bytes(source)? as f64 / 1e6;
+    let mut throughput = Row::new(
+        "ingest",
+        &format!("{label}: NBD write to durable at collector"),
+        "MB/s",
+        &col(|x| x.mb_per_s),
+    )
+    .note(format!("{data_mb:.0} MB of data"));
+    if let Some(goal) = goal {
+        throughput = throughput.goal(Goal::AtLeast(goal));
+    }
+    Ok(vec![
+        throughput,
+        Row::new(
+            "ingest",
+            &format!("{label}: CPU of agent + collector"),
+            "s/GB",
+            &col(|x| x.cpu_s_per_gb),
+        ),
+        Row::new(
+            "memory",
+            &format!("agent peak RSS, ingest {label}"),
+            "MiB",
+            &col(|x| x.agent_rss_mib),
+        )
+        .goal(Goal::AtMost(256.0)),
+        Row::new(
+            "memory",
+            &format!("collector peak RSS, ingest {label}"),
+            "MiB",
+            &col(|x| x.collector_rss_mib),
+        ),
+    ])
+}
+
+pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
+    let ext4 = data::ext4_image(&s.cache, s.history_volume_bytes, crate::EXT4_FILL)?;
+    let random = data::random_file(&s.cache, s.random_bytes)?;
+    let mut rows = rows_for(s, "ext4 of system files", &ext4, Some(400.0))?;
+    rows.extend(rows_for(s, "random data", &random, None)?);
+    Ok(rows)
+}

@@ -1,0 +1,204 @@
+//! Small system helpers: running commands under a time limit, file allocation, process CPU and
+//! memory from /proc, the page cache.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Runs `command` to completion within `limit`, returning its stdout; fails on a non-zero exit.
+pub fn run(command: &mut Command, limit: Duration) -> anyhow::Result<String> {
+    let description = format!("{command:?}");
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {description}"))?;
+    let (ok, stdout, stderr) = finish(child, limit).with_context(|| description.clone())?;
+    if !ok {
+        bail!("{description} failed:\n{stderr}\n{stdout}");
+    }
+    Ok(stdout)
+}
+
+/// Waits for a child with piped output, killing it after `limit`.
+pub fn finish(mut child: Child, limit: Duration) -> anyhow::Result<(bool, String, String)> {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut text);
+            }
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok((
+        status.success(),
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    ))
+}
+
+/// Bytes `path` takes on disk.
+pub fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .blocks()
+        * 512)
+}
+
+/// Sum of the apparent sizes of every file under `dir`.
+pub fn tree_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            total += tree_bytes(&entry.path())?;
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Writes back dirty pages and empties the page cache, so that reads come from the disk.
+pub fn drop_caches() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+        eprintln!("warning: could not drop the page cache ({e}); restores may read cached data");
+    }
+}
+
+/// fsyncs a file or every file under a directory.
+pub fn sync_tree(path: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            sync_tree(&entry?.path())?;
+        }
+    } else if meta.is_file() {
+        File::open(path)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes and recreates a directory.
+pub fn fresh_dir(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+    Ok(path.to_owned())
+}
+
+/// CPU time and peak resident memory of a running process, from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcUsage {
+    pub cpu_seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// Reads `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmHWM).
+pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `fields[0]` is field 3.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no memory arguments.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu_seconds = (ticks(11) + ticks(12)) as f64 / hz;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Ok(ProcUsage {
+        cpu_seconds,
+        peak_rss_bytes: peak_kib * 1024,
+    })
+}
+
+/// Path of a tool on PATH (or in /usr/sbin, /sbin).
+pub fn tool_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Polls `condition` every 10 ms until it returns Some, failing after `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True when two files hold the same bytes (holes read as zeroes).
+pub fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    loop {
+        let n = read_full(&mut fa, &mut ba)?;
+        let m = read_full(&mut fb, &mut bb)?;
+        if n != m || ba[..n] != bb[..m] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
