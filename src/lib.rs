@@ -10,6 +10,7 @@ pub mod block;
 pub mod dirty;
 pub mod frame;
 pub mod framed;
+pub mod memory;
 pub mod record;
 pub mod spool;
 pub mod store;

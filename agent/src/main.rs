@@ -5,6 +5,7 @@ use tideline_agent::config::AgentArgs;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tideline_core::memory::bound_malloc_arenas();
     match agent().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

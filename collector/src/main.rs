@@ -4,6 +4,7 @@ use tideline_collector::config::CollectorArgs;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tideline_core::memory::bound_malloc_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
