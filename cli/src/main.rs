@@ -44,22 +44,15 @@ enum Command {
     /// Write a volume (or every volume of a group, at one cut) as it was at a point in time to
     /// sparse raw images.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["volume", "group"])))]
-    #[command(group(clap::ArgGroup::new("when").required(true).args(["at", "latest", "checkpoint"])))]
+    #[command(group(clap::ArgGroup::new("restore_point").required(true).args(["at", "latest", "checkpoint"])))]
     Restore {
         #[arg(long)]
         volume: Option<String>,
         /// Restore every volume of this consistency group at the same cut of its journal.
         #[arg(long)]
         group: Option<String>,
-        /// RFC 3339 time, e.g. 2026-11-22T10:15:30.123456789Z (as `date -u +%FT%T.%NZ` prints).
-        #[arg(long)]
-        at: Option<String>,
-        /// The newest durable point.
-        #[arg(long)]
-        latest: bool,
-        /// A named checkpoint (see `tideline points`).
-        #[arg(long)]
-        checkpoint: Option<String>,
+        #[command(flatten)]
+        point: PointArgs,
         /// Output image (with --volume).
         #[arg(long, required_unless_present = "out_dir", conflicts_with = "out_dir")]
         out: Option<PathBuf>,
@@ -100,17 +93,12 @@ enum Command {
     },
     /// Prove a group can be recovered: restore it into a scratch directory (every chunk hash
     /// verified), run checks on the images, report RTO and RPO. Exits 1 if anything failed.
-    #[command(group(clap::ArgGroup::new("when").args(["at", "latest", "checkpoint"])))]
+    /// Without a point, the newest durable one.
     Drill {
         #[arg(long)]
         group: String,
-        /// RFC 3339 time (default: the newest durable point).
-        #[arg(long)]
-        at: Option<String>,
-        #[arg(long)]
-        latest: bool,
-        #[arg(long)]
-        checkpoint: Option<String>,
+        #[command(flatten)]
+        point: PointArgs,
         /// A shell command run on the restored images; `{image:VOLUME}` becomes the path of
         /// VOLUME's image and `{dir}` the scratch directory. Passes when it exits 0. Repeatable.
         #[arg(long = "check", value_name = "CMD")]
@@ -147,20 +135,13 @@ enum Command {
         json: bool,
     },
     /// Make the collector's site primary for a group (raising its epoch, which fences the other
-    /// site) and materialise the group's volumes there.
-    #[command(group(clap::ArgGroup::new("when").args(["at", "latest", "checkpoint"])))]
+    /// site) and materialise the group's volumes there. The group continues from the newest
+    /// durable point here, or from the newest record at or before `--at`, or from a checkpoint.
     Failover {
         #[arg(long)]
         group: String,
-        /// RFC 3339 time: continue the group from the newest record at or before it.
-        #[arg(long)]
-        at: Option<String>,
-        /// The newest durable point here (the default).
-        #[arg(long)]
-        latest: bool,
-        /// A named checkpoint.
-        #[arg(long)]
-        checkpoint: Option<String>,
+        #[command(flatten)]
+        point: PointArgs,
         /// Write every volume of the group at the failover point as DIR/VOLUME.img.
         #[arg(long)]
         out_dir: Option<PathBuf>,
@@ -223,17 +204,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => site::status(&cli.collector, json).await,
         Command::Failover {
             group,
-            at,
-            latest: _,
-            checkpoint,
+            point,
             out_dir,
             force,
         } => {
             use v1::failover_request::Point;
-            let point = match (at, checkpoint) {
-                (Some(at), _) => Point::AtTimeNs(timefmt::parse(&at)?),
-                (None, Some(name)) => Point::Checkpoint(name),
-                (None, None) => Point::Latest(true),
+            let point = match point.resolve()? {
+                Named::At(ns) => Point::AtTimeNs(ns),
+                Named::Checkpoint(name) => Point::Checkpoint(name),
+                Named::Latest => Point::Latest(true),
             };
             site::failover(&cli.collector, &group, point, out_dir, force).await
         }
@@ -262,14 +241,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore {
             volume,
             group,
-            at,
-            latest: _,
-            checkpoint,
+            point,
             out,
             out_dir,
             force,
         } => {
-            let point = point_of(at, checkpoint)?;
+            let point = point.restore_point()?;
             let client = catalog(&cli.collector).await?;
             let target = match (volume, group) {
                 (Some(volume), _) => restore::Target::Volume(volume),
@@ -296,9 +273,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => points(&cli.collector, volume, group, checkpoints, limit, json).await,
         Command::Drill {
             group,
-            at,
-            latest: _,
-            checkpoint,
+            point,
             checks,
             check_timeout,
             scratch,
@@ -309,7 +284,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let request = drill::DrillRequest {
                 collector: cli.collector.clone(),
                 group,
-                point: point_of(at, checkpoint)?,
+                point: point.restore_point()?,
                 checks,
                 check_timeout: Duration::from_secs(check_timeout),
                 scratch,
@@ -327,16 +302,46 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The point named by `--at TIME` or `--checkpoint NAME`; neither means the latest.
-fn point_of(
+/// `--at TIME | --latest | --checkpoint NAME`, at most one of them.
+#[derive(clap::Args)]
+#[group(id = "point", multiple = false)]
+struct PointArgs {
+    /// RFC 3339 time, e.g. 2026-11-22T10:15:30.123456789Z (as `date -u +%FT%T.%NZ` prints).
+    #[arg(long)]
     at: Option<String>,
+    /// The newest durable point.
+    #[arg(long)]
+    latest: bool,
+    /// A named checkpoint (see `tideline points`).
+    #[arg(long)]
     checkpoint: Option<String>,
-) -> anyhow::Result<v1::restore_request::Point> {
-    Ok(match (at, checkpoint) {
-        (Some(at), _) => v1::restore_request::Point::AtTimeNs(timefmt::parse(&at)?),
-        (None, Some(name)) => v1::restore_request::Point::Checkpoint(name),
-        (None, None) => v1::restore_request::Point::Latest(true),
-    })
+}
+
+/// A point in time as the operator named it.
+enum Named {
+    At(i64),
+    Latest,
+    Checkpoint(String),
+}
+
+impl PointArgs {
+    /// The named point; none named means the latest.
+    fn resolve(self) -> anyhow::Result<Named> {
+        Ok(match (self.at, self.checkpoint) {
+            (Some(at), _) => Named::At(timefmt::parse(&at)?),
+            (None, Some(name)) => Named::Checkpoint(name),
+            (None, None) => Named::Latest,
+        })
+    }
+
+    fn restore_point(self) -> anyhow::Result<v1::restore_request::Point> {
+        use v1::restore_request::Point;
+        Ok(match self.resolve()? {
+            Named::At(ns) => Point::AtTimeNs(ns),
+            Named::Checkpoint(name) => Point::Checkpoint(name),
+            Named::Latest => Point::Latest(true),
+        })
+    }
 }
 
 pub type CatalogClient = v1::catalog_client::CatalogClient<tonic::transport::Channel>;
