@@ -113,6 +113,12 @@ pub async fn run(
             let _ = config.on_fenced.send(fence).await;
             return;
         }
+        // A session that got as far as streaming starts the back-off over; one that never
+        // connected doubles it.
+        let was_connected = status.borrow().connected;
+        if was_connected {
+            backoff = BACKOFF_MIN;
+        }
         tracing::warn!(group = %group.name, error = %message, retry_in_ms = backoff.as_millis() as u64, "journal stream to collector ended");
         status.send_modify(|s| {
             s.connected = false;
@@ -122,9 +128,8 @@ pub async fn run(
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.wait_for(|&stop| stop) => return,
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-        if status.borrow().connected {
-            backoff = BACKOFF_MIN;
+        if !was_connected {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }
