@@ -190,6 +190,14 @@ impl Session {
                 return Err(format!("collector refused the group: {}", s.message()));
             }
         };
+        let spooled = self.group.spool.last_seq();
+        if durable > spooled {
+            // Releasing would drop records never shipped, and the collector would skip the
+            // seqs this spool hands out next as resends: refuse, loudly, and keep everything.
+            return Err(format!(
+                "the collector says it holds this group through seq {durable}, but this agent's spool ends at seq {spooled}: the spool lost records it had already shipped (a host crash before their fsync?) or belongs to another timeline; nothing is released. Protect the volumes with a fresh --spool-dir (they are baselined again)"
+            ));
+        }
         tracing::info!(group = %self.group.name, durable = durable.0, "journal stream open");
         self.release(durable).await?;
         self.status.send_modify(|s| {
@@ -247,8 +255,15 @@ impl Session {
         let mut in_flight: VecDeque<(Seq, HashSet<ChunkHash>)> = VecDeque::new();
         let mut query_id = 0u64;
         let mut released = durable;
+        // Highest seq the collector may acknowledge: what it had, or what this session sent.
+        let mut sent_through = durable;
         loop {
             let acked = *durable_rx.borrow_and_update();
+            if acked > sent_through {
+                return Err(format!(
+                    "the collector acknowledged seq {acked}, but only seqs through {sent_through} were sent: refusing to release spool space on its word"
+                ));
+            }
             while in_flight.front().is_some_and(|(s, _)| *s <= acked) {
                 in_flight.pop_front();
             }
@@ -281,6 +296,7 @@ impl Session {
                 .await
                 .map_err(|e| e.to_string())?;
             send(tx, Out::Batch(message)).await?;
+            sent_through = last_seq;
             in_flight.push_back((last_seq, sent));
         }
     }

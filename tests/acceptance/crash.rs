@@ -179,3 +179,55 @@ fn agent_killed_mid_write_leaves_journal_equal_to_volume() {
         "kill -9 mid-write: {interrupted} of 4 kills interrupted a change; journal equals volume"
     );
 }
+
+/// A host crash can cost the spool records it had already shipped (they were read from the
+/// page cache before their fsync). The collector then holds seqs the spool would hand out again
+/// for new writes: the agent must refuse to stream, say why, and release nothing, instead of
+/// letting the collector skip the new writes as resends.
+#[test]
+fn spool_behind_the_collector_is_refused_loudly() {
+    const SIZE: u64 = 8 * MIB;
+    let mut rig = Rig::new("spoollost", SIZE);
+    let mut client = rig.agent.nbd("spoollost");
+    client.write(0, &[0x42; MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+    let before = rig.restore_latest("before.img");
+
+    // Power loss, simulated: the agent dies and its spool loses its tail.
+    rig.agent.kill9();
+    // One spool directory per group; a volume outside any group is a group of its own.
+    let group_spool = rig.agent.spool_dir.join("spoollost");
+    let segments: Vec<_> = std::fs::read_dir(&group_spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    assert!(
+        !segments.is_empty(),
+        "no spool segment in {}",
+        group_spool.display()
+    );
+    for segment in &segments {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+    rig.agent.restart();
+    harness::wait_for(
+        "the agent to refuse a collector that is ahead of its spool",
+        harness::STARTUP_TIMEOUT,
+        || {
+            rig.agent
+                .log_text()
+                .contains("but this agent's spool ends at seq")
+                .then_some(())
+        },
+    );
+    // Nothing the collector holds was disturbed.
+    let after = rig.restore_latest("after.img");
+    harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
+}
