@@ -247,11 +247,11 @@ impl v1::catalog_server::Catalog for CatalogService {
             request.timeout_ms
         })
         .min(MAX_WAIT);
-        let done = self
+        let mut ordered = self
             .live
             .order_checkpoint(&group, name.as_str(), request.app_consistent)
             .await?;
-        let done = tokio::time::timeout(timeout, done)
+        let answer = tokio::time::timeout(timeout, ordered.answer())
             .await
             .map_err(|_| {
                 Status::deadline_exceeded(format!(
@@ -259,27 +259,25 @@ impl v1::catalog_server::Catalog for CatalogService {
                     timeout.as_secs()
                 ))
             })?
-            .map_err(|_| {
+            .ok_or_else(|| {
                 Status::unavailable(format!(
                     "the agent streaming group {group} went away before answering"
                 ))
             })?;
-        if !done.error.is_empty() {
-            return Err(Status::aborted(format!(
-                "checkpoint {name} of group {group} failed: {}",
-                done.error
-            )));
-        }
-        if !self.live.wait_seq(&group, Seq(done.seq), timeout).await {
+        let (seq, time) = answer.map_err(|error| {
+            Status::aborted(format!(
+                "checkpoint {name} of group {group} failed: {error}"
+            ))
+        })?;
+        if !self.live.wait_seq(&group, seq, timeout).await {
             return Err(Status::deadline_exceeded(format!(
-                "checkpoint {name} was taken at seq {} but is not durable here after {} s",
-                done.seq,
+                "checkpoint {name} was taken at {seq} but is not durable here after {} s",
                 timeout.as_secs()
             )));
         }
         Ok(Response::new(v1::CheckpointResponse {
-            seq: done.seq,
-            time_ns: done.time_ns,
+            seq: seq.0,
+            time_ns: time.0,
         }))
     }
 

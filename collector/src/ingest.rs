@@ -218,7 +218,19 @@ impl OrderedStream for JournalStream {
             }
             In::Batch(batch) => self.ingest(batch).await,
             In::CheckpointDone(done) => {
-                self.live.checkpoint_done(done);
+                // The agent numbers records in its spool; the journal's seq adds the base.
+                let answer = if done.error.is_empty() {
+                    let seq = done.seq.checked_add(self.seq_base.0).ok_or_else(|| {
+                        Status::invalid_argument(
+                            "checkpoint_done.seq: too large for the group's journal",
+                        )
+                    })?;
+                    Ok((Seq(seq), TimeNs(done.time_ns)))
+                } else {
+                    Err(done.error)
+                };
+                self.live
+                    .checkpoint_done(&self.group, done.request_id, answer);
                 Ok(())
             }
             In::Heartbeat(hb) => {

@@ -50,7 +50,38 @@ struct Orders {
     next_id: u64,
     next_stream_id: u64,
     streams: HashMap<GroupName, Attached>,
-    pending: HashMap<u64, oneshot::Sender<v1::CheckpointDone>>,
+    pending: HashMap<u64, PendingOrder>,
+}
+
+/// A checkpoint order waiting for the agent of `group` to answer.
+struct PendingOrder {
+    group: GroupName,
+    answer: oneshot::Sender<CheckpointAnswer>,
+}
+
+/// An agent's answer to a checkpoint order: the checkpoint record's seq in the group's journal
+/// and its time, or why the agent could not take it.
+pub type CheckpointAnswer = Result<(Seq, TimeNs), String>;
+
+/// The caller's end of a checkpoint order. Dropping it (answered, timed out, or the caller went
+/// away) forgets the order, so unanswered orders do not pile up.
+pub struct CheckpointOrdered<'a> {
+    live: &'a Live,
+    request_id: u64,
+    answer: oneshot::Receiver<CheckpointAnswer>,
+}
+
+impl CheckpointOrdered<'_> {
+    /// The answer; `None` if the agent's stream ended first.
+    pub async fn answer(&mut self) -> Option<CheckpointAnswer> {
+        (&mut self.answer).await.ok()
+    }
+}
+
+impl Drop for CheckpointOrdered<'_> {
+    fn drop(&mut self) {
+        self.live.orders().pending.remove(&self.request_id);
+    }
 }
 
 /// Replication of one group from this site to the other, as the replicator last saw it.
@@ -167,6 +198,8 @@ impl Live {
     }
 
     /// The stream `stream_id` of `group` ended (a newer stream may have replaced it already).
+    /// The stream is gone: so are the answers to the orders it carried (their callers learn the
+    /// agent went away).
     pub fn detach(&self, group: &GroupName, stream_id: u64) {
         let mut orders = self.orders();
         if orders
@@ -175,6 +208,7 @@ impl Live {
             .is_some_and(|a| a.stream_id == stream_id)
         {
             orders.streams.remove(group);
+            orders.pending.retain(|_, order| order.group != *group);
         }
     }
 
@@ -184,7 +218,7 @@ impl Live {
         group: &GroupName,
         name: &str,
         app_consistent: bool,
-    ) -> Result<oneshot::Receiver<v1::CheckpointDone>, Status> {
+    ) -> Result<CheckpointOrdered<'_>, Status> {
         let (done_tx, done_rx) = oneshot::channel();
         let (request_id, replies) = {
             let mut orders = self.orders();
@@ -195,7 +229,13 @@ impl Live {
             })?;
             orders.next_id += 1;
             let id = orders.next_id;
-            orders.pending.insert(id, done_tx);
+            orders.pending.insert(
+                id,
+                PendingOrder {
+                    group: group.clone(),
+                    answer: done_tx,
+                },
+            );
             (id, replies)
         };
         let order = v1::CheckpointOrder {
@@ -206,19 +246,31 @@ impl Live {
         let message = v1::CollectorMessage {
             msg: Some(v1::collector_message::Msg::CheckpointOrder(order)),
         };
+        let ordered = CheckpointOrdered {
+            live: self,
+            request_id,
+            answer: done_rx,
+        };
         if replies.send(Ok(message)).await.is_err() {
-            self.orders().pending.remove(&request_id);
             return Err(Status::unavailable(format!(
                 "the agent streaming group {group} went away"
             )));
         }
-        Ok(done_rx)
+        Ok(ordered)
     }
 
-    /// The agent answered a checkpoint order.
-    pub fn checkpoint_done(&self, done: v1::CheckpointDone) {
-        if let Some(waiter) = self.orders().pending.remove(&done.request_id) {
-            let _ = waiter.send(done);
+    /// The agent streaming `group` answered order `request_id`. An answer to another group's
+    /// order is ignored.
+    pub fn checkpoint_done(&self, group: &GroupName, request_id: u64, answer: CheckpointAnswer) {
+        let mut orders = self.orders();
+        if orders
+            .pending
+            .get(&request_id)
+            .is_some_and(|order| order.group == *group)
+        {
+            if let Some(order) = orders.pending.remove(&request_id) {
+                let _ = order.answer.send(answer);
+            }
         }
     }
 

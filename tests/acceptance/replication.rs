@@ -498,6 +498,31 @@ fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
         .unwrap();
     nbd.flush().unwrap();
     drop(nbd);
+    // A checkpoint through the new agent, whose spool numbers its records from 1 while the
+    // group's journal continues after the fork: the answer is the journal's seq.
+    let checkpoint = harness::tideline(
+        &b.url(),
+        &["checkpoint", "--group", "app", "--name", "at-b"],
+    );
+    assert!(checkpoint.success(), "checkpoint at B: {checkpoint}");
+    let listed = harness::tideline(
+        &b.url(),
+        &["points", "--group", "app", "--checkpoints", "--json"],
+    );
+    assert!(listed.success(), "{listed}");
+    let listing: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    let seq = listing["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "at-b")
+        .unwrap_or_else(|| panic!("at-b not listed: {listing}"))["seq"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        checkpoint.stdout.contains(&format!("(seq {seq})")),
+        "checkpoint answered another seq than the journal's {seq}: {checkpoint}"
+    );
     harness::wait_durable(&b.url(), "db", &harness::now_rfc3339());
     wait_caught_up(&b, &a, "app");
     agent_b.kill9();
