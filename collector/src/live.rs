@@ -142,12 +142,21 @@ impl Live {
     }
 
     /// Updates what is known of `group`'s replication.
+    /// Updates the replication state of `group`. Waiters are woken only when what they wait
+    /// for moved (the replica's durable seq or time, or the connection); counters do not wake
+    /// them, or a replicator that waits for news would wake itself with every byte it sends.
     pub fn replica<R>(&self, group: &GroupName, f: impl FnOnce(&mut ReplicaLive) -> R) -> R {
-        let result = {
+        let progress = |r: &ReplicaLive| (r.durable_seq, r.durable_through, r.connected);
+        let (result, moved) = {
             let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
-            f(replicas.entry(group.clone()).or_default())
+            let replica = replicas.entry(group.clone()).or_default();
+            let before = progress(replica);
+            let result = f(replica);
+            (result, progress(replica) != before)
         };
-        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        if moved {
+            self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        }
         result
     }
 
