@@ -399,8 +399,8 @@ impl v1::catalog_server::Catalog for CatalogService {
             request.timeout_ms
         })
         .min(MAX_WAIT);
+        let _draining = (info.role == GroupRole::Primary).then(|| self.live.drain(&group));
         if info.role == GroupRole::Primary {
-            self.live.set_draining(&group, true);
             self.live
                 .kick(&group, crate::ingest::draining_status(&group));
             let target = self.store.durable_seq(&group).unwrap_or_default();
@@ -415,7 +415,6 @@ impl v1::catalog_server::Catalog for CatalogService {
                     tokio::time::timeout_at(deadline, changes.changed()).await,
                     Ok(Ok(()))
                 ) {
-                    self.live.set_draining(&group, false);
                     return Err(Status::deadline_exceeded(format!(
                         "the other site holds group {group} only through seq {} of {}; is it reachable? The group's agent may reconnect here",
                         replica.durable_seq.0, target.0
@@ -428,7 +427,6 @@ impl v1::catalog_server::Catalog for CatalogService {
         let result = tokio::task::spawn_blocking(move || store.hand_over(&g))
             .await
             .map_err(|e| Status::internal(e.to_string()));
-        self.live.set_draining(&group, false);
         let (epoch, seq) = result?.map_err(store_status)?;
         let site = self
             .live

@@ -165,12 +165,14 @@ impl Live {
         replicas.get(group).cloned()
     }
 
-    pub fn set_draining(&self, group: &GroupName, draining: bool) {
+    /// Refuses `group`'s agents until the guard is dropped (however the handover ends, also
+    /// when its caller goes away mid-wait).
+    pub fn drain(&self, group: &GroupName) -> Draining<'_> {
         let mut set = self.draining.lock().unwrap_or_else(|p| p.into_inner());
-        if draining {
-            set.insert(group.clone());
-        } else {
-            set.remove(group);
+        set.insert(group.clone());
+        Draining {
+            live: self,
+            group: group.clone(),
         }
     }
 
@@ -377,5 +379,18 @@ mod tests {
         assert_eq!(live.get(&g).durable_through, TimeNs(300));
         live.heartbeat(&g, Seq(7), TimeNs(400));
         assert_eq!(live.get(&g).durable_through, TimeNs(400));
+    }
+}
+
+/// A group being handed over; see [`Live::drain`].
+pub struct Draining<'a> {
+    live: &'a Live,
+    group: GroupName,
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        let mut set = self.live.draining.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.group);
     }
 }
