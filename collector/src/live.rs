@@ -357,6 +357,19 @@ impl Live {
     }
 }
 
+/// A group being handed over; see [`Live::drain`].
+pub struct Draining<'a> {
+    live: &'a Live,
+    group: GroupName,
+}
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        let mut set = self.live.draining.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.group);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -379,18 +392,5 @@ mod tests {
         assert_eq!(live.get(&g).durable_through, TimeNs(300));
         live.heartbeat(&g, Seq(7), TimeNs(400));
         assert_eq!(live.get(&g).durable_through, TimeNs(400));
-    }
-}
-
-/// A group being handed over; see [`Live::drain`].
-pub struct Draining<'a> {
-    live: &'a Live,
-    group: GroupName,
-}
-
-impl Drop for Draining<'_> {
-    fn drop(&mut self) {
-        let mut set = self.live.draining.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.group);
     }
 }
