@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -41,243 +41,25 @@ const MIB: u64 = 1 << 20;
 const VOLUME_BYTES: u64 = 64 * MIB;
 /// Bound for things that take well under a second on an idle machine (it may be compiling).
 const SHORT: Duration = Duration::from_secs(60);
-/// Bound for one external command (mkfs, e2fsck, ...).
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
-const POLL: Duration = Duration::from_millis(10);
 /// How long a test waits for the collector's graceful shutdown before aborting it.
 const COLLECTOR_STOP: Duration = Duration::from_secs(2);
 
-// ---- prerequisites ----------------------------------------------------------------------------
+// ---- helpers --------------------------------------------------------------------------------
 
-fn tool_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into(), "/usr/bin".into()])
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-fn tool(name: &str) -> PathBuf {
-    tool_path(name).unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// True when root, `/dev/fuse`, loop devices and `tools` are all there. Otherwise fails under
-/// `CI=true` (a skip in CI would hide a regression) and skips loudly elsewhere.
-fn kernel_parts(tools: &[&str]) -> bool {
-    let mut missing: Vec<String> = Vec::new();
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (run the tests as root)".into());
-    }
-    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/fuse") {
-        missing.push(format!("/dev/fuse ({e}; `modprobe fuse`)"));
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("loop devices (/dev/loop-control; `modprobe loop`)".into());
-    }
-    for t in tools {
-        if tool_path(t).is_none() {
-            let package = match *t {
-                "mkfs.ext4" | "e2fsck" => "e2fsprogs",
-                _ => "util-linux",
-            };
-            missing.push(format!("{t} (apt-get install -y {package})"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!("missing {}", missing.join(", "));
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{message}; CI=true, so a skip is a failure");
-    }
-    eprintln!("\n*** SKIPPED: {message} ***\n");
-    false
-}
-
-// ---- commands ---------------------------------------------------------------------------------
-
-struct Output {
-    status: ExitStatus,
-    text: String,
-}
-
-impl Output {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-}
-
-/// Runs a command with a bound; stdout and stderr go through a temporary file, so a chatty
-/// command cannot block on a full pipe while we poll it.
-fn run(command: &mut Command) -> Output {
-    let description = format!("{command:?}");
-    let log = tempfile::tempfile().expect("temporary file for command output");
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("clone log handle"))
-        .stderr(log.try_clone().expect("clone log handle"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {description}: {e}"));
-    let status = wait_child(child, COMMAND_TIMEOUT, &description);
-    let mut log = log;
-    let mut text = String::new();
-    log.seek(SeekFrom::Start(0)).expect("rewind command log");
-    log.read_to_string(&mut text).ok();
-    Output { status, text }
-}
-
-fn wait_child(mut child: Child, timeout: Duration, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("poll child") {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-fn run_ok(command: &mut Command) -> String {
-    let description = format!("{command:?}");
-    let out = run(command);
-    assert!(
-        out.status.success(),
-        "{description} failed ({}): {}",
-        out.status,
-        out.text
-    );
-    out.text
-}
-
-/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
-fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(POLL);
-    }
-}
+use tideline_testkit::kernel::{require_kernel_parts as kernel_parts, LoopDevice, Mounted};
+use tideline_testkit::{run, run_ok, tool, wait_for};
 
 fn is_mounted(path: &Path) -> bool {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     fuse::is_mount_point(&path).expect("read /proc/self/mountinfo")
 }
 
+/// Waits (bounded) for a child's exit.
+fn wait_child(mut child: Child, timeout: Duration, what: &str) -> ExitStatus {
+    wait_for(what, timeout, || child.try_wait().expect("poll child"))
+}
+
 // ---- guards -----------------------------------------------------------------------------------
-
-/// A loop device over a file; `losetup -d` on drop.
-struct LoopDevice {
-    device: PathBuf,
-    direct_io: bool,
-}
-
-impl LoopDevice {
-    /// `losetup --find --show --direct-io=on FILE`, falling back to buffered loop I/O.
-    fn attach(file: &Path) -> LoopDevice {
-        let dio = run(Command::new(tool("losetup"))
-            .args(["--find", "--show", "--direct-io=on"])
-            .arg(file));
-        let (device, requested) = if dio.status.success() {
-            (dio.text.trim().to_owned(), true)
-        } else {
-            eprintln!(
-                "losetup --direct-io=on failed ({}); using buffered loop I/O",
-                dio.text.trim()
-            );
-            let out = run_ok(
-                Command::new(tool("losetup"))
-                    .args(["--find", "--show"])
-                    .arg(file),
-            );
-            (out.trim().to_owned(), false)
-        };
-        assert!(
-            device.starts_with("/dev/loop"),
-            "losetup printed {device:?}"
-        );
-        let device = PathBuf::from(device);
-        // losetup may accept the option and still fall back: ask the kernel.
-        let dio = run_ok(
-            Command::new(tool("losetup"))
-                .args(["--list", "--noheadings", "--output", "DIO"])
-                .arg(&device),
-        );
-        let direct_io = requested && dio.trim() == "1";
-        eprintln!(
-            "loop device {} over {}: direct I/O {}",
-            device.display(),
-            file.display(),
-            if direct_io { "on" } else { "off" }
-        );
-        LoopDevice { device, direct_io }
-    }
-
-    /// The barrier a filesystem's flush sends: fsync of the block device.
-    fn flush(&self) {
-        File::open(&self.device)
-            .and_then(|f| f.sync_all())
-            .unwrap_or_else(|e| panic!("fsync {}: {e}", self.device.display()));
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let out = run(Command::new(tool("losetup")).arg("-d").arg(&self.device));
-        if !out.status.success() {
-            eprintln!("losetup -d {} failed: {}", self.device.display(), out.text);
-        }
-    }
-}
-
-/// A mounted filesystem; `umount` (lazily if busy) on drop.
-struct Mounted {
-    dir: PathBuf,
-    active: bool,
-}
-
-impl Mounted {
-    fn mount(args: &[&str], source: &Path, dir: &Path) -> Mounted {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).expect("create mount directory");
-        }
-        run_ok(Command::new(tool("mount")).args(args).arg(source).arg(dir));
-        Mounted {
-            dir: dir.to_path_buf(),
-            active: true,
-        }
-    }
-
-    fn unmount(&mut self) {
-        if std::mem::take(&mut self.active) {
-            run_ok(Command::new(tool("umount")).arg(&self.dir));
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if !std::mem::take(&mut self.active) {
-            return;
-        }
-        if !run(Command::new(tool("umount")).arg(&self.dir))
-            .status
-            .success()
-        {
-            let out = run(Command::new(tool("umount")).arg("-l").arg(&self.dir));
-            eprintln!("umount -l {}: {}", self.dir.display(), out.text);
-        }
-    }
-}
 
 /// `fsfreeze -f`; `fsfreeze -u` on drop, so a failing test never leaves a frozen filesystem.
 struct Frozen<'a>(&'a Path);
@@ -293,7 +75,7 @@ impl Drop for Frozen<'_> {
     fn drop(&mut self) {
         let out = run(Command::new(tool("fsfreeze")).arg("-u").arg(self.0));
         if !out.status.success() {
-            eprintln!("fsfreeze -u {} failed: {}", self.0.display(), out.text);
+            eprintln!("fsfreeze -u {} failed: {}", self.0.display(), out.text());
         }
     }
 }
@@ -525,11 +307,11 @@ impl AgentProcess {
     fn wait_mounted(&mut self) {
         let file = self.fuse_file.clone();
         let child = self.child.as_mut().expect("agent child");
-        let mounted = wait_for(SHORT, || {
-            is_mounted(&file) || child.try_wait().ok().flatten().is_some()
+        wait_for("the FUSE export or the agent's exit", SHORT, || {
+            (is_mounted(&file) || child.try_wait().ok().flatten().is_some()).then_some(())
         });
         assert!(
-            mounted && is_mounted(&file),
+            is_mounted(&file),
             "{} was not mounted; agent log:\n{}",
             file.display(),
             self.log()
@@ -756,7 +538,7 @@ fn check_image(image: &Path, mount_dir: &Path, expected: &Tree, replay_journal: 
             matches!(out.code(), Some(0 | 1)),
             "{what}: journal replay failed ({}): {}",
             out.status,
-            out.text
+            out.text()
         );
     }
     let fsck = run(Command::new(tool("e2fsck")).arg("-fn").arg(image));
@@ -765,7 +547,7 @@ fn check_image(image: &Path, mount_dir: &Path, expected: &Tree, replay_journal: 
         Some(0),
         "{what}: e2fsck -fn failed ({}):\n{}",
         fsck.status,
-        fsck.text
+        fsck.text()
     );
     let mut mounted = Mounted::mount(&["-o", "loop,ro,noload"], image, mount_dir);
     let got = read_tree(mount_dir);
@@ -809,12 +591,10 @@ fn ext4_on_loop_on_fuse_restores_every_moment() {
         ),
         format!("--spool-dir={}", dir.path().join("spool").display()),
     ]);
-    assert!(
-        wait_for(SHORT, || {
-            services.agent.as_ref().is_some_and(|a| a.is_finished()) || is_mounted(&fuse_file)
-        }),
-        "FUSE export never appeared"
-    );
+    wait_for("the FUSE export or the agent's exit", SHORT, || {
+        (services.agent.as_ref().is_some_and(|a| a.is_finished()) || is_mounted(&fuse_file))
+            .then_some(())
+    });
     services.assert_agent_running();
     let meta = std::fs::metadata(&fuse_file).expect("stat FUSE file");
     assert!(meta.is_file());
@@ -1321,17 +1101,17 @@ fn refuses_a_mount_point_and_a_directory() {
     assert!(
         !out.status.success(),
         "agent started over a mount point: {}",
-        out.text
+        out.text()
     );
     assert!(
-        out.text.contains("is already a mount point"),
+        out.text().contains("is already a mount point"),
         "{}",
-        out.text
+        out.text()
     );
     assert!(
-        out.text.contains(&format!("umount {}", file.display())),
+        out.text().contains(&format!("umount {}", file.display())),
         "{}",
-        out.text
+        out.text()
     );
     bind.unmount();
 
@@ -1451,14 +1231,14 @@ fn sigkill_then_documented_recovery() {
             .env("RUST_BACKTRACE", "0"));
         assert!(!refused.status.success());
         assert!(
-            refused.text.contains("is already a mount point"),
+            refused.text().contains("is already a mount point"),
             "{}",
-            refused.text
+            refused.text()
         );
 
         // The documented recovery: 1. umount the filesystem (lazily if it will not go),
         // 2. losetup -d, 3. umount FILE.
-        fs.active = false;
+        fs.disown();
         if !run(Command::new(tool("umount")).arg(&mnt)).status.success() {
             run_ok(Command::new(tool("umount")).arg("-l").arg(&mnt));
         }
@@ -1479,7 +1259,7 @@ fn sigkill_then_documented_recovery() {
         assert!(
             matches!(out.code(), Some(0 | 1)),
             "e2fsck after recovery: {}",
-            out.text
+            out.text()
         );
         let mut fs = Mounted::mount(&[], &loop_dev.device, &mnt);
         assert_eq!(

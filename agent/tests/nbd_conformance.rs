@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tideline_agent::nbd::proto::*;
@@ -24,7 +24,6 @@ use tideline_agent::nbd::{BlockExport, NbdClient, NbdLimits, NbdServer};
 
 const MIB: u64 = 1024 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ---- a file-backed export ----------------------------------------------------------------------
 
@@ -400,66 +399,16 @@ fn file_export(server_dir: &Path, name: &str, size: u64) -> Arc<FileExport> {
 
 // ---- external tools ----------------------------------------------------------------------------
 
-/// True if every tool is on PATH. Otherwise fails under CI=true, or reports a skip.
-fn tools_available(tools: &[&str]) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("required NBD client tools not installed (CI=true): {missing:?}");
-    }
-    // Straight to the stderr handle: the test harness captures eprintln!, but a skip must show.
-    let mut stderr = io::stderr().lock();
-    for tool in missing {
-        let _ = writeln!(
-            stderr,
-            "\n*** SKIPPED: {tool} not installed (apt-get install libnbd-bin qemu-utils) ***\n"
-        );
-    }
-    false
-}
+use tideline_testkit::require_tools as tools_available;
 
-/// Runs a tool with a deadline; the child is killed if it overruns.
-fn run(program: &str, args: &[&str]) -> Output {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(TOOL_TIMEOUT) {
-        Ok(output) => output.unwrap_or_else(|e| panic!("wait for {program}: {e}")),
-        Err(_) => {
-            // SAFETY: kill only sends a signal to the child we spawned.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            panic!("{program} {args:?} did not finish within {TOOL_TIMEOUT:?}");
-        }
-    }
+/// Runs a tool with the shared time limit; the child is killed if it overruns.
+fn run(program: &str, args: &[&str]) -> tideline_testkit::Output {
+    tideline_testkit::run(Command::new(tideline_testkit::tool(program)).args(args))
 }
 
 /// Runs a tool that must succeed; returns its stdout.
 fn run_ok(program: &str, args: &[&str]) -> String {
-    let output = run(program, args);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
-    );
-    stdout
+    tideline_testkit::run_ok(Command::new(tideline_testkit::tool(program)).args(args))
 }
 
 /// `qemu-io -f raw -c CMD... TARGET`.
@@ -726,7 +675,7 @@ fn nbdcopy_round_trips_64_mib_over_multiple_connections() {
         &uri,
     ];
     let out = run("nbdcopy", &args);
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = &out.stderr;
     assert!(out.status.success(), "nbdcopy to NBD failed:\n{log}");
     let summary = log.lines().find(|l| l.starts_with("nbdcopy: connections="));
     assert!(

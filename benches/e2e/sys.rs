@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,49 +13,15 @@ use anyhow::{bail, Context};
 /// Runs `command` to completion within `limit`, returning its stdout; fails on a non-zero exit.
 pub fn run(command: &mut Command, limit: Duration) -> anyhow::Result<String> {
     let description = format!("{command:?}");
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {description}"))?;
-    let (ok, stdout, stderr) = finish(child, limit).with_context(|| description.clone())?;
-    if !ok {
-        bail!("{description} failed:\n{stderr}\n{stdout}");
+    let output = tideline_testkit::try_run_within(command, limit).map_err(anyhow::Error::msg)?;
+    if !output.success() {
+        bail!(
+            "{description} failed:\n{}\n{}",
+            output.stderr,
+            output.stdout
+        );
     }
-    Ok(stdout)
-}
-
-/// Waits for a child with piped output, killing it after `limit`.
-pub fn finish(mut child: Child, limit: Duration) -> anyhow::Result<(bool, String, String)> {
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut text);
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    Ok((
-        status.success(),
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default(),
-    ))
+    Ok(output.stdout)
 }
 
 /// Bytes `path` takes on disk.
@@ -146,14 +112,7 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
     })
 }
 
-/// Path of a tool on PATH (or in /usr/sbin, /sbin).
-pub fn tool_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
+pub use tideline_testkit::tool_path;
 
 /// Polls `condition` every 10 ms until it returns Some, failing after `timeout`.
 pub fn wait_for<T>(

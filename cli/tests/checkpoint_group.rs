@@ -83,16 +83,13 @@ fn start(pre_hook: Option<String>) -> Cluster {
 
 impl Cluster {
     fn tideline(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_tideline"))
-            .args(args)
-            .env("TIDELINE_COLLECTOR", &self.url)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let out = tideline_testkit::run_within(
+            Command::new(env!("CARGO_BIN_EXE_tideline"))
+                .args(args)
+                .env("TIDELINE_COLLECTOR", &self.url),
+            Duration::from_secs(120),
+        );
+        (out.success(), out.stdout, out.stderr)
     }
 
     fn write(&self, volume: &str, byte: u8) {
@@ -108,17 +105,14 @@ impl Cluster {
         if app {
             args.push("--app-consistent");
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let result = self.tideline(&args);
-            if result.0
-                || !result.2.contains("no agent is streaming")
-                || std::time::Instant::now() > deadline
-            {
-                return result;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        tideline_testkit::wait_for(
+            "the agent's journal stream",
+            Duration::from_secs(30),
+            || {
+                let result = self.tideline(&args);
+                (result.0 || !result.2.contains("no agent is streaming")).then_some(result)
+            },
+        )
     }
 }
 
@@ -137,14 +131,9 @@ fn first_byte_everywhere(path: &Path, byte: u8) -> bool {
 
 fn wait_for_socket(cluster: &Cluster) {
     let socket = cluster.dir.path().join("nbd.sock");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent socket never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tideline_testkit::wait_for("the agent's socket", Duration::from_secs(30), || {
+        socket.exists().then_some(())
+    });
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -25,7 +25,6 @@ use tideline_proto::v1;
 /// Generous bound for anything that should take well under a second on an idle machine: the
 /// machine running the tests may be busy compiling.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(10);
 
 pub const MIB: u64 = 1 << 20;
 
@@ -97,151 +96,11 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-// ---- external tools ----------------------------------------------------------------------------
+// ---- external tools and commands ----------------------------------------------------------
 
-fn package_of(tool: &str) -> &'static str {
-    match tool {
-        "qemu-io" | "qemu-img" => "qemu-utils",
-        "nbdinfo" | "nbdcopy" => "libnbd-bin",
-        "mkfs.ext4" | "e2fsck" => "e2fsprogs",
-        "losetup" | "mount" | "umount" => "util-linux",
-        "pgbench" | "psql" => "postgresql-15",
-        _ => "the package providing it",
-    }
-}
-
-fn tool_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-/// True when every tool is installed. A missing tool fails the test under `CI=true` (a skip in
-/// CI would hide a regression); elsewhere the test is skipped, loudly.
-pub fn require_tools(tools: &[&str]) -> bool {
-    let missing: Vec<String> = tools
-        .iter()
-        .filter(|t| tool_path(t).is_none())
-        .map(|t| format!("{t} (apt-get install -y {})", package_of(t)))
-        .collect();
-    skip_or_fail(missing)
-}
-
-/// True when nothing is missing. Otherwise panics under `CI=true` and prints a loud SKIPPED
-/// line elsewhere.
-pub fn skip_or_fail(missing: Vec<String>) -> bool {
-    if missing.is_empty() {
-        return true;
-    }
-    let message = format!("missing {}", missing.join(", "));
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{message}; CI=true, so a skip is a failure");
-    }
-    eprintln!("\n*** SKIPPED: {message} ***\n");
-    false
-}
-
-/// Path of a tool (also found in /usr/sbin when that is not on PATH).
-pub fn tool(tool: &str) -> PathBuf {
-    tool_path(tool).unwrap_or_else(|| PathBuf::from(tool))
-}
-
-// ---- commands ------------------------------------------------------------------------------
-
-/// What a finished command did.
-#[derive(Debug)]
-pub struct Output {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Output {
-    pub fn success(&self) -> bool {
-        self.status.success()
-    }
-}
-
-impl std::fmt::Display for Output {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Longest any single command may take before the test fails (and the command is killed).
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Runs a command to completion, failing the test if it takes over [`COMMAND_TIMEOUT`].
-pub fn run(command: &mut Command) -> Output {
-    run_within(command, COMMAND_TIMEOUT)
-}
-
-/// Runs a command to completion, failing the test (after killing it) if it takes over `limit`:
-/// a hung command must fail the test, not hang it.
-pub fn run_within(command: &mut Command, limit: Duration) -> Output {
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
-    finish(child, &format!("{command:?}"), limit)
-}
-
-/// Waits for a spawned child (with piped output), whatever its exit status.
-pub fn finish_child(child: Child, what: &str) -> Output {
-    finish(child, what, COMMAND_TIMEOUT)
-}
-
-/// Collects a spawned child's output; kills it and fails the test if it runs past `limit`.
-fn finish(mut child: Child, what: &str, limit: Duration) -> Output {
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut text = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut text);
-            }
-            String::from_utf8_lossy(&text).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for a command") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what} did not finish within {limit:?}; killed it.\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                stdout.join().unwrap_or_default(),
-                stderr.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(POLL);
-    };
-    Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    }
-}
-
-/// Runs a command that must succeed; returns its stdout.
-pub fn run_ok(command: &mut Command) -> String {
-    let description = format!("{command:?}");
-    let output = run(command);
-    assert!(output.success(), "{description} failed: {output}");
-    output.stdout
-}
+pub use tideline_testkit::{
+    finish_child, require_tools, run, run_ok, run_within, skip_or_fail, tool, wait_for, Output,
+};
 
 /// `tideline` with any arguments (no `--collector` added, `TIDELINE_COLLECTOR` removed).
 pub fn tideline_cmd() -> Command {
@@ -327,7 +186,7 @@ pub fn qemu_io_spawn(target: &str, commands: &[String]) -> Child {
 
 /// Waits for a spawned child that must succeed.
 pub fn wait_ok(child: Child, what: &str) {
-    let output = finish(child, what, COMMAND_TIMEOUT);
+    let output = finish_child(child, what);
     assert!(
         output.success() && !output.stdout.contains("failed"),
         "{what} failed: {output}"
@@ -448,21 +307,6 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         .build()
         .expect("build a tokio runtime")
         .block_on(future)
-}
-
-/// Polls `condition` every few milliseconds until it returns Some, or panics after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = condition() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(POLL);
-    }
 }
 
 // ---- child processes -----------------------------------------------------------------------

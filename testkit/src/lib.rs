@@ -1,0 +1,18 @@
+//! Test support shared by Tideline's test suites (the acceptance tests, the agent's NBD
+//! conformance and FUSE tests): finding external tools and skipping loudly without them,
+//! running commands under a time limit, waiting for conditions with a bound, and guards for
+//! loop devices and mounts that release them even when a test fails.
+//!
+//! Every wait polls a condition against a deadline; nothing here sleeps for a fixed time to
+//! let something happen.
+
+#![allow(clippy::unwrap_used)]
+
+pub mod cmd;
+pub mod kernel;
+pub mod tools;
+pub mod wait;
+
+pub use cmd::{finish_child, run, run_ok, run_within, try_run_within, Output, COMMAND_TIMEOUT};
+pub use tools::{require_tools, skip_or_fail, tool, tool_path};
+pub use wait::{wait_for, POLL};
