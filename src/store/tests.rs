@@ -1159,17 +1159,27 @@ fn concurrent_readers_and_an_ingester() {
             }
         });
         for _ in 0..2 {
-            s.spawn(|| {
-                for _ in 0..50 {
-                    let plan = store.plan(&vol("data"), PointInTime::Latest).unwrap();
-                    let bytes = image_of(&store, &plan).unwrap();
-                    let blocks = (plan.seq.0 - 1) as usize;
-                    for i in 0..blocks {
-                        assert_eq!(
-                            &bytes[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
-                            &block(i as u64 + 100)[..]
-                        );
-                    }
+            // Each reader reads until it has seen every block, checking every image on the way.
+            let (store, deadline) = (
+                &store,
+                std::time::Instant::now() + std::time::Duration::from_secs(60),
+            );
+            s.spawn(move || loop {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the ingester never finished"
+                );
+                let plan = store.plan(&vol("data"), PointInTime::Latest).unwrap();
+                let bytes = image_of(store, &plan).unwrap();
+                let blocks = (plan.seq.0 - 1) as usize;
+                for i in 0..blocks {
+                    assert_eq!(
+                        &bytes[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+                        &block(i as u64 + 100)[..]
+                    );
+                }
+                if blocks == 50 {
+                    break;
                 }
             });
         }

@@ -185,6 +185,11 @@ fn flipped_byte_in_a_pack_fails_restore_naming_volume_and_offset() {
     client.disconnect().unwrap();
     rig.wait_now();
     let good = rig.restore_latest("good.img");
+    let image = std::fs::read(&good).unwrap();
+    assert!(
+        image[MIB as usize..5 * MIB as usize] == data[..],
+        "the restore before the damage differs from what was written"
+    );
 
     rig.collector.kill9();
     let pack = packs(&rig.collector.data_dir).pop().expect("a pack file");
@@ -225,7 +230,6 @@ fn flipped_byte_in_a_pack_fails_restore_naming_volume_and_offset() {
         "the collector survives a damaged pack"
     );
     println!("damaged pack: {}", output.stderr.trim());
-    drop(good);
 }
 
 fn message(msg: v1::agent_message::Msg) -> v1::AgentMessage {

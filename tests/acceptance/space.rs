@@ -18,7 +18,7 @@ fn du_bytes(path: &Path) -> u64 {
     out.split_whitespace()
         .next()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(u64::MAX)
+        .unwrap_or_else(|| panic!("du -sb {} printed {out:?}", path.display()))
 }
 
 /// A directory of real files from /usr/share (hard links where possible, so nothing is copied),
