@@ -227,7 +227,7 @@ fn run_once(s: &Settings) -> anyhow::Result<Sample> {
         }
     }
     let size = s.history_volume_bytes as f64 / 1e6;
-    let usage = [agent.proc.usage(), collector.proc.usage()];
+    let usage = [agent.proc.usage()?, collector.proc.usage()?];
     Ok(Sample {
         restore_mb_s: [size / ours_s, size / restic_s, size / borg_s],
         stored_bytes: [

@@ -33,7 +33,7 @@ fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
     let collector = Collector::start(&s.bin_dir, &work)?;
     let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
     let mut grpc = Grpc::connect(&collector.url)?;
-    let cpu_before = agent.proc.usage().cpu_seconds + collector.proc.usage().cpu_seconds;
+    let cpu_before = agent.proc.usage()?.cpu_seconds + collector.proc.usage()?.cpu_seconds;
     let started = Instant::now();
     sys::run(
         Command::new("nbdcopy")
@@ -44,7 +44,7 @@ fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
     )?;
     grpc.wait_durable(&agent.volume, now_ns())?;
     let seconds = started.elapsed().as_secs_f64();
-    let (a, c) = (agent.proc.usage(), collector.proc.usage());
+    let (a, c) = (agent.proc.usage()?, collector.proc.usage()?);
     let cpu = a.cpu_seconds + c.cpu_seconds - cpu_before;
     Ok(Sample {
         mb_per_s: data_bytes as f64 / 1e6 / seconds,

@@ -53,9 +53,10 @@ impl Proc {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// CPU seconds and peak RSS so far.
-    pub fn usage(&self) -> ProcUsage {
-        sys::proc_usage(self.pid()).unwrap_or_default()
+    /// CPU seconds and peak RSS so far; an error (never a zero that would pass a memory
+    /// target) when they cannot be read, e.g. because the process has died.
+    pub fn usage(&self) -> anyhow::Result<ProcUsage> {
+        sys::proc_usage(self.pid()).with_context(|| format!("read the usage of {}", self.name))
     }
 
     /// Fails with the log's tail if the process has exited.

@@ -96,7 +96,7 @@ fn run_once(s: &Settings) -> anyhow::Result<(Vec<Level>, [ProcUsage; 2])> {
     for rate in &s.rpo_rates {
         levels.push(level(s, &agent, &collector, *rate)?);
     }
-    Ok((levels, [agent.proc.usage(), collector.proc.usage()]))
+    Ok((levels, [agent.proc.usage()?, collector.proc.usage()?]))
 }
 
 pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {

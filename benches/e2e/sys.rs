@@ -95,17 +95,17 @@ pub fn proc_usage(pid: u32) -> anyhow::Result<ProcUsage> {
         fields
             .get(i)
             .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
+            .with_context(|| format!("/proc/{pid}/stat has no field {}", i + 3))
     };
     // SAFETY: sysconf has no memory arguments.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu_seconds = (ticks(11) + ticks(12)) as f64 / hz;
+    let cpu_seconds = (ticks(11)? + ticks(12)?) as f64 / hz;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let peak_kib = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+        .with_context(|| format!("/proc/{pid}/status has no VmHWM line"))?;
     Ok(ProcUsage {
         cpu_seconds,
         peak_rss_bytes: peak_kib * 1024,

@@ -60,7 +60,7 @@ fn nbd_run(s: &Settings) -> anyhow::Result<(Figures, [ProcUsage; 2], Figures)> {
     let collector = Collector::start(&s.bin_dir, &work)?;
     let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
     let ours = run_jobs(s, &Target::Nbd(agent.uri()), &work)?;
-    let usage = [agent.proc.usage(), collector.proc.usage()];
+    let usage = [agent.proc.usage()?, collector.proc.usage()?];
     drop(agent);
     drop(collector);
 
