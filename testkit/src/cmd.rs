@@ -74,9 +74,60 @@ pub fn run_ok(command: &mut Command) -> String {
     output.stdout
 }
 
-/// Waits for a spawned child (with piped output), whatever its exit status.
-pub fn finish_child(child: Child, what: &str) -> Output {
-    finish(child, what, COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+/// Starts `command` with stdin closed and stdout and stderr piped, for [`Spawned::finish`].
+pub fn spawn(command: &mut Command) -> Spawned {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {command:?}: {e}"));
+    Spawned::new(child, &format!("{command:?}"))
+}
+
+/// A child process the test runs alongside its own work. Killed and reaped if it is dropped
+/// before being waited for, so a failing test leaves no process behind (holding a mount, say).
+pub struct Spawned {
+    child: Option<Child>,
+    what: String,
+}
+
+impl Spawned {
+    pub fn new(child: Child, what: &str) -> Spawned {
+        Spawned {
+            child: Some(child),
+            what: what.to_owned(),
+        }
+    }
+
+    /// Waits (at most [`COMMAND_TIMEOUT`]) and collects its piped output, whatever its exit
+    /// status.
+    pub fn finish(mut self) -> Output {
+        let child = self.child.take().expect("a spawned child is finished once");
+        finish(child, &self.what, COMMAND_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .expect("a spawned child is finished once");
+        child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for {}: {e}", self.what))
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Collects a spawned child's output (draining both pipes meanwhile, so a chatty command never

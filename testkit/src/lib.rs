@@ -13,6 +13,6 @@ pub mod kernel;
 pub mod tools;
 pub mod wait;
 
-pub use cmd::{finish_child, run, run_ok, run_within, try_run_within, Output, COMMAND_TIMEOUT};
+pub use cmd::{run, run_ok, run_within, spawn, try_run_within, Output, Spawned, COMMAND_TIMEOUT};
 pub use tools::{require_tools, skip_or_fail, tool, tool_path};
 pub use wait::{wait_for, POLL};

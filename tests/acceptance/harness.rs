@@ -99,7 +99,7 @@ pub fn bin(name: &str) -> PathBuf {
 // ---- external tools and commands ----------------------------------------------------------
 
 pub use tideline_testkit::{
-    finish_child, require_tools, run, run_ok, run_within, skip_or_fail, tool, wait_for, Output,
+    require_tools, run, run_ok, run_within, skip_or_fail, spawn, tool, wait_for, Output, Spawned,
 };
 
 /// `tideline` with any arguments (no `--collector` added, `TIDELINE_COLLECTOR` removed).
@@ -170,23 +170,18 @@ pub fn qemu_io(target: &str, commands: &[&str]) -> String {
 }
 
 /// Spawns qemu-io without waiting (for concurrent writers).
-pub fn qemu_io_spawn(target: &str, commands: &[String]) -> Child {
+pub fn qemu_io_spawn(target: &str, commands: &[String]) -> Spawned {
     let mut command = Command::new(tool("qemu-io"));
     command.args(["-f", "raw", target]);
     for c in commands {
         command.arg("-c").arg(c);
     }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn qemu-io")
+    spawn(&mut command)
 }
 
 /// Waits for a spawned child that must succeed.
-pub fn wait_ok(child: Child, what: &str) {
-    let output = finish_child(child, what);
+pub fn wait_ok(child: Spawned, what: &str) {
+    let output = child.finish();
     assert!(
         output.success() && !output.stdout.contains("failed"),
         "{what} failed: {output}"
@@ -814,6 +809,26 @@ fn spawn_agent(
     log: &Path,
 ) -> Proc {
     spawn_agent_with(spec, socket, spool_dir, collector_url, log, true)
+}
+
+impl Drop for Agent {
+    /// A killed agent leaves its FUSE exports mounted and dead (ENOTCONN); detach them lazily so
+    /// a failing test does not leave them behind (any loop device or filesystem on top is
+    /// released by its own guard first).
+    fn drop(&mut self) {
+        if self.spec.fuse.is_empty() {
+            return;
+        }
+        self.proc.kill9();
+        for (_, file) in &self.spec.fuse {
+            if crate::kernel::is_mount_point(file) {
+                let out = run(Command::new(tool("umount")).arg("-l").arg(file));
+                if !out.success() {
+                    eprintln!("umount -l {}: {out}", file.display());
+                }
+            }
+        }
+    }
 }
 
 fn spawn_agent_with(

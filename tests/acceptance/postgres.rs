@@ -13,10 +13,10 @@
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, run, run_ok, tool, Agent, AgentSpec, Collector, Output};
+use crate::harness::{self, run, run_ok, tool, Agent, AgentSpec, Collector, Output, Spawned};
 use crate::kernel::{self, LoopDevice, Mounted};
 
 const DATA_BYTES: u64 = 2 << 30;
@@ -275,23 +275,15 @@ fn drill_command(url: &str, when: &[&str], report: &Path) -> Command {
 }
 
 /// Spawns a command with stdout and stderr appended to `log`, so nothing blocks on a pipe.
-fn spawn_logged(command: &mut Command, log: &Path) -> Child {
+fn spawn_logged(command: &mut Command, log: &Path) -> Spawned {
     let file = std::fs::File::create(log).unwrap();
-    command
+    let child = command
         .stdin(Stdio::null())
         .stdout(file.try_clone().unwrap())
         .stderr(file)
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"))
-}
-
-fn spawn_piped(command: &mut Command) -> Child {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"))
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    Spawned::new(child, &format!("{command:?}"))
 }
 
 #[test]
@@ -380,14 +372,14 @@ fn pgbench_group_restores_at_five_moments_and_at_a_checkpoint_and_drills() {
             assert!(output.success(), "app-consistent checkpoint: {output}");
         }
         if i == 3 {
-            drill = Some(spawn_piped(&mut drill_command(
+            drill = Some(harness::spawn(&mut drill_command(
                 &url,
                 &["--latest"],
                 &path("drill.md"),
             )));
         }
     }
-    let status = harness::wait_for("pgbench to finish", RUN * 3, || bench.try_wait().unwrap());
+    let status = harness::wait_for("pgbench to finish", RUN * 3, || bench.try_wait());
     let bench_log = std::fs::read_to_string(path("pgbench.log")).unwrap();
     assert!(status.success(), "pgbench: {status}\n{bench_log}");
     println!("{bench_log}");
@@ -397,7 +389,7 @@ fn pgbench_group_restores_at_five_moments_and_at_a_checkpoint_and_drills() {
         RUN.as_secs()
     );
 
-    let drill = harness::finish_child(drill.unwrap(), "tideline drill --latest");
+    let drill = drill.expect("the drill was started").finish();
     println!("{}", drill.stdout);
     assert!(drill.success(), "drill under load: {drill}");
     let report: serde_json::Value =
@@ -487,10 +479,7 @@ fn corrupted_store_drill_names_the_volume(store: &Path, dir: &Path) {
 
     let damaged = Collector::start(dir);
     let report = dir.join("drill.md");
-    let drill = harness::finish_child(
-        spawn_piped(&mut drill_command(&damaged.url(), &["--latest"], &report)),
-        "tideline drill on a corrupted store",
-    );
+    let drill = harness::spawn(&mut drill_command(&damaged.url(), &["--latest"], &report)).finish();
     println!("{}", drill.stderr);
     assert!(
         !drill.success(),
