@@ -27,12 +27,15 @@ WORK=$(mktemp -d /var/tmp/tideline-pgbench.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
 LOOPS=()
+# Stops what was started, in order (server, filesystem, loop device, agent and collector),
+# whatever failed: no step may abort the rest.
 cleanup() {
-    runuser -u postgres -- "$BIN/pg_ctl" -D "$WORK/mnt/pgdata" -m immediate stop >/dev/null 2>&1 || true
-    mountpoint -q "$WORK/mnt" && umount "$WORK/mnt"
-    for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    set +e
+    [ -f "$WORK/mnt/pgdata/postmaster.pid" ] &&
+        runuser -u postgres -- "$BIN/pg_ctl" -D "$WORK/mnt/pgdata" -m immediate -w -t 60 stop >/dev/null 2>&1
+    mountpoint -q "$WORK/mnt" && { umount "$WORK/mnt" || umount -l "$WORK/mnt"; }
+    for l in "${LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
+    stop_tap
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -70,21 +73,29 @@ start_tap() {
     local dir="$WORK/tap$n"
     mkdir -p "$dir"
     truncate -s 4G "$dir/vol.img"
-    local port=$((20000 + RANDOM % 10000))
-    "$REL/tideline-collector" --data-dir "$dir/collector" --listen "127.0.0.1:$port" >"$dir/collector.out" 2>"$dir/collector.log" &
+    "$REL/tideline-collector" --data-dir "$dir/collector" --listen 127.0.0.1:0 >"$dir/collector.out" 2>"$dir/collector.log" &
     PIDS+=($!)
     for _ in $(seq 100); do grep -q listening "$dir/collector.out" && break; sleep 0.1; done
+    local addr
+    addr=$(awk '/^listening on / {print $3}' "$dir/collector.out")
+    [ -n "$addr" ] || { echo "the collector did not start; its log:" >&2; cat "$dir/collector.log" >&2; exit 1; }
     "$REL/tideline-agent" --volume "vol=$dir/vol.img,fuse=$dir/vol.fuse" --nbd-unix "$dir/nbd.sock" \
-        --spool-dir "$dir/spool" --collector "http://127.0.0.1:$port" >/dev/null 2>"$dir/agent.log" &
+        --spool-dir "$dir/spool" --collector "http://$addr" >/dev/null 2>"$dir/agent.log" &
     PIDS+=($!)
     for _ in $(seq 100); do mountpoint -q "$dir/vol.fuse" && break; sleep 0.1; done
     mountpoint -q "$dir/vol.fuse" || { echo "the agent did not mount its FUSE export; its log:" >&2; cat "$dir/agent.log" >&2; exit 1; }
     TAP_FILE="$dir/vol.fuse"
 }
 
+# SIGTERM to the agent and collector, SIGKILL to whichever has not exited 30 s later.
 stop_tap() {
+    local p
     for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
     PIDS=()
 }
 

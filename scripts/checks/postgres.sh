@@ -24,19 +24,22 @@ bindir=${PG_BINDIR:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | ta
 [ -x "$bindir/postgres" ] || { echo "postgres.sh: no PostgreSQL server binaries in '$bindir' (set PG_BINDIR)" >&2; exit 2; }
 
 work=$(mktemp -d /tmp/tideline-pgcheck.XXXXXX)
-chmod 755 "$work"
-mkdir -p "$work/data" "$work/wal" "$work/socket"
-chown postgres: "$work/socket"
-started=0
+# Whatever fails, stop the server this script started (a pg_ctl that timed out may have left
+# it running), unmount the copies (lazily if busy) and remove the work directory.
 cleanup() {
-    if [ "$started" = 1 ]; then
-        runuser -u postgres -- "$bindir/pg_ctl" -D "$work/data/$pgdata_subdir" -m immediate -w stop >/dev/null 2>&1 || true
+    set +e
+    if [ -f "$work/data/$pgdata_subdir/postmaster.pid" ]; then
+        runuser -u postgres -- "$bindir/pg_ctl" -D "$work/data/$pgdata_subdir" -m immediate -w -t 60 stop >/dev/null 2>&1
     fi
-    mountpoint -q "$work/wal" && umount "$work/wal"
-    mountpoint -q "$work/data" && umount "$work/data"
+    for dir in "$work/wal" "$work/data"; do
+        mountpoint -q "$dir" && { umount "$dir" || umount -l "$dir"; }
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
+chmod 755 "$work"
+mkdir -p "$work/data" "$work/wal" "$work/socket"
+chown postgres: "$work/socket"
 
 mount -o loop "$data_image" "$work/data"
 pgdata="$work/data/$pgdata_subdir"
@@ -58,7 +61,6 @@ if ! runuser -u postgres -- "$bindir/pg_ctl" -D "$pgdata" -l "$log" -w -t 300 \
     cat "$log" >&2
     exit 1
 fi
-started=1
 grep -E "redo done|database system was not properly shut down|database system is ready" "$log" || true
 
 psql_q() { runuser -u postgres -- psql -h "$work/socket" -p 5432 -d "${PGDATABASE:-postgres}" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
@@ -82,4 +84,3 @@ else
     echo "check query holds"
 fi
 runuser -u postgres -- "$bindir/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null
-started=0
