@@ -91,7 +91,16 @@ pub async fn run(request: DrillRequest, client: CatalogClient) -> anyhow::Result
     for check in &request.checks {
         substitute(check, &volumes, Path::new("/"))?;
     }
-    let (scratch, temp_guard) = scratch_dir(&request)?;
+    if let Some(path) = &request.report {
+        if path.extension().is_some_and(|e| e == "json") {
+            bail!(
+                "--report {} would be overwritten by the JSON report, which goes beside the Markdown one with the extension .json; name the Markdown file (e.g. drill.md)",
+                path.display()
+            );
+        }
+    }
+    let scratch_guard = scratch_dir(&request)?;
+    let scratch = scratch_guard.path().to_owned();
     let mut report = Report {
         group: request.group.clone(),
         collector: request.collector.clone(),
@@ -122,9 +131,7 @@ pub async fn run(request: DrillRequest, client: CatalogClient) -> anyhow::Result
         report.rto_seconds = Some(started.elapsed().as_secs_f64());
     }
     if request.keep {
-        if let Some(temp) = temp_guard {
-            let _ = temp.keep();
-        }
+        let _ = scratch_guard.keep();
     }
     emit(&report, &request)?;
     Ok(match &report.failure {
@@ -153,25 +160,15 @@ async fn group_volumes(mut client: CatalogClient, group: &str) -> anyhow::Result
     Ok(listing.volumes)
 }
 
-/// The scratch directory and, when the drill made it, the guard that removes it.
-fn scratch_dir(request: &DrillRequest) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
-    match &request.scratch {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-            let temp = tempfile::Builder::new()
-                .prefix(&format!("drill-{}-", request.group))
-                .tempdir_in(dir)
-                .with_context(|| format!("create a scratch directory in {}", dir.display()))?;
-            Ok((temp.path().to_owned(), Some(temp)))
-        }
-        None => {
-            let temp = tempfile::Builder::new()
-                .prefix(&format!("tideline-drill-{}-", request.group))
-                .tempdir()
-                .context("create a scratch directory")?;
-            Ok((temp.path().to_owned(), Some(temp)))
-        }
-    }
+/// A fresh scratch directory (in `--scratch DIR`, or the system temporary directory), removed
+/// when the guard drops unless the drill keeps it.
+fn scratch_dir(request: &DrillRequest) -> anyhow::Result<tempfile::TempDir> {
+    let parent = request.scratch.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent).with_context(|| format!("create {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(&format!("tideline-drill-{}-", request.group))
+        .tempdir_in(&parent)
+        .with_context(|| format!("create a scratch directory in {}", parent.display()))
 }
 
 async fn materialise(
@@ -316,7 +313,12 @@ async fn run_check(original: &str, command: &str, dir: &Path, limit: Duration) -
     }
 }
 
-/// Runs `sh -c command` with stdout and stderr merged; kills it after `limit`.
+/// Most output of one check read back for its report (the tail is what matters).
+const OUTPUT_READ_BYTES: u64 = 64 << 10;
+
+/// Runs `sh -c command` with stdout and stderr merged, in a process group of its own; after
+/// `limit` the whole group is killed, so a check's children (a database it started, say) do not
+/// outlive it on images that are about to be removed.
 async fn run_shell(
     command: &str,
     dir: &Path,
@@ -331,23 +333,23 @@ async fn run_shell(
         .stdin(Stdio::null())
         .stdout(log.try_clone().context("clone the output file handle")?)
         .stderr(log)
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .context("start sh")?;
     let status = match tokio::time::timeout(limit, child.wait()).await {
         Ok(status) => Some(status.context("wait for the check")?),
         Err(_) => {
-            let _ = child.kill().await;
+            if let Some(pid) = child.id().and_then(|id| libc::pid_t::try_from(id).ok()) {
+                // SAFETY: kill has no memory-safety preconditions; -pid names the group the
+                // check leads.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            let _ = child.wait().await;
             None
         }
     };
-    let mut output = String::new();
-    tokio::fs::File::open(&log_path)
-        .await
-        .context("open the check's output")?
-        .read_to_string(&mut output)
-        .await
-        .context("read the check's output")?;
+    let output = output_tail(&log_path).await?;
     let _ = std::fs::remove_file(&log_path);
     match status {
         Some(status) => Ok((status.code(), output)),
@@ -359,6 +361,29 @@ async fn run_shell(
             ),
         )),
     }
+}
+
+/// The last [`OUTPUT_READ_BYTES`] of a check's output, as text whatever its bytes.
+async fn output_tail(path: &Path) -> anyhow::Result<String> {
+    use tokio::io::AsyncSeekExt;
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .context("open the check's output")?;
+    let len = file
+        .metadata()
+        .await
+        .context("stat the check's output")?
+        .len();
+    file.seek(std::io::SeekFrom::Start(
+        len.saturating_sub(OUTPUT_READ_BYTES),
+    ))
+    .await
+    .context("seek in the check's output")?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .await
+        .context("read the check's output")?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn tail_lines(text: &str, lines: usize) -> String {
@@ -383,16 +408,17 @@ fn describe_point(point: &v1::restore_request::Point) -> String {
 fn emit(report: &Report, request: &DrillRequest) -> anyhow::Result<()> {
     let markdown = markdown(report);
     let json = serde_json::to_string_pretty(report)?;
+    // Printed first: a report file that cannot be written must not hide the result.
+    if request.json {
+        println!("{json}");
+    } else {
+        print!("{markdown}");
+    }
     if let Some(path) = &request.report {
         std::fs::write(path, &markdown).with_context(|| format!("write {}", path.display()))?;
         let json_path = path.with_extension("json");
         std::fs::write(&json_path, &json)
             .with_context(|| format!("write {}", json_path.display()))?;
-    }
-    if request.json {
-        println!("{json}");
-    } else {
-        print!("{markdown}");
     }
     Ok(())
 }
@@ -511,6 +537,66 @@ mod tests {
             .to_string();
         assert!(error.contains("{image:logs}"), "{error}");
         assert!(error.contains("data, wal"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_passing_check_with_binary_output_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = run_check(
+            "binary",
+            "printf 'ok\\377\\376\\n'",
+            dir.path(),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert!(result.passed, "{}", result.output_tail);
+        assert!(
+            result.output_tail.starts_with("ok"),
+            "{}",
+            result.output_tail
+        );
+    }
+
+    #[tokio::test]
+    async fn a_check_past_its_time_limit_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child.pid");
+        let command = format!("sleep 600 & echo $! > {}; wait", pid_file.display());
+        let started = Instant::now();
+        let result = run_check("slow", &command, dir.path(), Duration::from_secs(1)).await;
+        assert!(!result.passed);
+        assert_eq!(result.exit_code, None);
+        assert!(
+            result.output_tail.contains("--check-timeout"),
+            "{}",
+            result.output_tail
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let child: libc::pid_t = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The background child was killed with its group (it may linger as a zombie of init
+        // for a moment: wait for it to be gone, bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        while unsafe { libc::kill(child, 0) } == 0 && !is_zombie(child) {
+            assert!(
+                Instant::now() < deadline,
+                "the check's child {child} survived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn is_zombie(pid: libc::pid_t) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
     }
 
     #[test]
