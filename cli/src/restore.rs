@@ -58,6 +58,12 @@ pub async fn to_file(
             out.display()
         );
     }
+    if out.exists() && !out.is_file() {
+        bail!(
+            "{} is not a regular file; a restore writes a new image beside it and renames it into place, which would replace a device node: restore to a file, then copy it onto the device (e.g. `dd if=IMAGE of=DEVICE bs=4M conv=sparse,fsync`)",
+            out.display()
+        );
+    }
     let started = Instant::now();
     let partial = partial_path(out);
     let result = async {

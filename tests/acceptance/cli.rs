@@ -58,6 +58,20 @@ fn restore_refuses_to_overwrite_without_force() {
     assert_eq!(image.len() as u64, 4 * MIB);
     assert!(image[..MIB as usize].iter().all(|&b| b == 0x42));
     assert!(image[MIB as usize..].iter().all(|&b| b == 0));
+
+    // Even with --force, a device (here a link to /dev/null) is never replaced by a file.
+    let device = rig.path("device.img");
+    std::os::unix::fs::symlink("/dev/null", &device).unwrap();
+    let mut onto_device = forced.clone();
+    let out_index = onto_device.iter().position(|a| *a == "--out").unwrap() + 1;
+    onto_device[out_index] = device.to_str().unwrap();
+    let output = harness::tideline(&rig.url(), &onto_device);
+    assert!(!output.success(), "restore replaced a device: {output}");
+    assert!(output.stderr.contains("not a regular file"), "{output}");
+    assert_eq!(
+        std::fs::read_link(&device).unwrap(),
+        std::path::Path::new("/dev/null")
+    );
 }
 
 #[test]
