@@ -13,7 +13,7 @@ use tideline_core::store::{
     self, BlockDiff, DiffBase, GroupRole, PointInTime, PointKinds, RestorePlan, Store,
 };
 use tideline_core::{
-    Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+    BlockNo, Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
 };
 use tideline_proto::v1::{self, restore_request::Point};
 use tideline_proto::volume_name;
@@ -508,42 +508,52 @@ fn point_info(record: &tideline_core::record::Record) -> v1::PointInfo {
     }
 }
 
-/// Sends the header and every non-zero extent of `plan`, verified, in offset order.
+/// Sends the header and every non-zero extent of `plan`, verified, in no particular order
+/// ([`store::for_each_extent`] reads them frame by frame).
 fn stream_plan(
     store: &Store,
     plan: &RestorePlan,
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
 ) {
-    use v1::restore_message::Msg;
     let header = v1::RestoreHeader {
         size_bytes: plan.size_bytes,
         seq: plan.seq.0,
         time_ns: plan.time.0,
         changed_blocks: 0,
     };
-    if tx
-        .blocking_send(Ok(v1::RestoreMessage {
-            msg: Some(Msg::Header(header)),
-        }))
-        .is_err()
-    {
-        return;
+    if send(tx, v1::restore_message::Msg::Header(header)).is_ok() {
+        stream_extents(store, plan, tx);
     }
+}
+
+/// Sends the verified non-zero extents of `plan`; a failed read ends the stream with
+/// DATA_LOSS and the store's error, which names the volume, the block and the pack.
+fn stream_extents(
+    store: &Store,
+    plan: &RestorePlan,
+    tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
+) {
     let sent = store::for_each_extent(store, plan, RESTORE_EXTENT_BYTES, |offset_bytes, data| {
-        let message = v1::RestoreMessage {
-            msg: Some(Msg::Extent(v1::Extent {
-                offset_bytes,
-                data: data.into(),
-                zero_len_bytes: 0,
-            })),
+        let extent = v1::Extent {
+            offset_bytes,
+            data: data.into(),
+            zero_len_bytes: 0,
         };
-        tx.blocking_send(Ok(message))
-            .map_err(|_| StreamEnd::ClientGone)
+        send(tx, v1::restore_message::Msg::Extent(extent))
     });
     if let Err(StreamEnd::Failed(e)) = sent {
         tracing::error!(volume = %plan.volume, error = %e, "restore failed");
         let _ = tx.blocking_send(Err(Status::data_loss(e.to_string())));
     }
+}
+
+/// Sends one message of a restore stream from a blocking thread.
+fn send(
+    tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
+    msg: v1::restore_message::Msg,
+) -> Result<(), StreamEnd> {
+    tx.blocking_send(Ok(v1::RestoreMessage { msg: Some(msg) }))
+        .map_err(|_| StreamEnd::ClientGone)
 }
 
 /// Why a restore stream ended early.
@@ -558,76 +568,58 @@ impl From<tideline_core::store::StoreError> for StreamEnd {
     }
 }
 
-/// Sends the header and the changed blocks of `diff` in offset order: runs of blocks with data
-/// as data extents (each block verified), runs of zero blocks as zero extents.
+/// Sends the header and the changed blocks of `diff`: runs of blocks that read as zeroes as
+/// zero extents, then the blocks with data as verified data extents (in no particular order;
+/// the two never overlap).
 fn stream_diff(
     store: &Store,
     diff: &BlockDiff,
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
 ) {
-    use v1::restore_message::Msg;
-    let send = |msg: Msg| {
-        tx.blocking_send(Ok(v1::RestoreMessage { msg: Some(msg) }))
-            .is_ok()
-    };
     let header = v1::RestoreHeader {
         size_bytes: diff.size_bytes,
         seq: diff.seq.0,
         time_ns: diff.time.0,
         changed_blocks: diff.changes.len() as u64,
     };
-    if !send(Msg::Header(header)) {
+    if send(tx, v1::restore_message::Msg::Header(header)).is_err() {
         return;
     }
-    let max_run = (RESTORE_EXTENT_BYTES / BLOCK_SIZE) as u64;
-    let mut i = 0;
-    while i < diff.changes.len() {
-        let (first, content) = diff.changes[i];
-        let zero = content.is_none();
-        let mut j = i + 1;
-        while j < diff.changes.len()
-            && diff.changes[j].0 .0 == first.0 + (j - i) as u64
-            && diff.changes[j].1.is_none() == zero
-            && ((j - i) as u64) < max_run
-        {
-            j += 1;
-        }
+    for (first, blocks) in zero_runs(diff) {
         let offset_bytes = first.offset_bytes();
-        let extent = if zero {
-            let len = (j - i) as u64 * BLOCK_SIZE_BYTES;
-            v1::Extent {
-                offset_bytes,
-                data: Default::default(),
-                zero_len_bytes: len.min(diff.size_bytes - offset_bytes),
-            }
-        } else {
-            let mut data = Vec::with_capacity((j - i) * BLOCK_SIZE);
-            for (block, hash) in &diff.changes[i..j] {
-                let Some(hash) = hash else { continue };
-                match store.read_chunk(hash) {
-                    Ok(bytes) => data.extend_from_slice(&bytes),
-                    Err(e) => {
-                        let message = format!(
-                            "volume {}: block at offset {}: {e}",
-                            diff.volume,
-                            block.offset_bytes()
-                        );
-                        tracing::error!(%message, "delta restore failed");
-                        let _ = tx.blocking_send(Err(Status::data_loss(message)));
-                        return;
-                    }
-                }
-            }
-            data.truncate((diff.size_bytes - offset_bytes) as usize);
-            v1::Extent {
-                offset_bytes,
-                data: data.into(),
-                zero_len_bytes: 0,
-            }
+        let extent = v1::Extent {
+            offset_bytes,
+            data: Default::default(),
+            zero_len_bytes: (blocks * BLOCK_SIZE_BYTES).min(diff.size_bytes - offset_bytes),
         };
-        if !send(Msg::Extent(extent)) {
+        if send(tx, v1::restore_message::Msg::Extent(extent)).is_err() {
             return;
         }
-        i = j;
     }
+    let with_data = RestorePlan {
+        volume: diff.volume.clone(),
+        size_bytes: diff.size_bytes,
+        seq: diff.seq,
+        time: diff.time,
+        blocks: diff
+            .changes
+            .iter()
+            .filter_map(|&(block, hash)| Some((block, hash?)))
+            .collect(),
+    };
+    stream_extents(store, &with_data, tx);
+}
+
+/// The runs of consecutive changed blocks of `diff` that read as zeroes, as (first block,
+/// block count), each at most `RESTORE_EXTENT_BYTES` long.
+fn zero_runs(diff: &BlockDiff) -> Vec<(BlockNo, u64)> {
+    let max_run = (RESTORE_EXTENT_BYTES / BLOCK_SIZE) as u64;
+    let mut runs: Vec<(BlockNo, u64)> = Vec::new();
+    for (block, _) in diff.changes.iter().filter(|(_, hash)| hash.is_none()) {
+        match runs.last_mut() {
+            Some((first, len)) if first.0 + *len == block.0 && *len < max_run => *len += 1,
+            _ => runs.push((*block, 1)),
+        }
+    }
+    runs
 }

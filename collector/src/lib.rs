@@ -28,6 +28,18 @@ use tideline_proto::v1;
 /// Largest gRPC message accepted or sent (a 32 MiB client write plus framing fits).
 pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
 
+/// How long a shutdown waits for open streams to end. Agents stream for as long as they run,
+/// so without a bound a collector with a connected agent would never stop.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Completes `SHUTDOWN_GRACE` after `stopping` turns true.
+async fn grace_expired(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        return std::future::pending().await;
+    }
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+}
+
 /// Opens the store and serves the Ingest, Catalog and Replication services on `listener` until
 /// `shutdown`; with `replicate_to`, also replicates every group this site is primary for.
 pub async fn run(
@@ -51,6 +63,7 @@ pub async fn run(
     let replication =
         replication::ReplicationService::new(store.clone(), live.clone(), config.site.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = stop_rx.clone();
     let replicator = config.replicate_to.clone().map(|peer_url| {
         tokio::spawn(replicator::run(
             store.clone(),
@@ -79,7 +92,7 @@ pub async fn run(
         .context("build reflection service")?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, site = %config.site, data_dir = %config.data_dir.display(), "collector serving");
-    tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
@@ -100,9 +113,14 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("serve gRPC")?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    tokio::select! {
+        served = serve => served.context("serve gRPC")?,
+        () = grace_expired(stopping) => tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "streams still open at shutdown (agents, restores); closing them: everything acknowledged is durable"
+        ),
+    }
     if let Some(replicator) = replicator {
         let _ = replicator.await;
     }

@@ -1,18 +1,23 @@
 //! Turning a [`RestorePlan`] into bytes: a sparse image file, or a stream of extents.
 //!
 //! Only non-zero blocks are read and written; runs of consecutive blocks are coalesced into
-//! one extent (one `pwrite` for a file). [`materialise`] and [`for_each_extent`] read extents
-//! on every core (decompressing and verifying frames is what a restore spends its CPU on) and
-//! hand them over in offset order, a few extents per core ahead at most. Every block is verified against its hash on the way
+//! one extent (one `pwrite` for a file). [`materialise`] and [`for_each_extent`] read the plan
+//! frame by frame in pack order, on every core, and hand extents over in no particular order:
+//! a journal interleaves the writes of concurrent writers, so one frame often holds blocks of
+//! several distant parts of the volume, and reading in volume order would decompress it once
+//! per part. [`extents`] reads in volume order on one thread. Every block is verified against
+//! its hash on the way
 //! (see [`Store::read_chunk`]); a bad block stops the restore with an error naming the volume,
 //! the block's byte offset in the volume, the pack file and the frame's byte offset in it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use crate::types::{BLOCK_SIZE, BLOCK_SIZE_BYTES};
+use crate::types::{BlockNo, ChunkHash, BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
+use super::pack::ChunkLoc;
 use super::{ChunkReadError, RestorePlan, Store, StoreError};
 
 /// Largest extent [`materialise`] writes with one `pwrite`.
@@ -122,22 +127,9 @@ fn read_run(
     let first = blocks[0].0;
     let mut data = Vec::with_capacity(blocks.len() * BLOCK_SIZE);
     for (block, hash) in blocks {
-        store.append_chunk(hash, &mut data).map_err(|source| {
-            let offset_bytes = block.offset_bytes();
-            let volume = plan.volume.clone();
-            match source {
-                ChunkReadError::Corrupt { .. } => StoreError::CorruptBlock {
-                    volume,
-                    offset_bytes,
-                    source,
-                },
-                _ => StoreError::ReadBlock {
-                    volume,
-                    offset_bytes,
-                    source,
-                },
-            }
-        })?;
+        store
+            .append_chunk(hash, &mut data)
+            .map_err(|source| block_error(plan, *block, source))?;
     }
     let offset = first.offset_bytes();
     let in_volume = plan.size_bytes.saturating_sub(offset);
@@ -148,11 +140,126 @@ fn read_run(
 }
 
 /// Extents each reader thread may have read ahead of the consumer.
-const READ_AHEAD_PER_THREAD: usize = 2;
+const READ_AHEAD_PER_THREAD: usize = 4;
 
-/// The extents [`extents`] yields, read on every core, passed to `sink` in the same order on
-/// the calling thread. Stops at the first error, of a read or of `sink`. At most
-/// `READ_AHEAD_PER_THREAD + 1` extents per core are in memory at once.
+/// A block of a plan and where its bytes are stored.
+#[derive(Clone, Copy)]
+struct Located {
+    loc: ChunkLoc,
+    block: BlockNo,
+    hash: ChunkHash,
+}
+
+/// The plan's blocks with their locations, sorted by frame (pack, then offset in the pack) and
+/// by block number inside a frame, and the ranges of that list that share a frame.
+fn locate_by_frame(
+    store: &Store,
+    plan: &RestorePlan,
+) -> Result<(Vec<Located>, Vec<std::ops::Range<usize>>), StoreError> {
+    let mut located = Vec::with_capacity(plan.blocks.len());
+    {
+        let state = store.read_state();
+        for &(block, hash) in &plan.blocks {
+            let Some(&loc) = state.chunks.get(&hash) else {
+                return Err(block_error(plan, block, ChunkReadError::Unknown { hash }));
+            };
+            located.push(Located { loc, block, hash });
+        }
+    }
+    located.sort_unstable_by_key(|l| (l.loc.pack, l.loc.offset, l.block));
+    let mut frames = Vec::new();
+    let mut start = 0;
+    for i in 1..=located.len() {
+        let frame_ends = i == located.len()
+            || (located[i].loc.pack, located[i].loc.offset)
+                != (located[start].loc.pack, located[start].loc.offset);
+        if frame_ends {
+            frames.push(start..i);
+            start = i;
+        }
+    }
+    Ok((located, frames))
+}
+
+/// The error for `block` of `plan`, which could not be read.
+fn block_error(plan: &RestorePlan, block: BlockNo, source: ChunkReadError) -> StoreError {
+    let volume = plan.volume.clone();
+    let offset_bytes = block.offset_bytes();
+    match source {
+        ChunkReadError::Corrupt { .. } => StoreError::CorruptBlock {
+            volume,
+            offset_bytes,
+            source,
+        },
+        _ => StoreError::ReadBlock {
+            volume,
+            offset_bytes,
+            source,
+        },
+    }
+}
+
+/// Loads the one frame holding `blocks` (sorted by block number) and passes their bytes to
+/// `emit` as extents of consecutive blocks, at most `max_blocks` long, cut at the volume's size.
+/// Stops, and returns false, when `emit` does or an error was emitted.
+fn read_frame_extents(
+    store: &Store,
+    plan: &RestorePlan,
+    blocks: &[Located],
+    max_blocks: usize,
+    emit: &mut impl FnMut(Result<(u64, Vec<u8>), StoreError>) -> bool,
+) -> bool {
+    let frame = match store.load_frame(&blocks[0].loc) {
+        Ok(frame) => frame,
+        Err(source) => {
+            emit(Err(block_error(plan, blocks[0].block, source)));
+            return false;
+        }
+    };
+    let mut start = 0;
+    while start < blocks.len() {
+        let first = blocks[start].block;
+        let run = blocks[start..]
+            .iter()
+            .take(max_blocks)
+            .zip(first.0..)
+            .take_while(|(l, expected)| l.block.0 == *expected)
+            .count();
+        let mut data = Vec::with_capacity(run * BLOCK_SIZE);
+        for l in &blocks[start..start + run] {
+            match frame.block(l.loc.index, &l.hash) {
+                Ok(bytes) => data.extend_from_slice(bytes),
+                Err(reason) => {
+                    let source = ChunkReadError::Corrupt {
+                        pack: store.packs.path(l.loc.pack).display().to_string(),
+                        offset: l.loc.offset,
+                        reason,
+                    };
+                    emit(Err(block_error(plan, l.block, source)));
+                    return false;
+                }
+            }
+        }
+        let offset = first.offset_bytes();
+        data.truncate(
+            plan.size_bytes
+                .saturating_sub(offset)
+                .min(data.len() as u64) as usize,
+        );
+        if !emit(Ok((offset, data))) {
+            return false;
+        }
+        start += run;
+    }
+    true
+}
+
+/// The extents [`extents`] yields, each block verified, but in no particular order: the plan's
+/// blocks are read frame by frame, in pack order, on every core, so each frame is read and
+/// decompressed once however the volume's writes were interleaved in the journal (reading in
+/// volume order decompresses a frame once per distant region it holds blocks of). `sink` runs
+/// on the calling thread. Stops at the first error, of a read or of `sink`. At most
+/// `READ_AHEAD_PER_THREAD` extents per core wait for `sink`, plus one frame per core.
 pub fn for_each_extent<E: From<StoreError>>(
     store: &Store,
     plan: &RestorePlan,
@@ -160,47 +267,41 @@ pub fn for_each_extent<E: From<StoreError>>(
     mut sink: impl FnMut(u64, Vec<u8>) -> Result<(), E>,
 ) -> Result<(), E> {
     let max_blocks = (max_extent_bytes / BLOCK_SIZE).max(1);
-    let mut runs = Vec::new();
-    let mut next = 0;
-    while next < plan.blocks.len() {
-        let run = next_run(plan, next, max_blocks);
-        next = run.end;
-        runs.push(run);
-    }
+    let (located, frames) = locate_by_frame(store, plan)?;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(runs.len());
-    if threads <= 1 {
-        for run in runs {
-            let (offset, data) = read_run(store, plan, run)?;
-            sink(offset, data)?;
-        }
+        .min(frames.len());
+    if threads == 0 {
         return Ok(());
     }
+    let next_frame = AtomicUsize::new(0);
     std::thread::scope(|scope| {
-        // Reader t reads runs t, t + threads, ...; so taking one extent from each reader in
-        // turn yields them in order. Returning drops the receivers, which stops the readers.
-        let readers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (tx, rx) = mpsc::sync_channel(READ_AHEAD_PER_THREAD);
-                let runs = &runs;
-                scope.spawn(move || {
-                    for run in runs.iter().skip(t).step_by(threads) {
-                        let extent = read_run(store, plan, run.clone());
-                        let failed = extent.is_err();
-                        if tx.send(extent).is_err() || failed {
-                            return;
-                        }
+        let (tx, rx) = mpsc::sync_channel(READ_AHEAD_PER_THREAD * threads);
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (located, frames, next_frame) = (&located, &frames, &next_frame);
+            scope.spawn(move || {
+                let mut emit = |extent: Result<(u64, Vec<u8>), StoreError>| {
+                    let failed = extent.is_err();
+                    tx.send(extent).is_ok() && !failed
+                };
+                while let Some(frame) = frames.get(next_frame.fetch_add(1, Ordering::Relaxed)) {
+                    if !read_frame_extents(
+                        store,
+                        plan,
+                        &located[frame.clone()],
+                        max_blocks,
+                        &mut emit,
+                    ) {
+                        return;
                     }
-                });
-                rx
-            })
-            .collect();
-        for i in 0..runs.len() {
-            let extent = readers[i % threads].recv().map_err(|_| StoreError::Io {
-                action: format!("read the blocks of volume {}", plan.volume),
-                source: std::io::Error::other("a reader thread stopped"),
-            })?;
+                }
+            });
+        }
+        // The readers hold the only senders: the loop ends when all of them are done. Returning
+        // early drops the receiver, which stops them at their next send.
+        drop(tx);
+        for extent in rx {
             let (offset, data) = extent?;
             sink(offset, data)?;
         }

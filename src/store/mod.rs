@@ -1686,6 +1686,13 @@ impl Store {
         if let Some(frame) = self.cache.get(key) {
             return Ok((frame, loc));
         }
+        let frame = Arc::new(self.load_frame(&loc)?);
+        self.cache.insert(key, Arc::clone(&frame));
+        Ok((frame, loc))
+    }
+
+    /// Reads, decompresses and verifies the frame holding `loc`, bypassing the frame cache.
+    fn load_frame(&self, loc: &ChunkLoc) -> Result<LoadedFrame, ChunkReadError> {
         let path = self.packs.path(loc.pack);
         let file = self
             .packs
@@ -1695,9 +1702,7 @@ impl Store {
                 offset: loc.offset,
                 source,
             })?;
-        let frame = Arc::new(pack::load_frame(&file, &path, &loc)?);
-        self.cache.insert(key, Arc::clone(&frame));
-        Ok((frame, loc))
+        pack::load_frame(&file, &path, loc)
     }
 
     /// Appends the verified 4096 bytes of chunk `hash` to `out`.

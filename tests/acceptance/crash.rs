@@ -2,6 +2,7 @@
 //! agent streams; after restarts every acknowledged write must be restorable.
 
 use std::process::Command;
+use std::time::Instant;
 
 use crate::harness::{self, Rig, MIB};
 
@@ -117,6 +118,44 @@ fn collector_killed_mid_stream_loses_nothing_acknowledged() {
     println!(
         "collector killed with {} MiB of 256 stored; durable seq {durable} before and {after} after a second restart",
         stored_before_kill / MIB
+    );
+}
+
+/// An agent streams for as long as it runs; SIGTERM must still stop the collector (after a
+/// bounded grace for open streams), and what it acknowledged must be there after a restart.
+#[test]
+fn collector_stops_on_sigterm_while_an_agent_streams() {
+    let mut rig = Rig::new("sigterm", 4 * MIB);
+    let data = harness::random_bytes(77, MIB as usize);
+    let mut client = rig.agent.nbd(&rig.volume);
+    client.write(0, &data, true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+
+    let started = Instant::now();
+    let status = rig.collector.terminate();
+    let took = started.elapsed();
+    assert!(status.success(), "collector exit after SIGTERM: {status}");
+    assert!(
+        took < 3 * tideline_collector::SHUTDOWN_GRACE,
+        "collector took {took:?} to stop after SIGTERM"
+    );
+    assert!(
+        rig.collector
+            .log_text()
+            .contains("streams still open at shutdown"),
+        "the agent's stream was not the one cut: {}",
+        rig.collector.log_text()
+    );
+
+    rig.collector.restart();
+    rig.wait_now();
+    let restored = rig.restore_latest("restored.img");
+    let image = std::fs::read(&restored).unwrap();
+    assert_eq!(&image[..MIB as usize], &data[..], "acknowledged write lost");
+    println!(
+        "collector stopped {:.2} s after SIGTERM",
+        took.as_secs_f64()
     );
 }
 

@@ -512,6 +512,11 @@ impl Collector {
         self.proc.kill9();
     }
 
+    /// SIGTERM, then waits (bounded) for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.proc.terminate()
+    }
+
     /// The Status RPC.
     pub fn status(&self) -> v1::StatusResponse {
         block_on(async {
