@@ -23,7 +23,7 @@
 //! message, and reports it on `ShipperConfig::on_fenced`; the agent then shuts down and exits
 //! with [`crate::EXIT_FENCED`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -151,6 +151,9 @@ fn note_fenced(slot: &std::sync::Mutex<Option<String>>, status: &tonic::Status) 
 
 type SessionResult = Result<(), String>;
 
+/// A batch being read from the spool and hashed, with the reader to continue from.
+type PreparedNext = tokio::task::JoinHandle<Result<(SpoolReader, Option<PreparedBatch>), String>>;
+
 impl Session {
     async fn run(self) -> SessionResult {
         let endpoint = Endpoint::from_shared(self.config.collector_url.clone())
@@ -250,7 +253,9 @@ impl Session {
                 "the collector holds the group up to {durable} but the spool starts at {start}: the collector lost records it had acknowledged"
             ));
         }
-        let mut reader = Some(self.group.spool.reader(start));
+        // The next batch is read and hashed while the current one is queried, compressed
+        // and sent, so the two stages overlap on the cores.
+        let mut next = self.prepare(self.group.spool.reader(start));
         // Last seq of each unacknowledged batch, and the chunks it carries.
         let mut in_flight: VecDeque<(Seq, HashSet<ChunkHash>)> = VecDeque::new();
         let mut query_id = 0u64;
@@ -279,12 +284,13 @@ impl Session {
                     .map_err(|_| "collector stream closed".to_owned())?;
                 continue;
             }
-            let (back, prepared) = self.prepare(reader.take()).await?;
-            reader = Some(back);
+            let (reader, prepared) = next.await.map_err(|e| e.to_string())??;
             let Some(batch) = prepared else {
                 self.idle(tx, &reader, &mut durable_rx).await?;
+                next = self.prepare(reader);
                 continue;
             };
+            next = self.prepare(reader);
             query_id += 1;
             let missing = self
                 .query(tx, &mut replies, query_id, &batch, &in_flight)
@@ -301,18 +307,13 @@ impl Session {
         }
     }
 
-    async fn prepare(
-        &self,
-        reader: Option<SpoolReader>,
-    ) -> Result<(SpoolReader, Option<PreparedBatch>), String> {
+    /// Reads and hashes the next batch on a blocking thread.
+    fn prepare(&self, mut reader: SpoolReader) -> PreparedNext {
         let group = self.group.clone();
-        let mut reader = reader.ok_or("spool reader lost")?;
         tokio::task::spawn_blocking(move || {
-            let batch = prepare_batch(&group, &mut reader);
-            batch.map(|b| (reader, b))
+            let batch = prepare_batch(&group, &mut reader)?;
+            Ok((reader, batch))
         })
-        .await
-        .map_err(|e| e.to_string())?
     }
 
     /// Nothing to send: wait for new records, sending a heartbeat meanwhile so the collector
@@ -320,7 +321,7 @@ impl Session {
     async fn idle(
         &self,
         tx: &mpsc::Sender<v1::AgentMessage>,
-        reader: &Option<SpoolReader>,
+        reader: &SpoolReader,
         durable_rx: &mut watch::Receiver<Seq>,
     ) -> SessionResult {
         let (last_seq, time_ns) = self.group.spool.heartbeat();
@@ -332,9 +333,7 @@ impl Session {
             }),
         )
         .await?;
-        let waiting_for = reader
-            .as_ref()
-            .map_or(last_seq, |r| Seq(r.next_seq().0 - 1));
+        let waiting_for = Seq(reader.next_seq().0 - 1);
         let group = self.group.clone();
         let wait = tokio::task::spawn_blocking(move || {
             group.spool.wait_beyond(waiting_for, HEARTBEAT_EVERY)
@@ -475,7 +474,7 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
         chunks: Vec::new(),
         chunk_data: Vec::new(),
     };
-    let mut seen: HashMap<ChunkHash, ()> = HashMap::new();
+    let mut seen: HashSet<ChunkHash> = HashSet::new();
     let mut data_bytes = 0usize;
     while data_bytes < BATCH_MAX_BYTES {
         let Some(entry) = reader.next_entry(&group.spool).map_err(|e| e.to_string())? else {
@@ -498,7 +497,7 @@ fn entry_data_len(entry: &SpoolEntry) -> usize {
 
 fn to_record(
     entry: SpoolEntry,
-    seen: &mut HashMap<ChunkHash, ()>,
+    seen: &mut HashSet<ChunkHash>,
     batch: &mut PreparedBatch,
 ) -> Record {
     let kind = match entry.op {
@@ -514,7 +513,7 @@ fn to_record(
                 .map(|b| {
                     let chunk = block::chunk_of(b);
                     if let Some(hash) = chunk {
-                        if seen.insert(hash, ()).is_none() {
+                        if seen.insert(hash) {
                             batch.chunks.push(hash);
                             batch.chunk_data.extend_from_slice(b);
                         }

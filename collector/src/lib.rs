@@ -18,7 +18,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use config::CollectorConfig;
 use live::Live;
@@ -91,6 +90,10 @@ pub async fn run(
         .build_v1()
         .context("build reflection service")?;
     let addr = listener.local_addr()?;
+    // Accepted sockets need TCP_NODELAY themselves (the builder's setting covers only sockets
+    // tonic accepts on its own): without it a small reply (a have-query answer) waits for the
+    // ACK of the previous one, which the peer delays by up to 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(%addr, site = %config.site, data_dir = %config.data_dir.display(), "collector serving");
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -113,7 +116,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::select! {
         served = serve => served.context("serve gRPC")?,
         () = grace_expired(stopping) => tracing::warn!(
