@@ -820,13 +820,13 @@ impl Filesystem for ExportFs {
         let data = &data[..len as usize];
         // O_SYNC includes the O_DSYNC bit.
         let fua = flags.0 & libc::O_DSYNC != 0;
-        match self.export.write(offset, data, fua) {
+        match self.export.write(offset, data.to_vec(), fua) {
             Ok(()) => {
                 self.changed();
-                reply.written(data.len() as u32)
+                reply.written(len as u32)
             }
             Err(e) => {
-                tracing::warn!(offset, len = data.len(), error = %e, "FUSE export: write failed");
+                tracing::warn!(offset, len, error = %e, "FUSE export: write failed");
                 reply.error(errno(&e))
             }
         }

@@ -59,14 +59,18 @@ impl From<TapError> for io::Error {
 }
 
 /// A change to apply to a volume.
-#[derive(Debug, Clone, Copy)]
-pub enum Change<'a> {
-    Write(&'a [u8]),
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The bytes, moved into the journal once written to the volume.
+    Write(Vec<u8>),
     Trim(u64),
-    Zero { len_bytes: u64, may_punch: bool },
+    Zero {
+        len_bytes: u64,
+        may_punch: bool,
+    },
 }
 
-impl Change<'_> {
+impl Change {
     fn len_bytes(&self) -> u64 {
         match self {
             Change::Write(data) => data.len() as u64,
@@ -90,12 +94,7 @@ impl Group {
     }
 
     /// Applies `change` at `offset` of volume `index` and journals it, in one critical section.
-    pub fn journalled(
-        &self,
-        index: usize,
-        offset: u64,
-        change: Change<'_>,
-    ) -> Result<(), TapError> {
+    pub fn journalled(&self, index: usize, offset: u64, change: Change) -> Result<(), TapError> {
         let mut volumes = self.lock();
         let volume = &mut volumes[index];
         // Write intent: the blocks stay marked in the (memory-mapped, so kill -9 proof) dirty
@@ -122,9 +121,9 @@ impl Group {
         &self,
         volume: &mut VolumeState,
         offset: u64,
-        change: Change<'_>,
+        change: Change,
     ) -> Result<(), TapError> {
-        apply(volume, offset, change)?;
+        apply(volume, offset, &change)?;
         for op in records_for(volume, offset, change)? {
             self.append_or_mark_gap(volume, op)?;
         }
@@ -218,9 +217,9 @@ fn io_error<'a>(
     }
 }
 
-fn apply(volume: &VolumeState, offset: u64, change: Change<'_>) -> Result<(), TapError> {
-    match change {
-        Change::Write(data) => volume
+fn apply(volume: &VolumeState, offset: u64, change: &Change) -> Result<(), TapError> {
+    match *change {
+        Change::Write(ref data) => volume
             .file
             .write_all_at(data, offset)
             .map_err(io_error(volume, "write backing volume")),
@@ -277,7 +276,7 @@ pub fn read_blocks(volume: &VolumeState, first: u64, count: u64) -> Result<Vec<u
 fn records_for(
     volume: &VolumeState,
     offset: u64,
-    change: Change<'_>,
+    change: Change,
 ) -> Result<Vec<SpoolOp>, TapError> {
     let len = change.len_bytes();
     let first = offset / BLOCK_SIZE_BYTES;
@@ -291,7 +290,7 @@ fn records_for(
         origin: WriteOrigin::Client,
     };
     match change {
-        Change::Write(data) if aligned => Ok(vec![write(first, data.to_vec())]),
+        Change::Write(data) if aligned => Ok(vec![write(first, data)]),
         Change::Write(_) => Ok(vec![write(
             first,
             read_blocks(volume, first, end_block - first)?,

@@ -35,7 +35,7 @@ impl VolumeExport {
         }
     }
 
-    fn change(&self, offset: u64, change: Change<'_>, fua: bool) -> io::Result<()> {
+    fn change(&self, offset: u64, change: Change, fua: bool) -> io::Result<()> {
         self.group.journalled(self.index, offset, change)?;
         if fua {
             self.group.flush(self.index)?;
@@ -55,7 +55,7 @@ impl BlockExport for VolumeExport {
         self.read_handle.read_exact_at(buf, offset_bytes)
     }
 
-    fn write(&self, offset_bytes: u64, data: &[u8], fua: bool) -> io::Result<()> {
+    fn write(&self, offset_bytes: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         if offset_bytes
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > self.size_bytes)

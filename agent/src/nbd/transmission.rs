@@ -493,7 +493,7 @@ fn execute(export: &dyn BlockExport, op: Op, payload: Vec<u8>) -> io::Result<Don
             export.read(offset, &mut buf)?;
             Ok(Done::Data(buf))
         }
-        Op::Write { offset, fua } => export.write(offset, &payload, fua).map(|()| Done::Ack),
+        Op::Write { offset, fua } => export.write(offset, payload, fua).map(|()| Done::Ack),
         Op::Flush => export.flush().map(|()| Done::Ack),
         Op::Trim { offset, len, fua } => export.trim(offset, len.into(), fua).map(|()| Done::Ack),
         Op::WriteZeroes {
