@@ -194,7 +194,8 @@ impl Services {
         );
     }
 
-    /// Restores `volume` as of `at` into `out` through the Catalog Restore RPC.
+    /// Restores `volume` as of `at` into `out` through the Catalog Restore RPC, as plain
+    /// extents (the form a tool of a user's own would ask for; the CLI asks for frames).
     fn restore(&self, volume: &str, at: TimeNs, out: &Path) {
         let mut client = self.catalog();
         let file = File::create(out).expect("create restored image");
@@ -203,6 +204,7 @@ impl Services {
                 .restore(v1::RestoreRequest {
                     volume: volume.to_owned(),
                     point: Some(v1::restore_request::Point::AtTimeNs(at.0)),
+                    frames: false,
                 })
                 .await
                 .unwrap_or_else(|s| panic!("restore {volume} at {}: {}", at.0, s.message()))

@@ -281,8 +281,9 @@ fn main() -> anyhow::Result<()> {
             scenario_started.elapsed().as_secs_f64()
         );
         report.write(&s.out_dir)?;
+        // Each scenario leaves gigabytes of volumes and stores behind; the next needs the room.
+        let _ = std::fs::remove_dir_all(&s.work);
     }
-    let _ = std::fs::remove_dir_all(&s.work);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report
         .environment

@@ -2,6 +2,7 @@
 
 mod demo;
 mod drill;
+mod frames;
 mod restore;
 mod site;
 mod timefmt;

@@ -1,17 +1,18 @@
-//! Restore to a file: stream extents from the collector into a sparse image.
+//! Restore to a file: stream the volume's frames from the collector into a sparse image,
+//! checking every block here (see [`crate::frames`]).
 //!
 //! The image is written to `OUT.partial` next to OUT and renamed into place only after every
-//! extent arrived and the file was fsynced, so a failed restore never leaves a plausible-looking
+//! frame arrived and the file was fsynced, so a failed restore never leaves a plausible-looking
 //! but wrong image behind.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use tideline_proto::v1::{self, restore_message::Msg};
 
+use crate::frames::FrameWriter;
 use crate::CatalogClient;
 
 pub struct RestoreReport {
@@ -64,50 +65,10 @@ pub async fn to_file(
             out.display()
         );
     }
+    let volume_name = tideline_core::VolumeName::new(volume)?;
     let started = Instant::now();
     let partial = partial_path(out);
-    let result = async {
-        let mut stream = client
-            .restore(v1::RestoreRequest {
-                volume: volume.to_owned(),
-                point: Some(point),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("restore {volume}: {}", s.message()))?
-            .into_inner();
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&partial)
-            .with_context(|| format!("create {}", partial.display()))?;
-        let header = match stream.message().await {
-            Ok(Some(v1::RestoreMessage {
-                msg: Some(Msg::Header(h)),
-            })) => h,
-            Ok(_) => bail!("collector sent no restore header"),
-            Err(s) => bail!("restore {volume}: {}", s.message()),
-        };
-        let mut data_bytes = 0;
-        loop {
-            match stream.message().await {
-                Ok(Some(v1::RestoreMessage {
-                    msg: Some(Msg::Extent(e)),
-                })) => {
-                    write_extent(&file, &header, &e)?;
-                    data_bytes += e.data.len() as u64;
-                }
-                Ok(Some(_)) => bail!("unexpected message in restore stream"),
-                Ok(None) => break,
-                Err(s) => bail!("restore {volume} failed: {}", s.message()),
-            }
-        }
-        file.set_len(header.size_bytes)
-            .context("size restored image")?;
-        file.sync_all().context("fsync restored image")?;
-        Ok((header, data_bytes))
-    }
-    .await;
+    let result = receive_image(&mut client, volume_name, point, &partial).await;
     match result {
         Ok((header, data_bytes)) => {
             std::fs::rename(&partial, out)
@@ -128,20 +89,63 @@ pub async fn to_file(
     }
 }
 
-fn write_extent(
-    file: &File,
-    header: &v1::RestoreHeader,
-    extent: &v1::Extent,
-) -> anyhow::Result<()> {
-    let end = extent.offset_bytes.checked_add(extent.data.len() as u64);
-    if end.is_none_or(|end| end > header.size_bytes) {
-        bail!(
-            "collector sent an extent past the end of the volume (offset {})",
-            extent.offset_bytes
-        );
-    }
-    file.write_all_at(&extent.data, extent.offset_bytes)
-        .with_context(|| format!("write restored image at offset {}", extent.offset_bytes))
+/// Streams the image into `partial`: frames are decompressed, verified and written on every
+/// core while the stream is read; then the file is sized and fsynced.
+async fn receive_image(
+    client: &mut CatalogClient,
+    volume: tideline_core::VolumeName,
+    point: v1::restore_request::Point,
+    partial: &Path,
+) -> anyhow::Result<(v1::RestoreHeader, u64)> {
+    let mut stream = client
+        .restore(v1::RestoreRequest {
+            volume: volume.to_string(),
+            point: Some(point),
+            frames: true,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("restore {volume}: {}", s.message()))?
+        .into_inner();
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(partial)
+        .with_context(|| format!("create {}", partial.display()))?;
+    let header = match stream.message().await {
+        Ok(Some(v1::RestoreMessage {
+            msg: Some(Msg::Header(h)),
+        })) => h,
+        Ok(_) => bail!("collector sent no restore header"),
+        Err(s) => bail!("restore {volume}: {}", s.message()),
+    };
+    let writer = FrameWriter::start(
+        file.try_clone().context("clone restored image handle")?,
+        header.size_bytes,
+        volume.clone(),
+    );
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(v1::RestoreMessage {
+                msg: Some(Msg::Frame(frame)),
+            })) => {
+                if !writer.submit(frame).await {
+                    break Ok(());
+                }
+            }
+            Ok(Some(_)) => break Err(anyhow::anyhow!("unexpected message in restore stream")),
+            Ok(None) => break Ok(()),
+            Err(s) => break Err(anyhow::anyhow!("{}", s.message())),
+        }
+    };
+    // A worker's error (a corrupt block) explains a stream that stopped early: it comes first.
+    let failed = |e: anyhow::Error| anyhow::anyhow!("restore {volume} failed: {e:#}");
+    let data_bytes = writer.finish().await.map_err(failed)?;
+    ended.map_err(failed)?;
+    file.set_len(header.size_bytes)
+        .context("size restored image")?;
+    file.sync_all().context("fsync restored image")?;
+    Ok((header, data_bytes))
 }
 
 fn partial_path(out: &Path) -> PathBuf {

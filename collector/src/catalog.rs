@@ -485,7 +485,11 @@ impl v1::catalog_server::Catalog for CatalogService {
             .map_err(store_status)?;
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || stream_plan(&store, &plan, &tx));
+        if request.frames {
+            tokio::task::spawn_blocking(move || stream_frames(&store, &plan, &tx));
+        } else {
+            tokio::task::spawn_blocking(move || stream_plan(&store, &plan, &tx));
+        }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -523,6 +527,48 @@ fn stream_plan(
     };
     if send(tx, v1::restore_message::Msg::Header(header)).is_ok() {
         stream_extents(store, plan, tx);
+    }
+}
+
+/// Sends the header and every frame holding blocks of `plan`, as stored: the client
+/// decompresses and verifies them ([`v1::RestoreFrame`]).
+fn stream_frames(
+    store: &Store,
+    plan: &RestorePlan,
+    tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
+) {
+    let header = v1::RestoreHeader {
+        size_bytes: plan.size_bytes,
+        seq: plan.seq.0,
+        time_ns: plan.time.0,
+        changed_blocks: 0,
+    };
+    if send(tx, v1::restore_message::Msg::Header(header)).is_err() {
+        return;
+    }
+    let sent = store::for_each_stored_frame(store, plan, |frame| {
+        send(tx, v1::restore_message::Msg::Frame(restore_frame(frame)))
+    });
+    if let Err(StreamEnd::Failed(e)) = sent {
+        tracing::error!(volume = %plan.volume, error = %e, "restore failed");
+        let _ = tx.blocking_send(Err(Status::data_loss(e.to_string())));
+    }
+}
+
+fn restore_frame(frame: store::StoredFrame) -> v1::RestoreFrame {
+    let zstd_data = bytes::Bytes::from(frame.entry).slice(frame.zstd);
+    v1::RestoreFrame {
+        zstd_data,
+        block_count: frame.block_count as u32,
+        index: frame.blocks.iter().map(|b| u32::from(b.0)).collect(),
+        volume_block: frame.blocks.iter().map(|b| b.1 .0).collect(),
+        hashes: frame
+            .blocks
+            .iter()
+            .map(|b| bytes::Bytes::copy_from_slice(&b.2 .0))
+            .collect(),
+        pack: frame.pack,
+        pack_offset: frame.offset,
     }
 }
 

@@ -2,7 +2,10 @@
 //! replicates to (or receives replication from) the collector of a second site.
 //!
 //! The storage engine is the synchronous [`tideline_core::store::Store`]; this crate is its
-//! network face. Every store call runs on tokio's blocking pool. Wire messages are converted
+//! network face. Store calls that read or write files, or replay a journal, run on tokio's
+//! blocking pool. In-memory lookups (a group's durable seq, its points, the stats) run inline:
+//! they take the store's state lock for reading, which a commit takes for writing only to apply
+//! an entry that is already on disk, never across I/O. Wire messages are converted
 //! into core types by `tideline-proto` as they arrive; anything that does not convert is
 //! refused with `INVALID_ARGUMENT` and nothing from it is stored.
 

@@ -309,6 +309,65 @@ pub fn for_each_extent<E: From<StoreError>>(
     })
 }
 
+/// A frame of a plan as stored, still compressed, with the plan's blocks it holds: for a
+/// reader that decompresses and verifies on its own side (a restore client), so the store
+/// neither decompresses nor copies block data.
+#[derive(Debug)]
+pub struct StoredFrame {
+    /// The pack file and the frame's byte offset in it, for error messages.
+    pub pack: String,
+    pub offset: u64,
+    /// Blocks the frame decompresses to.
+    pub block_count: usize,
+    /// The frame's entry as read; `zstd` is the range of its compressed bytes.
+    pub entry: Vec<u8>,
+    pub zstd: std::ops::Range<usize>,
+    /// (index of the block in the frame, volume block, the hash the catalog gives it), sorted
+    /// by volume block.
+    pub blocks: Vec<(u16, BlockNo, ChunkHash)>,
+}
+
+/// Every frame holding blocks of `plan`, read once each in pack order and handed to `sink`
+/// undecompressed. Blocks are not verified here: the consumer must check each block it uses
+/// against the hash given with it. A frame that cannot be read (I/O error, truncated pack,
+/// damaged entry header) fails with the error of its first block.
+pub fn for_each_stored_frame<E: From<StoreError>>(
+    store: &Store,
+    plan: &RestorePlan,
+    mut sink: impl FnMut(StoredFrame) -> Result<(), E>,
+) -> Result<(), E> {
+    let (located, frames) = locate_by_frame(store, plan)?;
+    for frame in frames {
+        let blocks = &located[frame];
+        let loc = blocks[0].loc;
+        let path = store.packs.path(loc.pack);
+        let read = store
+            .packs
+            .file(loc.pack)
+            .map_err(|source| ChunkReadError::Io {
+                pack: path.display().to_string(),
+                offset: loc.offset,
+                source,
+            })
+            .and_then(|file| super::pack::read_frame(&file, &path, &loc))
+            .map_err(|source| block_error(plan, blocks[0].block, source))?;
+        let block_count = read.hashes.len();
+        let (entry, zstd) = read.into_zstd();
+        sink(StoredFrame {
+            pack: path.display().to_string(),
+            offset: loc.offset,
+            block_count,
+            entry,
+            zstd,
+            blocks: blocks
+                .iter()
+                .map(|l| (l.loc.index, l.block, l.hash))
+                .collect(),
+        })?;
+    }
+    Ok(())
+}
+
 impl Iterator for Extents<'_> {
     type Item = Result<(u64, Vec<u8>), StoreError>;
 

@@ -138,14 +138,36 @@ impl LoadedFrame {
     }
 }
 
-/// Reads the frame entry at `loc` from `file` and decompresses it. The entry's CRC is checked
-/// but not trusted alone: blake3 of each block decides whether that block is usable, so a frame
-/// whose damage spares the wanted block still serves it.
-pub(crate) fn load_frame(
+/// A frame entry read back from a pack, not yet decompressed.
+pub(crate) struct RawFrame {
+    /// The whole entry, header included.
+    entry: Vec<u8>,
+    /// Where the zstd bytes start in `entry`.
+    zstd_start: usize,
+    /// The hashes the frame's header gives its blocks.
+    pub hashes: Vec<ChunkHash>,
+}
+
+impl RawFrame {
+    pub fn zstd_data(&self) -> &[u8] {
+        &self.entry[self.zstd_start..]
+    }
+
+    /// The entry and the range of its zstd bytes, for handing the bytes on without a copy.
+    pub fn into_zstd(self) -> (Vec<u8>, std::ops::Range<usize>) {
+        let range = self.zstd_start..self.entry.len();
+        (self.entry, range)
+    }
+}
+
+/// Reads the frame entry at `loc` from `file` and parses its header. The entry's CRC is
+/// checked but not trusted alone: blake3 of each block decides whether that block is usable,
+/// so a frame whose damage spares the wanted block still serves it.
+pub(crate) fn read_frame(
     file: &File,
     pack: &Path,
     loc: &ChunkLoc,
-) -> Result<LoadedFrame, ChunkReadError> {
+) -> Result<RawFrame, ChunkReadError> {
     let corrupt = |reason: String| ChunkReadError::Corrupt {
         pack: pack.display().to_string(),
         offset: loc.offset,
@@ -179,23 +201,44 @@ pub(crate) fn load_frame(
     }
     let crc_ok = crc32c::crc32c(body) == word(8);
     let (hashes, zstd_data) = parse_frame_body(body).map_err(&corrupt)?;
-    let data = frame::decompress(zstd_data, hashes.len()).map_err(|e| corrupt(e.to_string()))?;
-    let block_ok: Vec<bool> = hashes
-        .iter()
-        .zip(data.chunks_exact(BLOCK_SIZE))
-        .map(|(hash, block)| ChunkHash::of(block) == *hash)
-        .collect();
+    let zstd_start = entry.len() - zstd_data.len();
     if !crc_ok {
         tracing::warn!(
             pack = %pack.display(),
             offset = loc.offset,
-            good_blocks = block_ok.iter().filter(|ok| **ok).count(),
-            blocks = hashes.len(),
             "frame checksum mismatch: serving only blocks whose blake3 still matches"
         );
     }
-    Ok(LoadedFrame {
+    Ok(RawFrame {
+        entry,
+        zstd_start,
         hashes,
+    })
+}
+
+/// Reads the frame entry at `loc` from `file` and decompresses it, checking each block against
+/// the hash the frame's header gives it (see [`read_frame`]).
+pub(crate) fn load_frame(
+    file: &File,
+    pack: &Path,
+    loc: &ChunkLoc,
+) -> Result<LoadedFrame, ChunkReadError> {
+    let raw = read_frame(file, pack, loc)?;
+    let data = frame::decompress(raw.zstd_data(), raw.hashes.len()).map_err(|e| {
+        ChunkReadError::Corrupt {
+            pack: pack.display().to_string(),
+            offset: loc.offset,
+            reason: e.to_string(),
+        }
+    })?;
+    let block_ok: Vec<bool> = raw
+        .hashes
+        .iter()
+        .zip(data.chunks_exact(BLOCK_SIZE))
+        .map(|(hash, block)| ChunkHash::of(block) == *hash)
+        .collect();
+    Ok(LoadedFrame {
+        hashes: raw.hashes,
         data,
         block_ok,
     })

@@ -1,0 +1,278 @@
+//! Writing restore frames into an image: decompress, check every block against the hash the
+//! catalog gives it, write it where it belongs.
+//!
+//! The collector sends frames as stored (`RestoreRequest.frames`), so the checks run here, on
+//! this machine's cores, right before the bytes are written: what lands in the image is what
+//! was journalled, whatever happened to the pack or on the way. Frames are handled on every
+//! core while the stream is read; a few frames wait at most.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use anyhow::bail;
+use tideline_core::frame::{self, MAX_FRAME_BLOCKS};
+use tideline_core::store::{ChunkReadError, StoreError};
+use tideline_core::{ChunkHash, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
+use tideline_proto::v1;
+
+/// Frames each worker may have waiting.
+const QUEUED_PER_WORKER: usize = 2;
+
+/// Writes frames into an image on worker threads, one per core.
+pub struct FrameWriter {
+    tx: tokio::sync::mpsc::Sender<v1::RestoreFrame>,
+    workers: Vec<JoinHandle<anyhow::Result<u64>>>,
+    failed: Arc<AtomicBool>,
+}
+
+impl FrameWriter {
+    /// Starts the workers for an image of `size_bytes` of `volume` in `file`.
+    pub fn start(file: File, size_bytes: u64, volume: VolumeName) -> FrameWriter {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
+        let rx = Arc::new(Mutex::new(rx));
+        let file = Arc::new(file);
+        let failed = Arc::new(AtomicBool::new(false));
+        let workers = (0..threads)
+            .map(|_| {
+                let (rx, file, failed, volume) =
+                    (rx.clone(), file.clone(), failed.clone(), volume.clone());
+                std::thread::spawn(move || {
+                    let mut written = 0;
+                    loop {
+                        let next = rx
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .blocking_recv();
+                        let Some(frame) = next else {
+                            return Ok(written);
+                        };
+                        match write_frame(&file, size_bytes, &volume, &frame) {
+                            Ok(bytes) => written += bytes,
+                            Err(e) => {
+                                failed.store(true, Ordering::Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        FrameWriter {
+            tx,
+            workers,
+            failed,
+        }
+    }
+
+    /// Queues a frame; false once a worker failed (then [`FrameWriter::finish`] says why).
+    pub async fn submit(&self, frame: v1::RestoreFrame) -> bool {
+        !self.failed.load(Ordering::Relaxed) && self.tx.send(frame).await.is_ok()
+    }
+
+    /// Waits for the queued frames; the bytes written, or the first worker's error.
+    pub async fn finish(self) -> anyhow::Result<u64> {
+        let FrameWriter { tx, workers, .. } = self;
+        drop(tx);
+        tokio::task::spawn_blocking(move || {
+            let mut written = 0;
+            let mut first_error = None;
+            for worker in workers {
+                match worker.join() {
+                    Ok(Ok(bytes)) => written += bytes,
+                    Ok(Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            first_error.map_or(Ok(written), Err)
+        })
+        .await?
+    }
+}
+
+/// Where one block of a frame goes.
+struct Placement {
+    index: usize,
+    block: u64,
+    hash: ChunkHash,
+}
+
+/// The frame's placements, checked against the frame and the image: nothing the collector sends
+/// can make this write outside the image or read outside the frame.
+fn placements(frame: &v1::RestoreFrame, size_bytes: u64) -> anyhow::Result<Vec<Placement>> {
+    let count = frame.block_count as usize;
+    if count == 0 || count > MAX_FRAME_BLOCKS {
+        bail!("collector sent a frame of {count} blocks (1 to {MAX_FRAME_BLOCKS} allowed)");
+    }
+    let n = frame.index.len();
+    if frame.volume_block.len() != n || frame.hashes.len() != n {
+        bail!("collector sent a frame whose block lists differ in length");
+    }
+    let blocks_in_image = size_bytes.div_ceil(BLOCK_SIZE_BYTES);
+    (0..n)
+        .map(|i| {
+            let (index, block) = (frame.index[i] as usize, frame.volume_block[i]);
+            let Some(hash) = ChunkHash::from_slice(&frame.hashes[i]) else {
+                bail!("collector sent a block hash of {} bytes", frame.hashes[i].len());
+            };
+            if index >= count || block >= blocks_in_image {
+                bail!("collector sent block {index} of a {count}-block frame for volume block {block}, outside the frame or the image");
+            }
+            Ok(Placement { index, block, hash })
+        })
+        .collect()
+}
+
+/// Decompresses `frame`, checks each placed block and writes it; returns the bytes written.
+fn write_frame(
+    file: &File,
+    size_bytes: u64,
+    volume: &VolumeName,
+    frame: &v1::RestoreFrame,
+) -> anyhow::Result<u64> {
+    let placed = placements(frame, size_bytes)?;
+    let corrupt = |block: u64, reason: String| StoreError::CorruptBlock {
+        volume: volume.clone(),
+        offset_bytes: block * BLOCK_SIZE_BYTES,
+        source: ChunkReadError::Corrupt {
+            pack: frame.pack.clone(),
+            offset: frame.pack_offset,
+            reason,
+        },
+    };
+    let Some(first) = placed.first() else {
+        return Ok(0);
+    };
+    let data = frame::decompress(&frame.zstd_data, frame.block_count as usize)
+        .map_err(|e| corrupt(first.block, e.to_string()))?;
+    let block_bytes = |index: usize| &data[index * BLOCK_SIZE..(index + 1) * BLOCK_SIZE];
+    for p in &placed {
+        if ChunkHash::of(block_bytes(p.index)) != p.hash {
+            return Err(corrupt(
+                p.block,
+                format!("block {} does not match its hash", p.index),
+            )
+            .into());
+        }
+    }
+    // Runs consecutive both in the frame and in the volume go out in one pwrite.
+    let mut written = 0;
+    let mut start = 0;
+    while start < placed.len() {
+        let mut end = start + 1;
+        while end < placed.len()
+            && placed[end].index == placed[end - 1].index + 1
+            && placed[end].block == placed[end - 1].block + 1
+        {
+            end += 1;
+        }
+        let offset = placed[start].block * BLOCK_SIZE_BYTES;
+        let bytes = &data
+            [placed[start].index * BLOCK_SIZE..placed[end - 1].index * BLOCK_SIZE + BLOCK_SIZE];
+        // The image's last block may be cut short.
+        let len = (bytes.len() as u64).min(size_bytes - offset) as usize;
+        file.write_all_at(&bytes[..len], offset)
+            .map_err(|e| anyhow::anyhow!("write restored image at offset {offset}: {e}"))?;
+        written += len as u64;
+        start = end;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_of(
+        blocks: &[Vec<u8>],
+        placed: &[(u32, u64)],
+        hashes: Option<Vec<ChunkHash>>,
+    ) -> v1::RestoreFrame {
+        let raw: Vec<u8> = blocks.concat();
+        let hashes = hashes.unwrap_or_else(|| {
+            placed
+                .iter()
+                .map(|(i, _)| ChunkHash::of(&blocks[*i as usize]))
+                .collect()
+        });
+        v1::RestoreFrame {
+            zstd_data: frame::compress(&raw, 1).into(),
+            block_count: blocks.len() as u32,
+            index: placed.iter().map(|p| p.0).collect(),
+            volume_block: placed.iter().map(|p| p.1).collect(),
+            hashes: hashes.iter().map(|h| h.0.to_vec().into()).collect(),
+            pack: "packs/000001.pack".into(),
+            pack_offset: 124,
+        }
+    }
+
+    fn block(fill: u8) -> Vec<u8> {
+        vec![fill; BLOCK_SIZE]
+    }
+
+    #[test]
+    fn blocks_land_where_the_frame_says_and_runs_are_cut_at_the_image_end() {
+        let file = tempfile::tempfile().unwrap();
+        let size = 10 * BLOCK_SIZE_BYTES - 100;
+        let blocks = [block(1), block(2), block(3), block(4)];
+        // Blocks 0-1 of the frame go to volume blocks 3-4; block 3 to volume block 9 (the
+        // last, cut short); block 2 to volume block 0; block 1 again to volume block 7.
+        let frame = frame_of(&blocks, &[(2, 0), (0, 3), (1, 4), (1, 7), (3, 9)], None);
+        let volume = VolumeName::new("v").unwrap();
+        let written = write_frame(&file, size, &volume, &frame).unwrap();
+        assert_eq!(written, 4 * BLOCK_SIZE_BYTES + BLOCK_SIZE_BYTES - 100);
+        let mut image = vec![0u8; size as usize];
+        file.read_exact_at(&mut image[..file.metadata().unwrap().len() as usize], 0)
+            .unwrap();
+        let at = |b: usize| image[b * BLOCK_SIZE];
+        assert_eq!((at(0), at(3), at(4), at(7), at(9)), (3, 1, 2, 2, 4));
+        assert_eq!(at(1), 0);
+        assert_eq!(file.metadata().unwrap().len(), size);
+    }
+
+    #[test]
+    fn a_block_that_does_not_match_its_hash_names_the_volume_offset_and_pack() {
+        let file = tempfile::tempfile().unwrap();
+        let blocks = [block(1), block(2)];
+        let lie = vec![ChunkHash::of(&blocks[0]), ChunkHash::of(&block(9))];
+        let frame = frame_of(&blocks, &[(0, 0), (1, 5)], Some(lie));
+        let volume = VolumeName::new("data").unwrap();
+        let err = write_frame(&file, 1 << 20, &volume, &frame)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("volume data: block at offset 20480 is corrupt: pack packs/000001.pack byte 124: block 1 does not match its hash"),
+            "{err}"
+        );
+        assert_eq!(file.metadata().unwrap().len(), 0, "nothing written");
+    }
+
+    #[test]
+    fn frames_that_point_outside_the_frame_or_the_image_are_refused() {
+        let volume = VolumeName::new("v").unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let blocks = [block(1)];
+        for (placed, size) in [(&[(1u32, 0u64)][..], 1 << 20), (&[(0, 256)][..], 1 << 20)] {
+            let frame = frame_of(&blocks, placed, Some(vec![ChunkHash::of(&blocks[0])]));
+            let err = write_frame(&file, size, &volume, &frame)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("outside the frame or the image"), "{err}");
+        }
+        let mut frame = frame_of(&blocks, &[(0, 0)], None);
+        frame.block_count = 0;
+        assert!(write_frame(&file, 1 << 20, &volume, &frame).is_err());
+        let mut frame = frame_of(&blocks, &[(0, 0)], None);
+        frame.zstd_data = b"not zstd".to_vec().into();
+        let err = write_frame(&file, 1 << 20, &volume, &frame)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is corrupt"), "{err}");
+        assert_eq!(file.metadata().unwrap().len(), 0);
+    }
+}
