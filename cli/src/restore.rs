@@ -112,13 +112,7 @@ async fn receive_image(
         .truncate(true)
         .open(partial)
         .with_context(|| format!("create {}", partial.display()))?;
-    let header = match stream.message().await {
-        Ok(Some(v1::RestoreMessage {
-            msg: Some(Msg::Header(h)),
-        })) => h,
-        Ok(_) => bail!("collector sent no restore header"),
-        Err(s) => bail!("restore {volume}: {}", s.message()),
-    };
+    let header = read_header(&mut stream, &format!("restore {volume}")).await?;
     let writer = FrameWriter::start(
         file.try_clone().context("clone restored image handle")?,
         header.size_bytes,
@@ -146,6 +140,20 @@ async fn receive_image(
         .context("size restored image")?;
     file.sync_all().context("fsync restored image")?;
     Ok((header, data_bytes))
+}
+
+/// The header a restore (or delta) stream starts with; `what` names the stream in errors.
+pub async fn read_header(
+    stream: &mut tonic::Streaming<v1::RestoreMessage>,
+    what: &str,
+) -> anyhow::Result<v1::RestoreHeader> {
+    match stream.message().await {
+        Ok(Some(v1::RestoreMessage {
+            msg: Some(Msg::Header(h)),
+        })) => Ok(h),
+        Ok(_) => bail!("{what}: the collector sent no header"),
+        Err(s) => bail!("{what}: {}", s.message()),
+    }
 }
 
 fn partial_path(out: &Path) -> PathBuf {

@@ -352,13 +352,7 @@ async fn apply_delta(
         .write(true)
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
-    let header = match stream.message().await {
-        Ok(Some(v1::RestoreMessage {
-            msg: Some(Msg::Header(h)),
-        })) => h,
-        Ok(_) => bail!("collector sent no delta header"),
-        Err(s) => bail!("delta of {volume}: {}", s.message()),
-    };
+    let header = crate::restore::read_header(&mut stream, &format!("delta of {volume}")).await?;
     let len = file
         .metadata()
         .with_context(|| format!("stat {}", path.display()))?

@@ -519,14 +519,31 @@ fn stream_plan(
     plan: &RestorePlan,
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
 ) {
-    let header = v1::RestoreHeader {
+    if send(tx, v1::restore_message::Msg::Header(plan_header(plan))).is_ok() {
+        stream_extents(store, plan, tx);
+    }
+}
+
+/// The header of a full restore of `plan`.
+fn plan_header(plan: &RestorePlan) -> v1::RestoreHeader {
+    v1::RestoreHeader {
         size_bytes: plan.size_bytes,
         seq: plan.seq.0,
         time_ns: plan.time.0,
         changed_blocks: 0,
-    };
-    if send(tx, v1::restore_message::Msg::Header(header)).is_ok() {
-        stream_extents(store, plan, tx);
+    }
+}
+
+/// Ends a restore stream that failed reading the store with DATA_LOSS and the store's error,
+/// which names the volume, the block and the pack.
+fn end_stream(
+    plan: &RestorePlan,
+    sent: Result<(), StreamEnd>,
+    tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
+) {
+    if let Err(StreamEnd::Failed(e)) = sent {
+        tracing::error!(volume = %plan.volume, error = %e, "restore failed");
+        let _ = tx.blocking_send(Err(Status::data_loss(e.to_string())));
     }
 }
 
@@ -537,22 +554,13 @@ fn stream_frames(
     plan: &RestorePlan,
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
 ) {
-    let header = v1::RestoreHeader {
-        size_bytes: plan.size_bytes,
-        seq: plan.seq.0,
-        time_ns: plan.time.0,
-        changed_blocks: 0,
-    };
-    if send(tx, v1::restore_message::Msg::Header(header)).is_err() {
+    if send(tx, v1::restore_message::Msg::Header(plan_header(plan))).is_err() {
         return;
     }
     let sent = store::for_each_stored_frame(store, plan, |frame| {
         send(tx, v1::restore_message::Msg::Frame(restore_frame(frame)))
     });
-    if let Err(StreamEnd::Failed(e)) = sent {
-        tracing::error!(volume = %plan.volume, error = %e, "restore failed");
-        let _ = tx.blocking_send(Err(Status::data_loss(e.to_string())));
-    }
+    end_stream(plan, sent, tx);
 }
 
 fn restore_frame(frame: store::StoredFrame) -> v1::RestoreFrame {
@@ -587,10 +595,7 @@ fn stream_extents(
         };
         send(tx, v1::restore_message::Msg::Extent(extent))
     });
-    if let Err(StreamEnd::Failed(e)) = sent {
-        tracing::error!(volume = %plan.volume, error = %e, "restore failed");
-        let _ = tx.blocking_send(Err(Status::data_loss(e.to_string())));
-    }
+    end_stream(plan, sent, tx);
 }
 
 /// Sends one message of a restore stream from a blocking thread.

@@ -340,21 +340,13 @@ pub fn for_each_stored_frame<E: From<StoreError>>(
     for frame in frames {
         let blocks = &located[frame];
         let loc = blocks[0].loc;
-        let path = store.packs.path(loc.pack);
         let read = store
-            .packs
-            .file(loc.pack)
-            .map_err(|source| ChunkReadError::Io {
-                pack: path.display().to_string(),
-                offset: loc.offset,
-                source,
-            })
-            .and_then(|file| super::pack::read_frame(&file, &path, &loc))
+            .read_frame(&loc)
             .map_err(|source| block_error(plan, blocks[0].block, source))?;
         let block_count = read.hashes.len();
         let (entry, zstd) = read.into_zstd();
         sink(StoredFrame {
-            pack: path.display().to_string(),
+            pack: store.packs.path(loc.pack).display().to_string(),
             offset: loc.offset,
             block_count,
             entry,

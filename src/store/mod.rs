@@ -1693,6 +1693,18 @@ impl Store {
 
     /// Reads, decompresses and verifies the frame holding `loc`, bypassing the frame cache.
     fn load_frame(&self, loc: &ChunkLoc) -> Result<LoadedFrame, ChunkReadError> {
+        let (file, path) = self.pack_of(loc)?;
+        pack::load_frame(&file, &path, loc)
+    }
+
+    /// Reads the frame holding `loc` as stored, not decompressed.
+    fn read_frame(&self, loc: &ChunkLoc) -> Result<pack::RawFrame, ChunkReadError> {
+        let (file, path) = self.pack_of(loc)?;
+        pack::read_frame(&file, &path, loc)
+    }
+
+    /// The open pack file holding `loc`, and its path (for messages).
+    fn pack_of(&self, loc: &ChunkLoc) -> Result<(Arc<File>, PathBuf), ChunkReadError> {
         let path = self.packs.path(loc.pack);
         let file = self
             .packs
@@ -1702,7 +1714,7 @@ impl Store {
                 offset: loc.offset,
                 source,
             })?;
-        pack::load_frame(&file, &path, loc)
+        Ok((file, path))
     }
 
     /// Appends the verified 4096 bytes of chunk `hash` to `out`.
