@@ -104,7 +104,7 @@ fn compression(c: &mut Criterion) {
         .collect();
     let mut group = c.benchmark_group("frame");
     group.throughput(Throughput::Bytes(data.len() as u64));
-    group.bench_function("compress_1mib_level1", |b| {
+    group.bench_function("compress_1mib_default_level", |b| {
         b.iter(|| {
             for f in data.chunks(frame_bytes) {
                 black_box(frame::compress(f, DEFAULT_ZSTD_LEVEL));

@@ -6,11 +6,16 @@
 //! they arrive. A frame is always checked against the hashes that name its blocks.
 
 use crate::types::{ChunkHash, BLOCK_SIZE};
+use std::cell::RefCell;
 
 /// Most blocks in one frame (1 MiB of uncompressed data).
 pub const MAX_FRAME_BLOCKS: usize = 256;
-/// zstd level used on the write path: fast, and most of the ratio.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// zstd level used on the write path. Level -1 (zstd's `--fast=1`) against level 1 on an ext4
+/// image of system files, 1 MiB frames, one core: compression 469 → 616 MB/s and
+/// decompression 1.5 → 1.95 GB/s, for frames about 11 % larger. Every stage of ingest and
+/// restore runs on the same two cores as the volume's own I/O, so the CPU is worth more than
+/// the bytes; stored bytes stay well under restic's for the same history (benches/README.md).
+pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -24,12 +29,31 @@ pub enum FrameError {
     HashMismatch { index: usize, expected: ChunkHash },
 }
 
+thread_local! {
+    /// One zstd context per thread, kept between frames: building a fresh one for every 1 MiB
+    /// frame (tables allocated and cleared) cost about 4 % of compression on ext4 data.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
 /// Compresses whole blocks into one frame.
 pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
     debug_assert_eq!(blocks.len() % BLOCK_SIZE, 0);
-    // Compressing an in-memory slice cannot fail for a valid level; fall back to level 1.
-    zstd::bulk::compress(blocks, level)
-        .or_else(|_| zstd::bulk::compress(blocks, DEFAULT_ZSTD_LEVEL))
+    COMPRESSOR
+        .with_borrow_mut(|slot| {
+            let mut context = match slot.take() {
+                Some((at, context)) if at == level => context,
+                _ => zstd::bulk::Compressor::new(level)?,
+            };
+            let frame = context.compress(blocks);
+            *slot = Some((level, context));
+            frame
+        })
+        .ok()
+        // Compressing an in-memory slice cannot fail for a valid level; fall back to level 1.
+        .or_else(|| zstd::bulk::compress(blocks, 1).ok())
         .unwrap_or_default()
 }
 
@@ -39,7 +63,16 @@ pub fn decompress(compressed: &[u8], block_count: usize) -> Result<Vec<u8>, Fram
         return Err(FrameError::BadBlockCount(block_count));
     }
     let expected = block_count * BLOCK_SIZE;
-    let data = zstd::bulk::decompress(compressed, expected)
+    let data = DECOMPRESSOR
+        .with_borrow_mut(|slot| {
+            let mut context = match slot.take() {
+                Some(context) => context,
+                None => zstd::bulk::Decompressor::new()?,
+            };
+            let data = context.decompress(compressed, expected);
+            *slot = Some(context);
+            data
+        })
         .map_err(|e| FrameError::Undecodable(e.to_string()))?;
     if data.len() != expected {
         return Err(FrameError::WrongLength {
