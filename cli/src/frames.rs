@@ -20,12 +20,15 @@ use tideline_proto::v1;
 
 /// Frames each worker may have waiting.
 const QUEUED_PER_WORKER: usize = 2;
+/// Written bytes after which the image's dirty pages are handed to the disk.
+const WRITEBACK_STEP_BYTES: u64 = 64 << 20;
 
 /// Writes frames into an image on worker threads, one per core.
 pub struct FrameWriter {
     tx: tokio::sync::mpsc::Sender<v1::RestoreFrame>,
     workers: Vec<JoinHandle<anyhow::Result<u64>>>,
     failed: Arc<AtomicBool>,
+    writeback: Writeback,
 }
 
 impl FrameWriter {
@@ -36,10 +39,12 @@ impl FrameWriter {
         let rx = Arc::new(Mutex::new(rx));
         let file = Arc::new(file);
         let failed = Arc::new(AtomicBool::new(false));
+        let writeback = Writeback::start(file.clone());
         let workers = (0..threads)
             .map(|_| {
                 let (rx, file, failed, volume) =
                     (rx.clone(), file.clone(), failed.clone(), volume.clone());
+                let writeback = writeback.clone();
                 std::thread::spawn(move || {
                     let mut written = 0;
                     loop {
@@ -51,7 +56,10 @@ impl FrameWriter {
                             return Ok(written);
                         };
                         match write_frame(&file, size_bytes, &volume, &frame) {
-                            Ok(bytes) => written += bytes,
+                            Ok(bytes) => {
+                                written += bytes;
+                                writeback.wrote(bytes);
+                            }
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
                                 return Err(e);
@@ -65,6 +73,7 @@ impl FrameWriter {
             tx,
             workers,
             failed,
+            writeback,
         }
     }
 
@@ -75,8 +84,14 @@ impl FrameWriter {
 
     /// Waits for the queued frames; the bytes written, or the first worker's error.
     pub async fn finish(self) -> anyhow::Result<u64> {
-        let FrameWriter { tx, workers, .. } = self;
+        let FrameWriter {
+            tx,
+            workers,
+            writeback,
+            ..
+        } = self;
         drop(tx);
+        drop(writeback);
         tokio::task::spawn_blocking(move || {
             let mut written = 0;
             let mut first_error = None;
@@ -92,6 +107,50 @@ impl FrameWriter {
             first_error.map_or(Ok(written), Err)
         })
         .await?
+    }
+}
+
+/// Starts the disk writing the image while it is still being restored.
+///
+/// An image of a few GiB stays below the kernel's background-writeback threshold (10 % of
+/// memory), so without this nothing reached the disk until the final fsync, which then took a
+/// quarter of the restore (1.1 s for 2.4 GiB). Every [`WRITEBACK_STEP_BYTES`] written, a
+/// thread of its own asks for writeback of the whole file (`sync_file_range`, not waiting for
+/// it), so the disk works while the cores decompress; the final fsync stays the durability
+/// point. It is a hint: if it fails, the fsync does all the work as before.
+#[derive(Clone)]
+struct Writeback {
+    written: Arc<std::sync::atomic::AtomicU64>,
+    kick: crossbeam_channel::Sender<()>,
+}
+
+impl Writeback {
+    fn start(file: Arc<File>) -> Writeback {
+        let (kick, kicks) = crossbeam_channel::bounded::<()>(1);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            for () in kicks {
+                // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
+                let done = unsafe {
+                    libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+                };
+                if done != 0 {
+                    return;
+                }
+            }
+        });
+        Writeback {
+            written: Arc::default(),
+            kick,
+        }
+    }
+
+    fn wrote(&self, bytes: u64) {
+        let before = self.written.fetch_add(bytes, Ordering::Relaxed);
+        if (before + bytes) / WRITEBACK_STEP_BYTES != before / WRITEBACK_STEP_BYTES {
+            // Full: a writeback request is already waiting, and it covers these bytes too.
+            let _ = self.kick.try_send(());
+        }
     }
 }
 
