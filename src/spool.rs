@@ -634,6 +634,50 @@ struct ReaderSegment {
     file: File,
     path: PathBuf,
     offset: u64,
+    ahead: ReadAhead,
+}
+
+/// Bytes read ahead per `pread` (an entry larger than this is read whole).
+const READ_AHEAD_BYTES: u64 = 4 << 20;
+
+/// A window of a segment read in one `pread`: below the readable length a segment never
+/// changes, so the window stays valid. Small entries (a 4 KiB write is one) took two `pread`s
+/// each before.
+#[derive(Default)]
+struct ReadAhead {
+    window: Vec<u8>,
+    start: u64,
+}
+
+impl ReadAhead {
+    /// `len` bytes of `file` at `at`; fails if they would reach past `readable_len`.
+    fn bytes_at(&mut self, file: &File, at: u64, len: u64, readable_len: u64) -> io::Result<&[u8]> {
+        let end = self.start + self.window.len() as u64;
+        if at < self.start || at + len > end {
+            let want = len
+                .max(READ_AHEAD_BYTES)
+                .min(readable_len.saturating_sub(at));
+            if want < len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            // Bytes of the window at and after `at` are kept, not read again.
+            let kept = if (self.start..end).contains(&at) {
+                let from = (at - self.start) as usize;
+                self.window.copy_within(from.., 0);
+                self.window.len() - from
+            } else {
+                0
+            };
+            self.window.resize(want as usize, 0);
+            self.start = at;
+            if let Err(e) = file.read_exact_at(&mut self.window[kept..], at + kept as u64) {
+                self.window.clear();
+                return Err(e);
+            }
+        }
+        let from = (at - self.start) as usize;
+        Ok(&self.window[from..from + len as usize])
+    }
 }
 
 impl SpoolReader {
@@ -657,6 +701,7 @@ impl SpoolReader {
                 file,
                 path,
                 offset: 0,
+                ahead: ReadAhead::default(),
             });
         }
         let Some(current) = self.current.as_mut() else {
@@ -678,41 +723,54 @@ impl SpoolReader {
 }
 
 fn read_entry_at(
-    current: &ReaderSegment,
+    current: &mut ReaderSegment,
     readable_len: u64,
 ) -> Result<(SpoolEntry, u64), SpoolError> {
-    let shown = || current.path.display().to_string();
-    let mut header = [0u8; ENTRY_HEADER_BYTES as usize];
-    current
-        .file
-        .read_exact_at(&mut header, current.offset)
-        .map_err(io_err(format!("read {}", shown())))?;
+    let ReaderSegment {
+        file,
+        path,
+        offset,
+        ahead,
+    } = current;
+    let (path, offset) = (&*path, *offset);
+    let shown = || path.display().to_string();
+    let damaged = || {
+        SpoolError::Scan(framed::ScanError::Corrupt {
+            path: shown(),
+            offset,
+            reason: "entry header damaged after it was written",
+        })
+    };
+    let header = match ahead.bytes_at(file, offset, ENTRY_HEADER_BYTES, readable_len) {
+        Ok(header) => header,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(damaged()),
+        Err(e) => return Err(io_err(format!("read {}", shown()))(e)),
+    };
     let word =
         |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let (magic, len, crc) = (word(0), word(4), word(8));
     let total = ENTRY_HEADER_BYTES + u64::from(len);
-    if magic != ENTRY_MAGIC || len > MAX_ENTRY_BODY_BYTES || current.offset + total > readable_len {
-        return Err(SpoolError::Scan(framed::ScanError::Corrupt {
-            path: shown(),
-            offset: current.offset,
-            reason: "entry header damaged after it was written",
-        }));
+    if magic != ENTRY_MAGIC || len > MAX_ENTRY_BODY_BYTES || offset + total > readable_len {
+        return Err(damaged());
     }
-    let mut body = vec![0u8; len as usize];
-    current
-        .file
-        .read_exact_at(&mut body, current.offset + ENTRY_HEADER_BYTES)
+    let body = ahead
+        .bytes_at(
+            file,
+            offset + ENTRY_HEADER_BYTES,
+            u64::from(len),
+            readable_len,
+        )
         .map_err(io_err(format!("read {}", shown())))?;
-    if crc32c::crc32c(&body) != crc {
+    if crc32c::crc32c(body) != crc {
         return Err(SpoolError::Scan(framed::ScanError::Corrupt {
             path: shown(),
-            offset: current.offset,
+            offset,
             reason: "entry checksum mismatch after it was written",
         }));
     }
-    let entry = SpoolEntry::decode(&body).map_err(|source| SpoolError::Decode {
+    let entry = SpoolEntry::decode(body).map_err(|source| SpoolError::Decode {
         segment: shown(),
-        offset: current.offset,
+        offset,
         source,
     })?;
     Ok((entry, total))
@@ -831,5 +889,40 @@ mod tests {
         let newest = spool.wait_beyond(Seq(0), Duration::from_secs(10));
         assert_eq!(newest, Seq(1));
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn read_ahead_returns_the_bytes_asked_for_and_never_reads_past_the_readable_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        let content: Vec<u8> = (0..(9 << 20) as u32)
+            .map(|i| (i * 7 + i / 4099) as u8)
+            .collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = File::open(&path).unwrap();
+        let readable = content.len() as u64 - 1000;
+        let mut ahead = ReadAhead::default();
+        // Small steps, a jump back, entries straddling the window, one larger than the window.
+        let asks = [
+            (0, 12),
+            (12, 4096),
+            (4108, 12),
+            ((4 << 20) - 6, 12),
+            ((4 << 20) + 6, (4 << 20) + 100),
+            (100, 3),
+            (readable - 12, 12),
+        ];
+        for (at, len) in asks {
+            let got = ahead.bytes_at(&file, at, len, readable).unwrap();
+            assert_eq!(
+                got,
+                &content[at as usize..(at + len) as usize],
+                "at {at} len {len}"
+            );
+        }
+        let past = ahead
+            .bytes_at(&file, readable - 4, 12, readable)
+            .unwrap_err();
+        assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
