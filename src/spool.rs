@@ -668,6 +668,9 @@ impl ReadAhead {
             } else {
                 0
             };
+            self.window.truncate(kept);
+            // A window grown for one large entry goes back to the usual size.
+            self.window.shrink_to(want.max(READ_AHEAD_BYTES) as usize);
             self.window.resize(want as usize, 0);
             self.start = at;
             if let Err(e) = file.read_exact_at(&mut self.window[kept..], at + kept as u64) {
