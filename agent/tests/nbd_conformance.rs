@@ -234,7 +234,10 @@ impl BlockExport for FailingExport {
     fn read(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
         Err(io::Error::other("disk on fire"))
     }
-    fn write(&self, _: u64, _: Vec<u8>, _: bool) -> io::Result<()> {
+    fn write(&self, offset: u64, _: Vec<u8>, _: bool) -> io::Result<()> {
+        if offset == 4096 {
+            panic!("write exploded")
+        }
         Err(io::Error::from_raw_os_error(libc::EDQUOT))
     }
     fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
@@ -1057,6 +1060,16 @@ fn export_errors_map_to_nbd_errno() {
     let mut buf = [0u8; 512];
     assert_errno(client.read(0, &mut buf), libc::EIO, "read");
     assert_errno(client.write(0, &buf, false), libc::ENOSPC, "write (EDQUOT)");
+    assert_errno(
+        client.write(4096, &buf, false),
+        libc::EIO,
+        "write (export panicked on the write lane)",
+    );
+    assert_errno(
+        client.write(0, &buf, false),
+        libc::ENOSPC,
+        "writes still served after a panic",
+    );
     assert_errno(client.trim(0, 512), libc::EPERM, "trim");
     assert_errno(client.write_zeroes(0, 512), libc::EINVAL, "write_zeroes");
     assert_errno(client.flush(), libc::EIO, "flush (export panicked)");

@@ -173,7 +173,13 @@ impl WriteLane {
             .name(format!("nbd-{}-writes", ctx.conn))
             .spawn(move || {
                 for job in queue {
-                    let result = execute(&*ctx.export, job.op, job.payload);
+                    // As on the blocking pool, a panicking export call fails its request
+                    // instead of leaving it unanswered, and the lane goes on.
+                    let (export, op, payload) = (&*ctx.export, job.op, job.payload);
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        execute(export, op, payload)
+                    }))
+                    .unwrap_or_else(|_| Err(io::Error::other("export call panicked")));
                     let reply = complete(&ctx, &job.header, job.op, result);
                     let outgoing = Outgoing {
                         head: reply.head,
