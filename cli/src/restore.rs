@@ -136,9 +136,13 @@ async fn receive_image(
     let failed = |e: anyhow::Error| anyhow::anyhow!("restore {volume} failed: {e:#}");
     let data_bytes = writer.finish().await.map_err(failed)?;
     ended.map_err(failed)?;
-    file.set_len(header.size_bytes)
-        .context("size restored image")?;
-    file.sync_all().context("fsync restored image")?;
+    // The fsync waits for the disk: off the runtime's threads.
+    let size_bytes = header.size_bytes;
+    tokio::task::spawn_blocking(move || {
+        file.set_len(size_bytes).context("size restored image")?;
+        file.sync_all().context("fsync restored image")
+    })
+    .await??;
     Ok((header, data_bytes))
 }
 
