@@ -241,8 +241,8 @@ impl FuseMount {
         &self.file
     }
 
-    /// Unmounts FILE: `umount(2)`, or a lazy detach when it is busy (logged). Blocks briefly;
-    /// call it from a thread that may block.
+    /// Unmounts FILE: `umount(2)`, retried for up to 300 ms while it is busy, then a lazy
+    /// detach (logged). Blocks briefly; call it from a thread that may block.
     pub fn unmount(mut self) -> Result<Unmounted, FuseError> {
         self.unmount_inner()
     }
@@ -253,14 +253,16 @@ impl FuseMount {
         };
         let path = self.file.display().to_string();
         match unmounter.unmount() {
-            Ok(()) => {
-                if let Some(session) = self.session.take() {
-                    join_bounded(session, &self.file);
-                }
-                tracing::info!(file = %path, "FUSE export unmounted");
-                Ok(Unmounted::Clean)
-            }
+            Ok(()) => Ok(self.unmounted_cleanly()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let unmounted =
+                    unmount_when_idle(&self.file).map_err(|source| FuseError::Unmount {
+                        path: path.clone(),
+                        source,
+                    })?;
+                if unmounted {
+                    return Ok(self.unmounted_cleanly());
+                }
                 tracing::error!(
                     file = %path,
                     "FUSE export is busy (a loop device or an open file still uses it): detaching it \
@@ -277,6 +279,15 @@ impl FuseMount {
             }
             Err(source) => Err(FuseError::Unmount { path, source }),
         }
+    }
+
+    /// FILE is unmounted: waits (bounded) for the session's threads to end.
+    fn unmounted_cleanly(&mut self) -> Unmounted {
+        if let Some(session) = self.session.take() {
+            join_bounded(session, &self.file);
+        }
+        tracing::info!(file = %self.file.display(), "FUSE export unmounted");
+        Unmounted::Clean
     }
 }
 
@@ -308,10 +319,36 @@ fn join_bounded(session: JoinHandle<io::Result<()>>, file: &Path) {
 }
 
 fn detach(file: &Path) -> io::Result<()> {
+    umount2(file, libc::MNT_DETACH)
+}
+
+/// How long a busy export is retried before it is detached lazily: a descriptor can outlive
+/// its user by a moment (a child another thread forked holds copies until it execs).
+const BUSY_RETRY: Duration = Duration::from_millis(300);
+
+/// `umount(2)` of FILE, retried while it is busy for at most [`BUSY_RETRY`]; true once it is
+/// unmounted, false if it stayed busy.
+fn unmount_when_idle(file: &Path) -> io::Result<bool> {
+    let deadline = Instant::now() + BUSY_RETRY;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match umount2(file, 0) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn umount2(file: &Path, flags: libc::c_int) -> io::Result<()> {
     let c = CString::new(file.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let rc = unsafe { libc::umount2(c.as_ptr(), flags) };
     if rc == 0 {
         Ok(())
     } else {

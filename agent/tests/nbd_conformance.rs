@@ -297,7 +297,7 @@ impl TestServer {
     }
 
     fn start_in(dir: tempfile::TempDir, exports: Vec<(&str, Arc<dyn BlockExport>)>) -> TestServer {
-        init_tracing();
+        tideline_testkit::init_tracing("warn");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -385,15 +385,6 @@ fn with_timeouts(mut client: NbdClient<UnixStream>) -> NbdClient<UnixStream> {
         .set_write_timeout(Some(IO_TIMEOUT))
         .expect("write timeout");
     client
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
 }
 
 fn file_export(server_dir: &Path, name: &str, size: u64) -> Arc<FileExport> {

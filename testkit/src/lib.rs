@@ -16,3 +16,14 @@ pub mod wait;
 pub use cmd::{run, run_ok, run_within, spawn, try_run_within, Output, Spawned, COMMAND_TIMEOUT};
 pub use tools::{require_tools, skip_or_fail, tool, tool_path};
 pub use wait::{wait_for, POLL};
+
+/// Sends the tracing of code under test to the test's captured output, filtered by `RUST_LOG`
+/// or else by `default_filter` (for example `"warn"`). Later calls do nothing.
+pub fn init_tracing(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
