@@ -59,8 +59,21 @@ pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
 
 /// Decompresses a frame that should hold exactly `block_count` blocks, allocating no more.
 pub fn decompress(compressed: &[u8], block_count: usize) -> Result<Vec<u8>, FrameError> {
-    let expected = expected_bytes(block_count)?;
-    let data = with_decompressor(|context| context.decompress(compressed, expected))?;
+    if block_count == 0 || block_count > MAX_FRAME_BLOCKS {
+        return Err(FrameError::BadBlockCount(block_count));
+    }
+    let expected = block_count * BLOCK_SIZE;
+    let data = DECOMPRESSOR
+        .with_borrow_mut(|slot| {
+            let mut context = match slot.take() {
+                Some(context) => context,
+                None => zstd::bulk::Decompressor::new()?,
+            };
+            let data = context.decompress(compressed, expected);
+            *slot = Some(context);
+            data
+        })
+        .map_err(|e| FrameError::Undecodable(e.to_string()))?;
     if data.len() != expected {
         return Err(FrameError::WrongLength {
             expected,
@@ -68,53 +81,6 @@ pub fn decompress(compressed: &[u8], block_count: usize) -> Result<Vec<u8>, Fram
         });
     }
     Ok(data)
-}
-
-/// Decompresses a frame that should hold exactly `block_count` blocks into the start of `out`
-/// (which must have room for them), for callers that need the bytes in a buffer of their own,
-/// such as one aligned for direct I/O. Returns the bytes written.
-pub fn decompress_into(
-    compressed: &[u8],
-    block_count: usize,
-    out: &mut [u8],
-) -> Result<usize, FrameError> {
-    let expected = expected_bytes(block_count)?;
-    let Some(out) = out.get_mut(..expected) else {
-        return Err(FrameError::WrongLength {
-            expected,
-            actual: out.len(),
-        });
-    };
-    let actual = with_decompressor(|context| context.decompress_to_buffer(compressed, out))?;
-    if actual != expected {
-        return Err(FrameError::WrongLength { expected, actual });
-    }
-    Ok(actual)
-}
-
-/// The decompressed size of a frame of `block_count` blocks, if that count is allowed.
-fn expected_bytes(block_count: usize) -> Result<usize, FrameError> {
-    if block_count == 0 || block_count > MAX_FRAME_BLOCKS {
-        return Err(FrameError::BadBlockCount(block_count));
-    }
-    Ok(block_count * BLOCK_SIZE)
-}
-
-/// Runs `work` with this thread's zstd decompression context.
-fn with_decompressor<T>(
-    work: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
-) -> Result<T, FrameError> {
-    DECOMPRESSOR
-        .with_borrow_mut(|slot| {
-            let mut context = match slot.take() {
-                Some(context) => context,
-                None => zstd::bulk::Decompressor::new()?,
-            };
-            let done = work(&mut context);
-            *slot = Some(context);
-            done
-        })
-        .map_err(|e| FrameError::Undecodable(e.to_string()))
 }
 
 /// Checks that block `i` of `data` hashes to `hashes[i]`, for every block.
@@ -176,34 +142,5 @@ mod tests {
         ));
         assert!(open(b"not zstd at all", &hashes).is_err());
         assert_eq!(decompress(&frame, 0), Err(FrameError::BadBlockCount(0)));
-    }
-
-    #[test]
-    fn decompress_into_fills_the_buffer_start_and_refuses_frames_of_another_length() {
-        let data = blocks(3);
-        let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
-        let mut out = vec![7u8; MAX_FRAME_BLOCKS * BLOCK_SIZE];
-        assert_eq!(decompress_into(&frame, 3, &mut out), Ok(data.len()));
-        assert_eq!(&out[..data.len()], &data[..]);
-        assert!(
-            out[data.len()..].iter().all(|&b| b == 7),
-            "nothing past the frame"
-        );
-        assert!(matches!(
-            decompress_into(&frame, 2, &mut out),
-            Err(FrameError::Undecodable(_))
-        ));
-        assert_eq!(
-            decompress_into(&frame, 4, &mut out),
-            Err(FrameError::WrongLength {
-                expected: 4 * BLOCK_SIZE,
-                actual: 3 * BLOCK_SIZE
-            })
-        );
-        assert!(decompress_into(b"not zstd at all", 1, &mut out).is_err());
-        assert_eq!(
-            decompress_into(&frame, MAX_FRAME_BLOCKS + 1, &mut out),
-            Err(FrameError::BadBlockCount(MAX_FRAME_BLOCKS + 1))
-        );
     }
 }

@@ -5,15 +5,9 @@
 //! this machine's cores, right before the bytes are written: what lands in the image is what
 //! was journalled, whatever happened to the pack or on the way. Frames are handled on every
 //! core while the stream is read; a few frames wait at most.
-//!
-//! Whole blocks go to the image with direct I/O when its filesystem takes it. Through the page
-//! cache every byte was copied once more and then written back by the kernel, which on this
-//! kind of machine managed 530-615 MB/s for a 2 GiB file against 1.6-2.1 GB/s for direct writes
-//! of 1 MiB: the page cache, not decompression, bounded a restore.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -26,11 +20,6 @@ use tideline_proto::v1;
 
 /// Frames each worker may have waiting.
 const QUEUED_PER_WORKER: usize = 2;
-/// The largest frame, decompressed.
-const FRAME_BYTES: usize = MAX_FRAME_BLOCKS * BLOCK_SIZE;
-/// Alignment of buffers, offsets and lengths of direct writes: a block, which covers the logical
-/// block size of any disk in use (512 or 4096 bytes).
-const DIRECT_ALIGN: usize = BLOCK_SIZE;
 /// Written bytes after which the image's dirty pages are handed to the disk.
 const WRITEBACK_STEP_BYTES: u64 = 64 << 20;
 
@@ -39,23 +28,24 @@ pub struct FrameWriter {
     tx: tokio::sync::mpsc::Sender<v1::RestoreFrame>,
     workers: Vec<JoinHandle<anyhow::Result<u64>>>,
     failed: Arc<AtomicBool>,
+    writeback: Writeback,
 }
 
 impl FrameWriter {
-    /// Starts the workers for an image of `size_bytes` of `volume` in `file`, which is open at
-    /// `path` (opened a second time there for direct I/O).
-    pub fn start(file: File, path: &Path, size_bytes: u64, volume: VolumeName) -> FrameWriter {
+    /// Starts the workers for an image of `size_bytes` of `volume` in `file`.
+    pub fn start(file: File, size_bytes: u64, volume: VolumeName) -> FrameWriter {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
         let rx = Arc::new(Mutex::new(rx));
-        let image = Arc::new(Image::open(file, path, size_bytes));
+        let file = Arc::new(file);
         let failed = Arc::new(AtomicBool::new(false));
+        let writeback = Writeback::start(file.clone());
         let workers = (0..threads)
             .map(|_| {
-                let (rx, image, failed, volume) =
-                    (rx.clone(), image.clone(), failed.clone(), volume.clone());
+                let (rx, file, failed, volume) =
+                    (rx.clone(), file.clone(), failed.clone(), volume.clone());
+                let writeback = writeback.clone();
                 std::thread::spawn(move || {
-                    let mut buffer = AlignedFrameBuffer::new();
                     let mut written = 0;
                     loop {
                         let next = rx
@@ -65,8 +55,11 @@ impl FrameWriter {
                         let Some(frame) = next else {
                             return Ok(written);
                         };
-                        match write_frame(&image, &volume, &frame, &mut buffer) {
-                            Ok(bytes) => written += bytes,
+                        match write_frame(&file, size_bytes, &volume, &frame) {
+                            Ok(bytes) => {
+                                written += bytes;
+                                writeback.wrote(bytes);
+                            }
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
                                 return Err(e);
@@ -80,6 +73,7 @@ impl FrameWriter {
             tx,
             workers,
             failed,
+            writeback,
         }
     }
 
@@ -90,8 +84,14 @@ impl FrameWriter {
 
     /// Waits for the queued frames; the bytes written, or the first worker's error.
     pub async fn finish(self) -> anyhow::Result<u64> {
-        let FrameWriter { tx, workers, .. } = self;
+        let FrameWriter {
+            tx,
+            workers,
+            writeback,
+            ..
+        } = self;
         drop(tx);
+        drop(writeback);
         tokio::task::spawn_blocking(move || {
             let mut written = 0;
             let mut first_error = None;
@@ -110,111 +110,7 @@ impl FrameWriter {
     }
 }
 
-/// The image being restored: whole blocks go around the page cache when its filesystem takes
-/// direct I/O; a cut-short last block, and everything on a filesystem that refuses direct I/O,
-/// go through it (and [`Writeback`] starts the disk on those early).
-struct Image {
-    buffered: Arc<File>,
-    direct: Option<File>,
-    /// Set when a direct write was refused (EINVAL): from then on everything goes buffered.
-    direct_refused: AtomicBool,
-    size_bytes: u64,
-    writeback: Writeback,
-}
-
-impl Image {
-    fn open(buffered: File, path: &Path, size_bytes: u64) -> Image {
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .inspect_err(|e| {
-                tracing::debug!(path = %path.display(), error = %e, "no direct I/O: restoring through the page cache");
-            })
-            .ok();
-        let buffered = Arc::new(buffered);
-        Image {
-            writeback: Writeback::start(buffered.clone()),
-            buffered,
-            direct,
-            direct_refused: AtomicBool::new(false),
-            size_bytes,
-        }
-    }
-
-    /// Writes whole blocks `bytes`, taken from an [`AlignedFrameBuffer`], at the block-aligned
-    /// `offset`, cut at the image's end; returns the bytes written.
-    fn write_blocks(&self, offset: u64, bytes: &[u8]) -> anyhow::Result<u64> {
-        let len = (bytes.len() as u64).min(self.size_bytes - offset) as usize;
-        let whole = len / BLOCK_SIZE * BLOCK_SIZE;
-        let (blocks, tail) = bytes[..len].split_at(whole);
-        let direct = self
-            .direct
-            .as_ref()
-            .filter(|_| !self.direct_refused.load(Ordering::Relaxed));
-        match direct {
-            Some(direct) if !blocks.is_empty() => self.write_direct(direct, offset, blocks)?,
-            _ => self.write_buffered(offset, blocks)?,
-        }
-        self.write_buffered(offset + whole as u64, tail)?;
-        Ok(len as u64)
-    }
-
-    fn write_direct(&self, direct: &File, offset: u64, blocks: &[u8]) -> anyhow::Result<()> {
-        match direct.write_all_at(blocks, offset) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // The filesystem opened the file for direct I/O but wants other alignment.
-                if !self.direct_refused.swap(true, Ordering::Relaxed) {
-                    tracing::debug!(offset, error = %e, "direct write refused: restoring through the page cache");
-                }
-                self.write_buffered(offset, blocks)
-            }
-            Err(e) => Err(write_error(offset, e)),
-        }
-    }
-
-    fn write_buffered(&self, offset: u64, bytes: &[u8]) -> anyhow::Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        self.buffered
-            .write_all_at(bytes, offset)
-            .map_err(|e| write_error(offset, e))?;
-        self.writeback.wrote(bytes.len() as u64);
-        Ok(())
-    }
-}
-
-fn write_error(offset: u64, e: std::io::Error) -> anyhow::Error {
-    anyhow::anyhow!("write restored image at offset {offset}: {e}")
-}
-
-/// Room for the largest decompressed frame, starting at a [`DIRECT_ALIGN`] boundary as direct
-/// I/O requires of its buffers. A frame's blocks then start at block boundaries too.
-struct AlignedFrameBuffer {
-    storage: Vec<u8>,
-    start: usize,
-}
-
-impl AlignedFrameBuffer {
-    fn new() -> AlignedFrameBuffer {
-        let storage = vec![0u8; FRAME_BYTES + DIRECT_ALIGN];
-        // Should the offset be unknowable, writes are refused with EINVAL and go buffered.
-        let start = storage
-            .as_ptr()
-            .align_offset(DIRECT_ALIGN)
-            .min(DIRECT_ALIGN);
-        AlignedFrameBuffer { storage, start }
-    }
-
-    fn frame_room(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + FRAME_BYTES]
-    }
-}
-
-/// Starts the disk writing what went through the page cache while the image is still being
-/// restored (everything, on a filesystem without direct I/O).
+/// Starts the disk writing the image while it is still being restored.
 ///
 /// An image of a few GiB stays below the kernel's background-writeback threshold (10 % of
 /// memory), so without this nothing reached the disk until the final fsync, which then took a
@@ -222,6 +118,7 @@ impl AlignedFrameBuffer {
 /// thread of its own asks for writeback of the whole file (`sync_file_range`, not waiting for
 /// it), so the disk works while the cores decompress; the final fsync stays the durability
 /// point. It is a hint: if it fails, the fsync does all the work as before.
+#[derive(Clone)]
 struct Writeback {
     written: Arc<std::sync::atomic::AtomicU64>,
     kick: crossbeam_channel::Sender<()>,
@@ -290,15 +187,14 @@ fn placements(frame: &v1::RestoreFrame, size_bytes: u64) -> anyhow::Result<Vec<P
         .collect()
 }
 
-/// Decompresses `frame` into `buffer`, checks each placed block and writes it; returns the
-/// bytes written.
+/// Decompresses `frame`, checks each placed block and writes it; returns the bytes written.
 fn write_frame(
-    image: &Image,
+    file: &File,
+    size_bytes: u64,
     volume: &VolumeName,
     frame: &v1::RestoreFrame,
-    buffer: &mut AlignedFrameBuffer,
 ) -> anyhow::Result<u64> {
-    let placed = placements(frame, image.size_bytes)?;
+    let placed = placements(frame, size_bytes)?;
     let corrupt = |block: u64, reason: String| StoreError::CorruptBlock {
         volume: volume.clone(),
         offset_bytes: block * BLOCK_SIZE_BYTES,
@@ -311,10 +207,8 @@ fn write_frame(
     let Some(first) = placed.first() else {
         return Ok(0);
     };
-    let data = buffer.frame_room();
-    let len = frame::decompress_into(&frame.zstd_data, frame.block_count as usize, data)
+    let data = frame::decompress(&frame.zstd_data, frame.block_count as usize)
         .map_err(|e| corrupt(first.block, e.to_string()))?;
-    let data = &data[..len];
     let block_bytes = |index: usize| &data[index * BLOCK_SIZE..(index + 1) * BLOCK_SIZE];
     for p in &placed {
         if ChunkHash::of(block_bytes(p.index)) != p.hash {
@@ -325,7 +219,7 @@ fn write_frame(
             .into());
         }
     }
-    // Runs consecutive both in the frame and in the volume go out in one write.
+    // Runs consecutive both in the frame and in the volume go out in one pwrite.
     let mut written = 0;
     let mut start = 0;
     while start < placed.len() {
@@ -339,7 +233,11 @@ fn write_frame(
         let offset = placed[start].block * BLOCK_SIZE_BYTES;
         let bytes = &data
             [placed[start].index * BLOCK_SIZE..placed[end - 1].index * BLOCK_SIZE + BLOCK_SIZE];
-        written += image.write_blocks(offset, bytes)?;
+        // The image's last block may be cut short.
+        let len = (bytes.len() as u64).min(size_bytes - offset) as usize;
+        file.write_all_at(&bytes[..len], offset)
+            .map_err(|e| anyhow::anyhow!("write restored image at offset {offset}: {e}"))?;
+        written += len as u64;
         start = end;
     }
     Ok(written)
@@ -376,111 +274,64 @@ mod tests {
         vec![fill; BLOCK_SIZE]
     }
 
-    /// An image of `size` bytes in a fresh directory, written with direct I/O or through the
-    /// page cache.
-    struct TestImage {
-        _dir: tempfile::TempDir,
-        path: std::path::PathBuf,
-        image: Image,
-    }
-
-    fn test_image(size: u64, direct: bool) -> TestImage {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image");
-        let file = File::create(&path).unwrap();
-        let mut image = Image::open(file, &path, size);
-        if direct {
-            let refused = image
-                .direct
-                .is_none()
-                .then(|| format!("direct I/O on {}", path.display()));
-            if !tideline_testkit::skip_or_fail(refused.into_iter().collect()) {
-                image.direct = None;
-            }
-        } else {
-            image.direct = None;
-        }
-        TestImage {
-            _dir: dir,
-            path,
-            image,
-        }
-    }
-
-    impl TestImage {
-        fn bytes(&self) -> Vec<u8> {
-            std::fs::read(&self.path).unwrap()
-        }
-    }
-
     #[test]
     fn blocks_land_where_the_frame_says_and_runs_are_cut_at_the_image_end() {
+        let file = tempfile::tempfile().unwrap();
         let size = 10 * BLOCK_SIZE_BYTES - 100;
         let blocks = [block(1), block(2), block(3), block(4)];
         // Blocks 0-1 of the frame go to volume blocks 3-4; block 3 to volume block 9 (the
-        // last, cut short); block 2 to volume block 0; blocks 1-3 again to volume blocks 7-9.
-        let placed = [(2, 0), (0, 3), (1, 4), (1, 7), (2, 8), (3, 9)];
-        let frame = frame_of(&blocks, &placed, None);
+        // last, cut short); block 2 to volume block 0; block 1 again to volume block 7.
+        let frame = frame_of(&blocks, &[(2, 0), (0, 3), (1, 4), (1, 7), (3, 9)], None);
         let volume = VolumeName::new("v").unwrap();
-        for direct in [true, false] {
-            let test = test_image(size, direct);
-            let mut buffer = AlignedFrameBuffer::new();
-            let written = write_frame(&test.image, &volume, &frame, &mut buffer).unwrap();
-            assert_eq!(written, 5 * BLOCK_SIZE_BYTES + BLOCK_SIZE_BYTES - 100);
-            assert!(!test.image.direct_refused.load(Ordering::Relaxed));
-            let image = test.bytes();
-            assert_eq!(image.len() as u64, size, "direct: {direct}");
-            let at = |b: usize| image[b * BLOCK_SIZE];
-            let placed_fills = (at(0), at(3), at(4), at(7), at(8), at(9));
-            assert_eq!(placed_fills, (3, 1, 2, 2, 3, 4), "direct: {direct}");
-            assert_eq!(
-                (at(1), at(2), at(5), at(6)),
-                (0, 0, 0, 0),
-                "direct: {direct}"
-            );
-            assert!(image[9 * BLOCK_SIZE..].iter().all(|&b| b == 4));
-        }
+        let written = write_frame(&file, size, &volume, &frame).unwrap();
+        assert_eq!(written, 4 * BLOCK_SIZE_BYTES + BLOCK_SIZE_BYTES - 100);
+        let mut image = vec![0u8; size as usize];
+        file.read_exact_at(&mut image[..file.metadata().unwrap().len() as usize], 0)
+            .unwrap();
+        let at = |b: usize| image[b * BLOCK_SIZE];
+        assert_eq!((at(0), at(3), at(4), at(7), at(9)), (3, 1, 2, 2, 4));
+        assert_eq!(at(1), 0);
+        assert_eq!(file.metadata().unwrap().len(), size);
     }
 
     #[test]
     fn a_block_that_does_not_match_its_hash_names_the_volume_offset_and_pack() {
-        let test = test_image(1 << 20, true);
+        let file = tempfile::tempfile().unwrap();
         let blocks = [block(1), block(2)];
         let lie = vec![ChunkHash::of(&blocks[0]), ChunkHash::of(&block(9))];
         let frame = frame_of(&blocks, &[(0, 0), (1, 5)], Some(lie));
         let volume = VolumeName::new("data").unwrap();
-        let mut buffer = AlignedFrameBuffer::new();
-        let err = write_frame(&test.image, &volume, &frame, &mut buffer)
+        let err = write_frame(&file, 1 << 20, &volume, &frame)
             .unwrap_err()
             .to_string();
         assert!(
             err.starts_with("volume data: block at offset 20480 is corrupt: pack packs/000001.pack byte 124: block 1 does not match its hash"),
             "{err}"
         );
-        assert!(test.bytes().is_empty(), "nothing written");
+        assert_eq!(file.metadata().unwrap().len(), 0, "nothing written");
     }
 
     #[test]
     fn frames_that_point_outside_the_frame_or_the_image_are_refused() {
         let volume = VolumeName::new("v").unwrap();
-        let test = test_image(1 << 20, true);
-        let mut buffer = AlignedFrameBuffer::new();
-        let mut write = |frame: &v1::RestoreFrame| {
-            write_frame(&test.image, &volume, frame, &mut buffer).map_err(|e| e.to_string())
-        };
+        let file = tempfile::tempfile().unwrap();
         let blocks = [block(1)];
-        for placed in [&[(1u32, 0u64)][..], &[(0, 256)][..]] {
+        for (placed, size) in [(&[(1u32, 0u64)][..], 1 << 20), (&[(0, 256)][..], 1 << 20)] {
             let frame = frame_of(&blocks, placed, Some(vec![ChunkHash::of(&blocks[0])]));
-            let err = write(&frame).unwrap_err();
+            let err = write_frame(&file, size, &volume, &frame)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("outside the frame or the image"), "{err}");
         }
         let mut frame = frame_of(&blocks, &[(0, 0)], None);
         frame.block_count = 0;
-        assert!(write(&frame).is_err());
+        assert!(write_frame(&file, 1 << 20, &volume, &frame).is_err());
         let mut frame = frame_of(&blocks, &[(0, 0)], None);
         frame.zstd_data = b"not zstd".to_vec().into();
-        let err = write(&frame).unwrap_err();
+        let err = write_frame(&file, 1 << 20, &volume, &frame)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is corrupt"), "{err}");
-        assert!(test.bytes().is_empty());
+        assert_eq!(file.metadata().unwrap().len(), 0);
     }
 }

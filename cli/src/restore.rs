@@ -115,7 +115,6 @@ async fn receive_image(
     let header = read_header(&mut stream, &format!("restore {volume}")).await?;
     let writer = FrameWriter::start(
         file.try_clone().context("clone restored image handle")?,
-        partial,
         header.size_bytes,
         volume.clone(),
     );
