@@ -18,11 +18,15 @@ use tideline_core::record::{RecordKind, WriteOrigin};
 use tideline_core::spool::{Spool, SpoolError, SpoolOp};
 use tideline_core::{BlockNo, GroupName, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
+use crate::direct::DirectWriter;
+
 /// One protected volume's backing store and dirty map.
 pub struct VolumeState {
     pub name: VolumeName,
     pub path: PathBuf,
     pub file: File,
+    /// The same file for large aligned writes, when its filesystem takes direct I/O.
+    pub direct: Option<DirectWriter>,
     pub size_bytes: u64,
     pub dirty: DirtyMap,
     /// True while the journal has a gap for this volume (spool overflow) not yet resynced.
@@ -217,12 +221,9 @@ fn io_error<'a>(
     }
 }
 
-fn apply(volume: &VolumeState, offset: u64, change: &Change) -> Result<(), TapError> {
+fn apply(volume: &mut VolumeState, offset: u64, change: &Change) -> Result<(), TapError> {
     match *change {
-        Change::Write(ref data) => volume
-            .file
-            .write_all_at(data, offset)
-            .map_err(io_error(volume, "write backing volume")),
+        Change::Write(ref data) => write_volume(volume, offset, data),
         Change::Trim(len) => {
             punch_or_zero(&volume.file, offset, len, true).map_err(io_error(volume, "discard"))
         }
@@ -232,6 +233,29 @@ fn apply(volume: &VolumeState, offset: u64, change: &Change) -> Result<(), TapEr
         } => punch_or_zero(&volume.file, offset, len_bytes, may_punch)
             .map_err(io_error(volume, "write zeroes")),
     }
+}
+
+/// Writes `data` to the volume: around the page cache when it is large and aligned and the
+/// filesystem allows ([`crate::direct`]), else through it.
+fn write_volume(volume: &mut VolumeState, offset: u64, data: &[u8]) -> Result<(), TapError> {
+    if let Some(direct) = volume
+        .direct
+        .as_mut()
+        .filter(|d| d.takes(offset, data.len()))
+    {
+        let written = direct.write(data, offset).map_err(|source| TapError::Io {
+            volume: volume.name.clone(),
+            context: "write backing volume",
+            source,
+        })?;
+        if written {
+            return Ok(());
+        }
+    }
+    volume
+        .file
+        .write_all_at(data, offset)
+        .map_err(io_error(volume, "write backing volume"))
 }
 
 /// Deallocates (or zeroes in place) a range, falling back to writing zeroes where the file

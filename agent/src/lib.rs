@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod direct;
 pub mod fuse;
 pub mod group;
 pub mod nbd;
@@ -247,6 +248,7 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
         volumes.push(VolumeState {
             name: volume.name.clone(),
             path: volume.path.clone(),
+            direct: direct::DirectWriter::open(&volume.path),
             file,
             size_bytes,
             dirty,

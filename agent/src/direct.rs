@@ -1,0 +1,135 @@
+//! Large writes to a volume around the page cache.
+//!
+//! Through the page cache every byte written to a volume was copied into freshly allocated
+//! pages and later written back by the kernel, on top of the spool's own copy. On the kind of
+//! virtual machine Tideline is measured on, that copy into fresh pages ran at about 1 GB/s and
+//! was the largest single cost of a 1 MiB sequential write through the tap; a buffered 2 GiB
+//! write with fsync managed 530-615 MB/s where direct writes of 1 MiB reached 1.6-2.1 GB/s.
+//! Large block-aligned writes therefore go to the volume with `O_DIRECT`, through a bounce
+//! buffer aligned as direct I/O requires (the NBD payload's own buffer is not). Small writes
+//! stay buffered: a 4 KiB direct write waits for the disk, and the write lane applies writes
+//! one after another.
+//!
+//! Durability is unchanged: a FLUSH still syncs the volume (which then only has the disk's
+//! cache and any buffered writes to push), and a write is acknowledged only after both the
+//! volume write and the spool append. Buffered and direct writes to one file stay coherent: the
+//! kernel writes back and drops cached pages a direct write overlaps.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use tideline_core::{BLOCK_SIZE, BLOCK_SIZE_BYTES};
+
+/// Writes of at least this many bytes, block-aligned, go around the page cache.
+pub const DIRECT_MIN_BYTES: usize = 64 * 1024;
+/// The bounce buffer: larger writes go out in pieces of this size.
+const BOUNCE_BYTES: usize = 1 << 20;
+/// Alignment of direct I/O buffers, offsets and lengths: a block covers the logical block size
+/// of any disk in use (512 or 4096 bytes).
+const DIRECT_ALIGN: usize = BLOCK_SIZE;
+
+/// A volume file opened for direct I/O, with its aligned bounce buffer.
+pub struct DirectWriter {
+    file: File,
+    bounce: Vec<u8>,
+    start: usize,
+    /// Set when the kernel refused a direct write (EINVAL): from then on writes go buffered.
+    refused: bool,
+}
+
+impl DirectWriter {
+    /// Opens `path` for direct writes; `None` (logged) when its filesystem refuses `O_DIRECT`.
+    pub fn open(path: &Path) -> Option<DirectWriter> {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .inspect_err(|e| {
+                tracing::info!(path = %path.display(), error = %e,
+                    "no direct I/O on this volume: large writes go through the page cache");
+            })
+            .ok()?;
+        let bounce = vec![0u8; BOUNCE_BYTES + DIRECT_ALIGN];
+        // Should the offset be unknowable, the kernel refuses the write and it goes buffered.
+        let start = bounce.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        Some(DirectWriter {
+            file,
+            bounce,
+            start,
+            refused: false,
+        })
+    }
+
+    /// True when a write of `len` bytes at `offset` should go around the page cache.
+    pub fn takes(&self, offset: u64, len: usize) -> bool {
+        !self.refused
+            && len >= DIRECT_MIN_BYTES
+            && offset.is_multiple_of(BLOCK_SIZE_BYTES)
+            && len.is_multiple_of(BLOCK_SIZE)
+    }
+
+    /// Writes `data` at `offset` (see [`DirectWriter::takes`]). Returns false, having written
+    /// nothing the caller can rely on, when the kernel refused direct I/O for it: the caller
+    /// then writes all of `data` through the page cache.
+    pub fn write(&mut self, data: &[u8], offset: u64) -> io::Result<bool> {
+        for (i, piece) in data.chunks(BOUNCE_BYTES).enumerate() {
+            let at = offset + (i * BOUNCE_BYTES) as u64;
+            let bounce = &mut self.bounce[self.start..self.start + piece.len()];
+            bounce.copy_from_slice(piece);
+            match self.file.write_all_at(bounce, at) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(offset = at, error = %e,
+                        "direct write refused: large writes go through the page cache from now on");
+                    self.refused = true;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_aligned_writes_land_around_the_page_cache_and_small_ones_are_declined() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volume");
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        buffered.set_len(4 << 20).unwrap();
+        let direct = DirectWriter::open(&path);
+        let refused = format!("O_DIRECT on {}", path.display());
+        let missing = direct.is_none().then_some(refused).into_iter().collect();
+        if !tideline_testkit::skip_or_fail(missing) {
+            return;
+        }
+        let mut direct = direct.unwrap();
+        assert!(!direct.takes(0, 4096), "small writes stay buffered");
+        assert!(!direct.takes(512, DIRECT_MIN_BYTES), "unaligned offset");
+        assert!(!direct.takes(0, DIRECT_MIN_BYTES + 512), "unaligned length");
+        // Larger than the bounce buffer, from an unaligned source buffer.
+        let len = BOUNCE_BYTES + 3 * BLOCK_SIZE;
+        let source: Vec<u8> = (0..len + 1).map(|i| (i % 251) as u8).collect();
+        let data = &source[1..];
+        assert!(direct.takes(BLOCK_SIZE_BYTES, len));
+        assert!(direct.write(data, BLOCK_SIZE_BYTES).unwrap());
+        let mut back = vec![0u8; len];
+        buffered.read_exact_at(&mut back, BLOCK_SIZE_BYTES).unwrap();
+        assert!(back == data, "bytes read back differ");
+        let mut first = vec![1u8; BLOCK_SIZE];
+        buffered.read_exact_at(&mut first, 0).unwrap();
+        assert!(first.iter().all(|&b| b == 0), "nothing before the write");
+    }
+}
