@@ -9,6 +9,7 @@
 //! [`run`] wires them up and is what the binary and the in-process tests call.
 
 pub mod checkpoint;
+mod compress;
 pub mod config;
 pub mod direct;
 pub mod fuse;

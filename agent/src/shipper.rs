@@ -32,12 +32,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL, MAX_FRAME_BLOCKS};
 use tideline_core::record::{Record, RecordKind};
 use tideline_core::spool::{SpoolEntry, SpoolOp, SpoolReader};
 use tideline_core::{block, ChunkHash, Seq, BLOCK_SIZE};
 use tideline_proto::v1::{self, agent_message::Msg as Out, collector_message::Msg as In};
 
+use crate::compress::{self, BatchChunks};
 use crate::group::Group;
 
 pub const BATCH_MAX_BYTES: usize = 8 << 20;
@@ -536,52 +536,15 @@ fn to_record(
     }
 }
 
-/// Compresses the chunks the collector lacks into frames (the frames spread over the cores)
-/// and builds the batch message.
+/// Compresses the chunks the collector lacks into frames (spread over the cores) and builds
+/// the batch message.
 fn build_batch(batch: PreparedBatch, missing: &[u32]) -> v1::Batch {
-    let groups: Vec<&[u32]> = missing.chunks(MAX_FRAME_BLOCKS).collect();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(groups.len())
-        .max(1);
-    let per_thread = groups.len().div_ceil(threads).max(1);
-    let frames = std::thread::scope(|scope| {
-        let workers: Vec<_> = groups
-            .chunks(per_thread)
-            .map(|part| {
-                let batch = &batch;
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|g| compress_frame(batch, g))
-                        .collect::<Vec<v1::Frame>>()
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| {
-                w.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
-            .collect::<Vec<v1::Frame>>()
-    });
+    let chunks = BatchChunks {
+        hashes: batch.chunks,
+        data: batch.chunk_data,
+    };
     v1::Batch {
         records: batch.records,
-        frames,
-    }
-}
-
-/// One frame of the chunks `batch.chunks[i]` for `i` in `group`.
-fn compress_frame(batch: &PreparedBatch, group: &[u32]) -> v1::Frame {
-    let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
-    let mut hashes = Vec::with_capacity(group.len());
-    for &i in group {
-        let i = i as usize;
-        raw.extend_from_slice(&batch.chunk_data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
-        hashes.push(Bytes::copy_from_slice(&batch.chunks[i].0));
-    }
-    v1::Frame {
-        hashes,
-        zstd_data: Bytes::from(frame::compress(&raw, DEFAULT_ZSTD_LEVEL)),
+        frames: compress::frames(Arc::new(chunks), missing),
     }
 }
