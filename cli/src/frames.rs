@@ -3,8 +3,8 @@
 //!
 //! The collector sends frames as stored (`RestoreRequest.frames`), so the checks run here, on
 //! this machine's cores, right before the bytes are written: what lands in the image is what
-//! was journalled, whatever happened to the pack or on the way. Frames are handled on every
-//! core while the stream is read; a few frames wait at most.
+//! was journalled, whatever happened to the pack or on the way. Frames are checked on every
+//! core while the stream is read, and one thread writes them; a few frames wait at most.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -32,43 +32,64 @@ pub struct FrameWriter {
 }
 
 impl FrameWriter {
-    /// Starts the workers for an image of `size_bytes` of `volume` in `file`.
+    /// Starts the workers for an image of `size_bytes` of `volume` in `file`: one per core
+    /// decompresses and checks frames, and one thread writes them. With every worker writing,
+    /// they took turns on the image's inode lock and the waiting one spun in the kernel (4.6 to
+    /// 12.5 % of a restore's CPU samples).
     pub fn start(file: File, size_bytes: u64, volume: VolumeName) -> FrameWriter {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
         let rx = Arc::new(Mutex::new(rx));
-        let file = Arc::new(file);
+        let (checked_tx, checked_rx) = crossbeam_channel::bounded(QUEUED_PER_WORKER * threads);
         let failed = Arc::new(AtomicBool::new(false));
+        let file = Arc::new(file);
         let writeback = Writeback::start(file.clone());
-        let workers = (0..threads)
+        let mut workers: Vec<_> = (0..threads)
             .map(|_| {
-                let (rx, file, failed, volume) =
-                    (rx.clone(), file.clone(), failed.clone(), volume.clone());
-                let writeback = writeback.clone();
-                std::thread::spawn(move || {
-                    let mut written = 0;
-                    loop {
-                        let next = rx
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .blocking_recv();
-                        let Some(frame) = next else {
-                            return Ok(written);
-                        };
-                        match write_frame(&file, size_bytes, &volume, &frame) {
-                            Ok(bytes) => {
-                                written += bytes;
-                                writeback.wrote(bytes);
+                let (rx, failed, volume) = (rx.clone(), failed.clone(), volume.clone());
+                let checked_tx = checked_tx.clone();
+                std::thread::spawn(move || loop {
+                    let next = rx
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .blocking_recv();
+                    let Some(frame) = next else {
+                        return Ok(0);
+                    };
+                    match check_frame(size_bytes, &volume, &frame) {
+                        // The writer stopped: it failed and says why.
+                        Ok(checked) => {
+                            if checked_tx.send(checked).is_err() {
+                                return Ok(0);
                             }
-                            Err(e) => {
-                                failed.store(true, Ordering::Relaxed);
-                                return Err(e);
-                            }
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
                         }
                     }
                 })
             })
             .collect();
+        drop(checked_tx);
+        let writer_failed = failed.clone();
+        let writer_writeback = writeback.clone();
+        workers.push(std::thread::spawn(move || {
+            let mut written = 0;
+            for checked in checked_rx {
+                match write_checked(&file, &checked) {
+                    Ok(bytes) => {
+                        written += bytes;
+                        writer_writeback.wrote(bytes);
+                    }
+                    Err(e) => {
+                        writer_failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(written)
+        }));
         FrameWriter {
             tx,
             workers,
@@ -187,13 +208,25 @@ fn placements(frame: &v1::RestoreFrame, size_bytes: u64) -> anyhow::Result<Vec<P
         .collect()
 }
 
-/// Decompresses `frame`, checks each placed block and writes it; returns the bytes written.
-fn write_frame(
-    file: &File,
+/// A frame's blocks, decompressed and checked, and where they go.
+struct Checked {
+    data: Vec<u8>,
+    runs: Vec<Run>,
+}
+
+/// `len` bytes of [`Checked::data`] from `start`, to be written at `offset` of the image.
+struct Run {
+    offset: u64,
+    start: usize,
+    len: usize,
+}
+
+/// Decompresses `frame` and checks each placed block; the runs to write, cut at the image end.
+fn check_frame(
     size_bytes: u64,
     volume: &VolumeName,
     frame: &v1::RestoreFrame,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Checked> {
     let placed = placements(frame, size_bytes)?;
     let corrupt = |block: u64, reason: String| StoreError::CorruptBlock {
         volume: volume.clone(),
@@ -205,7 +238,10 @@ fn write_frame(
         },
     };
     let Some(first) = placed.first() else {
-        return Ok(0);
+        return Ok(Checked {
+            data: Vec::new(),
+            runs: Vec::new(),
+        });
     };
     let data = frame::decompress(&frame.zstd_data, frame.block_count as usize)
         .map_err(|e| corrupt(first.block, e.to_string()))?;
@@ -220,7 +256,7 @@ fn write_frame(
         }
     }
     // Runs consecutive both in the frame and in the volume go out in one pwrite.
-    let mut written = 0;
+    let mut runs = Vec::new();
     let mut start = 0;
     while start < placed.len() {
         let mut end = start + 1;
@@ -231,14 +267,26 @@ fn write_frame(
             end += 1;
         }
         let offset = placed[start].block * BLOCK_SIZE_BYTES;
-        let bytes = &data
-            [placed[start].index * BLOCK_SIZE..placed[end - 1].index * BLOCK_SIZE + BLOCK_SIZE];
+        let len = (end - start) * BLOCK_SIZE;
         // The image's last block may be cut short.
-        let len = (bytes.len() as u64).min(size_bytes - offset) as usize;
-        file.write_all_at(&bytes[..len], offset)
-            .map_err(|e| anyhow::anyhow!("write restored image at offset {offset}: {e}"))?;
-        written += len as u64;
+        let len = (len as u64).min(size_bytes - offset) as usize;
+        runs.push(Run {
+            offset,
+            start: placed[start].index * BLOCK_SIZE,
+            len,
+        });
         start = end;
+    }
+    Ok(Checked { data, runs })
+}
+
+/// Writes the runs of `checked`; returns the bytes written.
+fn write_checked(file: &File, checked: &Checked) -> anyhow::Result<u64> {
+    let mut written = 0;
+    for run in &checked.runs {
+        file.write_all_at(&checked.data[run.start..run.start + run.len], run.offset)
+            .map_err(|e| anyhow::anyhow!("write restored image at offset {}: {e}", run.offset))?;
+        written += run.len as u64;
     }
     Ok(written)
 }
@@ -246,6 +294,15 @@ fn write_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_frame(
+        file: &File,
+        size_bytes: u64,
+        volume: &VolumeName,
+        frame: &v1::RestoreFrame,
+    ) -> anyhow::Result<u64> {
+        write_checked(file, &check_frame(size_bytes, volume, frame)?)
+    }
 
     fn frame_of(
         blocks: &[Vec<u8>],
