@@ -25,13 +25,12 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tideline_agent::config::AgentArgs;
-use tideline_agent::fuse;
 use tideline_collector::config::CollectorConfig;
 use tideline_core::TimeNs;
 use tideline_proto::v1::{self, restore_message::Msg};
 
-const MIB: u64 = 1 << 20;
-const VOLUME_BYTES: u64 = 64 * MIB;
+mod common;
+use common::{is_mounted, volume_image, MIB, VOLUME_BYTES};
 /// Bound for things that take well under a second on an idle machine (it may be compiling).
 const SHORT: Duration = Duration::from_secs(60);
 /// How long a test waits for the collector's graceful shutdown before aborting it.
@@ -41,11 +40,6 @@ const COLLECTOR_STOP: Duration = Duration::from_secs(2);
 
 use tideline_testkit::kernel::{require_kernel_parts as kernel_parts, LoopDevice, Mounted};
 use tideline_testkit::{run, run_ok, tool, wait_for};
-
-fn is_mounted(path: &Path) -> bool {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    fuse::is_mount_point(&path).expect("read /proc/self/mountinfo")
-}
 
 /// Waits (bounded) for a child's exit.
 fn wait_child(mut child: Child, timeout: Duration, what: &str) -> ExitStatus {
@@ -562,10 +556,7 @@ fn ext4_on_loop_on_fuse_restores_every_moment() {
     }
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temporary directory");
-    let image = dir.path().join("volume.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(VOLUME_BYTES))
-        .expect("create volume");
+    let image = volume_image(dir.path());
     let fuse_file = dir.path().join("volume.fuse");
     let mut services = Services::start_collector(&dir.path().join("collector"));
     services.start_agent(&[
@@ -716,10 +707,7 @@ fn sigterm_unmounts() {
         return;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
-    let image = dir.path().join("volume.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(VOLUME_BYTES))
-        .expect("create volume");
+    let image = volume_image(dir.path());
     let file = dir.path().join("export");
     // No collector: the agent journals into its spool and retries meanwhile.
     let mut agent = AgentProcess::start(
@@ -768,10 +756,7 @@ fn sigkill_then_documented_recovery() {
         return;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
-    let image = dir.path().join("volume.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(VOLUME_BYTES))
-        .expect("create volume");
+    let image = volume_image(dir.path());
     let file = dir.path().join("export");
     let spool = dir.path().join("spool");
     let services = Services::start_collector(&dir.path().join("collector"));

@@ -18,7 +18,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -27,8 +26,8 @@ use tideline_agent::nbd::BlockExport;
 use tideline_testkit::kernel::{require_kernel_parts as kernel_parts, LoopDevice, Mounted};
 use tideline_testkit::run;
 
-const MIB: u64 = 1 << 20;
-const VOLUME_BYTES: u64 = 64 * MIB;
+mod common;
+use common::{is_mounted, volume_image, MIB};
 
 /// Held by each test of this binary for its whole run: no test forks while another has
 /// descriptors open on its export.
@@ -36,11 +35,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    fuse::is_mount_point(&path).expect("read /proc/self/mountinfo")
 }
 
 // ---- FUSE semantics against a recording export -------------------------------------------------
@@ -393,10 +387,7 @@ fn refuses_a_mount_point_and_a_directory() {
         return;
     }
     let dir = tempfile::tempdir().expect("temporary directory");
-    let image = dir.path().join("volume.img");
-    File::create(&image)
-        .and_then(|f| f.set_len(VOLUME_BYTES))
-        .expect("create volume");
+    let image = volume_image(dir.path());
     let file = dir.path().join("export");
     let other = dir.path().join("other");
     File::create(&file).expect("create FILE");
