@@ -23,112 +23,104 @@ const QUEUED_PER_WORKER: usize = 2;
 /// Written bytes after which the image's dirty pages are handed to the disk.
 const WRITEBACK_STEP_BYTES: u64 = 64 << 20;
 
-/// Writes frames into an image on worker threads, one per core.
+/// Writes frames into an image: checker threads, one per core, decompress and check frames,
+/// and one writer thread writes them.
 pub struct FrameWriter {
     tx: tokio::sync::mpsc::Sender<v1::RestoreFrame>,
-    workers: Vec<JoinHandle<anyhow::Result<u64>>>,
+    checkers: Vec<JoinHandle<anyhow::Result<()>>>,
+    writer: JoinHandle<anyhow::Result<u64>>,
     failed: Arc<AtomicBool>,
-    writeback: Writeback,
 }
 
 impl FrameWriter {
-    /// Starts the workers for an image of `size_bytes` of `volume` in `file`: one per core
-    /// decompresses and checks frames, and one thread writes them. With every worker writing,
-    /// they took turns on the image's inode lock and the waiting one spun in the kernel (4.6 to
-    /// 12.5 % of a restore's CPU samples).
+    /// Starts the threads for an image of `size_bytes` of `volume` in `file`. One thread
+    /// writes: with every worker writing, they took turns on the image's inode lock and the
+    /// waiting one spun in the kernel (4.6 to 12.5 % of a restore's CPU samples).
     pub fn start(file: File, size_bytes: u64, volume: VolumeName) -> FrameWriter {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
         let rx = Arc::new(Mutex::new(rx));
         let (checked_tx, checked_rx) = crossbeam_channel::bounded(QUEUED_PER_WORKER * threads);
         let failed = Arc::new(AtomicBool::new(false));
-        let file = Arc::new(file);
-        let writeback = Writeback::start(file.clone());
-        let mut workers: Vec<_> = (0..threads)
+        let checkers = (0..threads)
             .map(|_| {
-                let (rx, failed, volume) = (rx.clone(), failed.clone(), volume.clone());
-                let checked_tx = checked_tx.clone();
+                let (rx, checked_tx) = (rx.clone(), checked_tx.clone());
+                let (failed, volume) = (failed.clone(), volume.clone());
                 std::thread::spawn(move || loop {
                     let next = rx
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .blocking_recv();
                     let Some(frame) = next else {
-                        return Ok(0);
+                        return Ok(());
                     };
-                    match check_frame(size_bytes, &volume, &frame) {
+                    let checked = check_frame(size_bytes, &volume, &frame).inspect_err(|_| {
+                        failed.store(true, Ordering::Relaxed);
+                    })?;
+                    if checked_tx.send(checked).is_err() {
                         // The writer stopped: it failed and says why.
-                        Ok(checked) => {
-                            if checked_tx.send(checked).is_err() {
-                                return Ok(0);
-                            }
-                        }
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            return Err(e);
-                        }
+                        return Ok(());
                     }
                 })
             })
             .collect();
-        drop(checked_tx);
         let writer_failed = failed.clone();
-        let writer_writeback = writeback.clone();
-        workers.push(std::thread::spawn(move || {
+        let writer = std::thread::spawn(move || {
+            let file = Arc::new(file);
+            let mut writeback = Writeback::start(file.clone());
             let mut written = 0;
             for checked in checked_rx {
-                match write_checked(&file, &checked) {
-                    Ok(bytes) => {
-                        written += bytes;
-                        writer_writeback.wrote(bytes);
-                    }
-                    Err(e) => {
-                        writer_failed.store(true, Ordering::Relaxed);
-                        return Err(e);
-                    }
-                }
+                let bytes = write_checked(&file, &checked).inspect_err(|_| {
+                    writer_failed.store(true, Ordering::Relaxed);
+                })?;
+                written += bytes;
+                writeback.wrote(bytes);
             }
             Ok(written)
-        }));
+        });
         FrameWriter {
             tx,
-            workers,
+            checkers,
+            writer,
             failed,
-            writeback,
         }
     }
 
-    /// Queues a frame; false once a worker failed (then [`FrameWriter::finish`] says why).
+    /// Queues a frame; false once a thread failed (then [`FrameWriter::finish`] says why).
     pub async fn submit(&self, frame: v1::RestoreFrame) -> bool {
         !self.failed.load(Ordering::Relaxed) && self.tx.send(frame).await.is_ok()
     }
 
-    /// Waits for the queued frames; the bytes written, or the first worker's error.
+    /// Waits for the queued frames; the bytes written, or the first error (a checker's, which
+    /// explains a writer that stopped early, before the writer's).
     pub async fn finish(self) -> anyhow::Result<u64> {
         let FrameWriter {
             tx,
-            workers,
-            writeback,
+            checkers,
+            writer,
             ..
         } = self;
         drop(tx);
-        drop(writeback);
         tokio::task::spawn_blocking(move || {
-            let mut written = 0;
             let mut first_error = None;
-            for worker in workers {
-                match worker.join() {
-                    Ok(Ok(bytes)) => written += bytes,
-                    Ok(Err(e)) => {
-                        first_error.get_or_insert(e);
-                    }
-                    Err(panic) => std::panic::resume_unwind(panic),
+            for checker in checkers {
+                if let Err(e) = join(checker) {
+                    first_error.get_or_insert(e);
                 }
             }
-            first_error.map_or(Ok(written), Err)
+            // The checkers are gone, so the writer's queue has closed.
+            let written = join(writer);
+            first_error.map_or(written, Err)
         })
         .await?
     }
+}
+
+/// What the thread returned; a panic in it goes on in this thread.
+fn join<T>(handle: JoinHandle<T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Starts the disk writing the image while it is still being restored.
@@ -139,9 +131,8 @@ impl FrameWriter {
 /// thread of its own asks for writeback of the whole file (`sync_file_range`, not waiting for
 /// it), so the disk works while the cores decompress; the final fsync stays the durability
 /// point. It is a hint: if it fails, the fsync does all the work as before.
-#[derive(Clone)]
 struct Writeback {
-    written: Arc<std::sync::atomic::AtomicU64>,
+    written: u64,
     kick: crossbeam_channel::Sender<()>,
 }
 
@@ -160,15 +151,13 @@ impl Writeback {
                 }
             }
         });
-        Writeback {
-            written: Arc::default(),
-            kick,
-        }
+        Writeback { written: 0, kick }
     }
 
-    fn wrote(&self, bytes: u64) {
-        let before = self.written.fetch_add(bytes, Ordering::Relaxed);
-        if (before + bytes) / WRITEBACK_STEP_BYTES != before / WRITEBACK_STEP_BYTES {
+    fn wrote(&mut self, bytes: u64) {
+        let before = self.written;
+        self.written += bytes;
+        if self.written / WRITEBACK_STEP_BYTES != before / WRITEBACK_STEP_BYTES {
             // Full: a writeback request is already waiting, and it covers these bytes too.
             let _ = self.kick.try_send(());
         }
