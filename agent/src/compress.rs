@@ -27,20 +27,18 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Compresses the chunks at `missing` (indexes into `chunks`) into frames of up to
 /// [`MAX_FRAME_BLOCKS`] blocks, in order, using every core.
 pub fn frames(chunks: Arc<BatchChunks>, missing: &[u32]) -> Vec<v1::Frame> {
-    let groups: Vec<Vec<u32>> = missing
-        .chunks(MAX_FRAME_BLOCKS)
-        .map(<[u32]>::to_vec)
-        .collect();
+    let frame_count = missing.len().div_ceil(MAX_FRAME_BLOCKS);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_share = groups.len().div_ceil(threads).max(1);
-    let mut shares = groups.chunks(per_share).map(<[Vec<u32>]>::to_vec);
+    // Each share is whole frames' worth of chunks.
+    let share_len = frame_count.div_ceil(threads).max(1) * MAX_FRAME_BLOCKS;
+    let mut shares = missing.chunks(share_len);
     let Some(own) = shares.next() else {
         return Vec::new();
     };
     let pending: Vec<_> = shares
         .map(|share| {
             let (done, result) = crossbeam_channel::bounded(1);
-            let chunks = chunks.clone();
+            let (chunks, share) = (chunks.clone(), share.to_vec());
             let job: Job = Box::new(move || {
                 let _ = done.send(compress_share(&chunks, &share));
             });
@@ -56,7 +54,7 @@ pub fn frames(chunks: Arc<BatchChunks>, missing: &[u32]) -> Vec<v1::Frame> {
             result
         })
         .collect();
-    let mut frames = compress_share(&chunks, &own);
+    let mut frames = compress_share(&chunks, own);
     for result in pending {
         // A panicking job drops its sender: fail the batch as the panic would have.
         let share = result.recv().expect("a frame compression thread panicked");
@@ -94,8 +92,12 @@ fn workers() -> Option<&'static crossbeam_channel::Sender<Job>> {
         .as_ref()
 }
 
-fn compress_share(chunks: &BatchChunks, groups: &[Vec<u32>]) -> Vec<v1::Frame> {
-    groups.iter().map(|g| compress_frame(chunks, g)).collect()
+/// The frames of `share` (indexes into `chunks`), [`MAX_FRAME_BLOCKS`] chunks each.
+fn compress_share(chunks: &BatchChunks, share: &[u32]) -> Vec<v1::Frame> {
+    share
+        .chunks(MAX_FRAME_BLOCKS)
+        .map(|group| compress_frame(chunks, group))
+        .collect()
 }
 
 /// One frame of the chunks `chunks.hashes[i]` for `i` in `group`.
