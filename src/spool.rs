@@ -645,41 +645,46 @@ const READ_AHEAD_BYTES: u64 = 4 << 20;
 /// each before.
 #[derive(Default)]
 struct ReadAhead {
-    window: Vec<u8>,
+    /// Room for the window; only the first `valid` bytes hold the segment's bytes from `start`.
+    /// It is never cleared between reads, so refilling it costs the `pread` alone.
+    buffer: Vec<u8>,
+    valid: usize,
     start: u64,
 }
 
 impl ReadAhead {
     /// `len` bytes of `file` at `at`; fails if they would reach past `readable_len`.
     fn bytes_at(&mut self, file: &File, at: u64, len: u64, readable_len: u64) -> io::Result<&[u8]> {
-        let end = self.start + self.window.len() as u64;
+        let end = self.start + self.valid as u64;
         if at < self.start || at + len > end {
             let want = len
                 .max(READ_AHEAD_BYTES)
-                .min(readable_len.saturating_sub(at));
-            if want < len {
+                .min(readable_len.saturating_sub(at)) as usize;
+            if (want as u64) < len {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             // Bytes of the window at and after `at` are kept, not read again.
             let kept = if (self.start..end).contains(&at) {
                 let from = (at - self.start) as usize;
-                self.window.copy_within(from.., 0);
-                self.window.len() - from
+                self.buffer.copy_within(from..self.valid, 0);
+                self.valid - from
             } else {
                 0
             };
-            self.window.truncate(kept);
-            // A window grown for one large entry goes back to the usual size.
-            self.window.shrink_to(want.max(READ_AHEAD_BYTES) as usize);
-            self.window.resize(want as usize, 0);
-            self.start = at;
-            if let Err(e) = file.read_exact_at(&mut self.window[kept..], at + kept as u64) {
-                self.window.clear();
-                return Err(e);
+            if want > self.buffer.len() {
+                self.buffer.resize(want, 0);
+            } else if self.buffer.len() > READ_AHEAD_BYTES as usize {
+                // Grown for one large entry: back to the usual size.
+                self.buffer.truncate(want.max(READ_AHEAD_BYTES as usize));
+                self.buffer.shrink_to_fit();
             }
+            self.start = at;
+            self.valid = 0;
+            file.read_exact_at(&mut self.buffer[kept..want], at + kept as u64)?;
+            self.valid = want;
         }
         let from = (at - self.start) as usize;
-        Ok(&self.window[from..from + len as usize])
+        Ok(&self.buffer[from..from + len as usize])
     }
 }
 
