@@ -30,7 +30,7 @@ use tideline_core::TimeNs;
 use tideline_proto::v1::{self, restore_message::Msg};
 
 mod common;
-use common::{is_mounted, volume_image, MIB, VOLUME_BYTES};
+use common::{is_mounted, run_agent, volume_image, MIB, VOLUME_BYTES};
 /// Bound for things that take well under a second on an idle machine (it may be compiling).
 const SHORT: Duration = Duration::from_secs(60);
 /// How long a test waits for the collector's graceful shutdown before aborting it.
@@ -793,15 +793,7 @@ fn sigkill_then_documented_recovery() {
         assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
 
         // A new agent refuses the stale mount point, naming the way out.
-        let refused = run(Command::new(env!("CARGO_BIN_EXE_tideline-agent"))
-            .arg(format!(
-                "--volume=vol={},fuse={}",
-                image.display(),
-                file.display()
-            ))
-            .arg(format!("--spool-dir={}", spool.display()))
-            .arg(format!("--collector={url}"))
-            .env("RUST_BACKTRACE", "0"));
+        let refused = run_agent("vol", &image, &file, &spool, &url);
         assert!(!refused.status.success());
         assert!(
             refused.text().contains("is already a mount point"),

@@ -18,16 +18,14 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::process::Command;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tideline_agent::fuse::{self, FuseError, Unmounted};
 use tideline_agent::nbd::BlockExport;
 use tideline_testkit::kernel::{require_kernel_parts as kernel_parts, LoopDevice, Mounted};
-use tideline_testkit::run;
 
 mod common;
-use common::{is_mounted, volume_image, MIB};
+use common::{is_mounted, run_agent, volume_image, MIB};
 
 /// Held by each test of this binary for its whole run: no test forks while another has
 /// descriptors open on its export.
@@ -400,15 +398,7 @@ fn refuses_a_mount_point_and_a_directory() {
     assert!(matches!(err, FuseError::AlreadyMounted { .. }), "{err}");
     // ...and so does the agent, naming the file and the way out.
     let spool = dir.path().join("spool");
-    let out = run(Command::new(env!("CARGO_BIN_EXE_tideline-agent"))
-        .arg(format!(
-            "--volume=v={},fuse={}",
-            image.display(),
-            file.display()
-        ))
-        .arg(format!("--spool-dir={}", spool.display()))
-        .arg("--collector=http://127.0.0.1:1")
-        .env("RUST_BACKTRACE", "0"));
+    let out = run_agent("v", &image, &file, &spool, "http://127.0.0.1:1");
     assert!(
         !out.status.success(),
         "agent started over a mount point: {}",

@@ -23,3 +23,25 @@ pub fn volume_image(dir: &Path) -> PathBuf {
         .expect("create volume");
     image
 }
+
+/// Runs the real agent once, exporting `image` as volume `name` over FUSE at `file`, and
+/// returns what it printed and how it exited (the tests expect it to refuse).
+pub fn run_agent(
+    name: &str,
+    image: &Path,
+    file: &Path,
+    spool: &Path,
+    collector: &str,
+) -> tideline_testkit::Output {
+    tideline_testkit::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tideline-agent"))
+            .arg(format!(
+                "--volume={name}={},fuse={}",
+                image.display(),
+                file.display()
+            ))
+            .arg(format!("--spool-dir={}", spool.display()))
+            .arg(format!("--collector={collector}"))
+            .env("RUST_BACKTRACE", "0"),
+    )
+}
