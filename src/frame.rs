@@ -59,28 +59,51 @@ pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
 
 /// Decompresses a frame that should hold exactly `block_count` blocks, allocating no more.
 pub fn decompress(compressed: &[u8], block_count: usize) -> Result<Vec<u8>, FrameError> {
+    let expected = expected_bytes(block_count)?;
+    let data = with_decompressor(|context| context.decompress(compressed, expected))?;
+    check_length(expected, data.len())?;
+    Ok(data)
+}
+
+/// Decompresses a frame into `out`, which it must fill exactly: `out` is as long as the frame's
+/// blocks. For callers that keep their buffers (aligned for direct I/O, say) between frames.
+pub fn decompress_into(compressed: &[u8], out: &mut [u8]) -> Result<(), FrameError> {
+    let expected = expected_bytes(out.len() / BLOCK_SIZE)?;
+    check_length(expected, out.len())?;
+    let actual = with_decompressor(|context| context.decompress_to_buffer(compressed, out))?;
+    check_length(expected, actual)
+}
+
+/// The bytes of a frame of `block_count` blocks, if that count is allowed.
+fn expected_bytes(block_count: usize) -> Result<usize, FrameError> {
     if block_count == 0 || block_count > MAX_FRAME_BLOCKS {
         return Err(FrameError::BadBlockCount(block_count));
     }
-    let expected = block_count * BLOCK_SIZE;
-    let data = DECOMPRESSOR
+    Ok(block_count * BLOCK_SIZE)
+}
+
+fn check_length(expected: usize, actual: usize) -> Result<(), FrameError> {
+    if actual != expected {
+        return Err(FrameError::WrongLength { expected, actual });
+    }
+    Ok(())
+}
+
+/// Runs `decompress` with this thread's zstd context.
+fn with_decompressor<T>(
+    decompress: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> Result<T, FrameError> {
+    DECOMPRESSOR
         .with_borrow_mut(|slot| {
             let mut context = match slot.take() {
                 Some(context) => context,
                 None => zstd::bulk::Decompressor::new()?,
             };
-            let data = context.decompress(compressed, expected);
+            let result = decompress(&mut context);
             *slot = Some(context);
-            data
+            result
         })
-        .map_err(|e| FrameError::Undecodable(e.to_string()))?;
-    if data.len() != expected {
-        return Err(FrameError::WrongLength {
-            expected,
-            actual: data.len(),
-        });
-    }
-    Ok(data)
+        .map_err(|e| FrameError::Undecodable(e.to_string()))
 }
 
 /// Checks that block `i` of `data` hashes to `hashes[i]`, for every block.
@@ -142,5 +165,36 @@ mod tests {
         ));
         assert!(open(b"not zstd at all", &hashes).is_err());
         assert_eq!(decompress(&frame, 0), Err(FrameError::BadBlockCount(0)));
+    }
+
+    #[test]
+    fn decompress_into_fills_the_buffer_exactly_or_says_why_not() {
+        let data = blocks(3);
+        let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
+        let mut out = vec![0u8; data.len()];
+        decompress_into(&frame, &mut out).unwrap();
+        assert!(out == data);
+        let mut short = vec![0u8; 2 * BLOCK_SIZE];
+        assert!(matches!(
+            decompress_into(&frame, &mut short),
+            Err(FrameError::Undecodable(_))
+        ));
+        let mut long = vec![0u8; 4 * BLOCK_SIZE];
+        assert_eq!(
+            decompress_into(&frame, &mut long),
+            Err(FrameError::WrongLength {
+                expected: 4 * BLOCK_SIZE,
+                actual: 3 * BLOCK_SIZE
+            })
+        );
+        let mut ragged = vec![0u8; 3 * BLOCK_SIZE + 1];
+        assert!(matches!(
+            decompress_into(&frame, &mut ragged),
+            Err(FrameError::WrongLength { .. })
+        ));
+        assert_eq!(
+            decompress_into(&frame, &mut []),
+            Err(FrameError::BadBlockCount(0))
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! the edge.
 
 pub mod block;
+pub mod direct;
 pub mod dirty;
 pub mod frame;
 pub mod framed;

@@ -18,7 +18,7 @@ use tideline_core::record::{RecordKind, WriteOrigin};
 use tideline_core::spool::{Spool, SpoolError, SpoolOp};
 use tideline_core::{BlockNo, GroupName, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
-use crate::direct::DirectWriter;
+use tideline_core::direct::DirectWriter;
 
 /// One protected volume's backing store and dirty map.
 pub struct VolumeState {

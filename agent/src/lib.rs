@@ -11,7 +11,6 @@
 pub mod checkpoint;
 mod compress;
 pub mod config;
-pub mod direct;
 pub mod fuse;
 pub mod group;
 pub mod nbd;
@@ -249,7 +248,7 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
         volumes.push(VolumeState {
             name: volume.name.clone(),
             path: volume.path.clone(),
-            direct: direct::DirectWriter::open(&volume.path),
+            direct: tideline_core::direct::DirectWriter::open(&volume.path),
             file,
             size_bytes,
             dirty,

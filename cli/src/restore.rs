@@ -113,8 +113,13 @@ async fn receive_image(
         .open(partial)
         .with_context(|| format!("create {}", partial.display()))?;
     let header = read_header(&mut stream, &format!("restore {volume}")).await?;
+    // Sized first, so no write extends the file (a direct write that would must wait for the
+    // size update).
+    file.set_len(header.size_bytes)
+        .context("size restored image")?;
     let writer = FrameWriter::start(
         file.try_clone().context("clone restored image handle")?,
+        partial,
         header.size_bytes,
         volume.clone(),
     );
@@ -137,12 +142,7 @@ async fn receive_image(
     let data_bytes = writer.finish().await.map_err(failed)?;
     ended.map_err(failed)?;
     // The fsync waits for the disk: off the runtime's threads.
-    let size_bytes = header.size_bytes;
-    tokio::task::spawn_blocking(move || {
-        file.set_len(size_bytes).context("size restored image")?;
-        file.sync_all().context("fsync restored image")
-    })
-    .await??;
+    tokio::task::spawn_blocking(move || file.sync_all().context("fsync restored image")).await??;
     Ok((header, data_bytes))
 }
 
