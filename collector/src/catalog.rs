@@ -475,6 +475,7 @@ impl v1::catalog_server::Catalog for CatalogService {
         &self,
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<Self::RestoreStream>, Status> {
+        let started = std::time::Instant::now();
         let request = request.into_inner();
         let volume = volume_name("volume", &request.volume)?;
         let point = self.point(&volume, request.point)?;
@@ -486,7 +487,7 @@ impl v1::catalog_server::Catalog for CatalogService {
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let store = self.store.clone();
         if request.frames {
-            tokio::task::spawn_blocking(move || stream_frames(&store, &plan, &tx));
+            tokio::task::spawn_blocking(move || stream_frames(&store, &plan, &tx, started));
         } else {
             tokio::task::spawn_blocking(move || stream_plan(&store, &plan, &tx));
         }
@@ -553,13 +554,20 @@ fn stream_frames(
     store: &Store,
     plan: &RestorePlan,
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
+    started: std::time::Instant,
 ) {
     if send(tx, v1::restore_message::Msg::Header(plan_header(plan))).is_err() {
         return;
     }
+    let (mut frames, mut zstd_bytes, mut first_frame_ms) = (0u64, 0u64, None);
     let sent = store::for_each_stored_frame(store, plan, |frame| {
+        first_frame_ms.get_or_insert_with(|| started.elapsed().as_millis());
+        frames += 1;
+        zstd_bytes += frame.zstd.len() as u64;
         send(tx, v1::restore_message::Msg::Frame(restore_frame(frame)))
     });
+    tracing::info!(volume = %plan.volume, blocks = plan.blocks.len(), frames, zstd_bytes,
+        first_frame_ms, total_ms = started.elapsed().as_millis(), "restore streamed");
     end_stream(plan, sent, tx);
 }
 

@@ -156,16 +156,7 @@ fn locate_by_frame(
     store: &Store,
     plan: &RestorePlan,
 ) -> Result<(Vec<Located>, Vec<std::ops::Range<usize>>), StoreError> {
-    let mut located = Vec::with_capacity(plan.blocks.len());
-    {
-        let state = store.read_state();
-        for &(block, hash) in &plan.blocks {
-            let Some(&loc) = state.chunks.get(&hash) else {
-                return Err(block_error(plan, block, ChunkReadError::Unknown { hash }));
-            };
-            located.push(Located { loc, block, hash });
-        }
-    }
+    let mut located = locate(store, plan)?;
     located.sort_unstable_by_key(|l| (l.loc.pack, l.loc.offset, l.block));
     let mut frames = Vec::new();
     let mut start = 0;
@@ -179,6 +170,46 @@ fn locate_by_frame(
         }
     }
     Ok((located, frames))
+}
+
+/// Looks up where each block of `plan` is stored, on every core: before the first frame of a
+/// restore can go out, every one of its blocks (600k for 2.4 GiB) is looked up in the chunk
+/// index, one cache miss each, while the client waits.
+fn locate(store: &Store, plan: &RestorePlan) -> Result<Vec<Located>, StoreError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = plan.blocks.len().div_ceil(threads).max(1);
+    let state = store.read_state();
+    let chunks = &state.chunks;
+    let shares: Vec<Result<Vec<Located>, StoreError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = plan
+            .blocks
+            .chunks(share)
+            .map(|blocks| {
+                scope.spawn(move || {
+                    blocks
+                        .iter()
+                        .map(|&(block, hash)| match chunks.get(&hash) {
+                            Some(&loc) => Ok(Located { loc, block, hash }),
+                            None => Err(block_error(plan, block, ChunkReadError::Unknown { hash })),
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers.into_iter().map(join_scoped).collect()
+    });
+    let mut located = Vec::with_capacity(plan.blocks.len());
+    for share in shares {
+        located.extend(share?);
+    }
+    Ok(located)
+}
+
+/// What a scoped thread returned; a panic in it goes on in this thread.
+fn join_scoped<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// The error for `block` of `plan`, which could not be read.
