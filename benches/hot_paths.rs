@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the hot paths: block hashing and zero detection, frame compression
-//! and decompression, spool append, chunk-store ingest and read, materialisation.
+//! and decompression, spool append, chunk-store ingest and read, materialisation, restore
+//! planning.
 //!
 //! Data is text-like and compressible, as file-system blocks are; figures are per byte of
 //! uncompressed block data. With `TIDELINE_BENCH_SAMPLE=FILE` (the end-to-end benchmark sets it
@@ -222,5 +223,90 @@ fn chunk_store(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, hashing, compression, spool_append, chunk_store);
+/// A store whose journal has the shape of the end-to-end history scenario: a 4 GiB volume
+/// filled with 2.4 GiB of data in 1 MiB writes, then 5 rounds each rewriting 5 % of it in
+/// 64 KiB writes at random places. Its records name 256 distinct chunks over and over (planning
+/// looks at records only), so setting it up costs one frame instead of 2.4 GiB of compression.
+fn history_store(dir: &std::path::Path) -> (Store, VolumeName, Seq) {
+    const VOLUME_BLOCKS: u64 = (4 << 30) / BLOCK_SIZE as u64;
+    const FILLED_BLOCKS: u64 = VOLUME_BLOCKS * 6 / 10;
+    let store = Store::open(StoreConfig::new(dir)).expect("open store");
+    let (group, volume) = (
+        GroupName::new("g").expect("name"),
+        VolumeName::new("v").expect("name"),
+    );
+    let meta = [VolumeMeta {
+        name: volume.clone(),
+        size_bytes: VOLUME_BLOCKS * BLOCK_SIZE as u64,
+    }];
+    store.register_group(&group, 1, &meta).expect("register");
+    let data = realistic(MAX_FRAME_BLOCKS * BLOCK_SIZE, 7);
+    let hashes: Vec<ChunkHash> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
+    let compressed = frame::compress(&data, DEFAULT_ZSTD_LEVEL);
+    let frame = [IncomingFrame {
+        hashes: &hashes,
+        zstd_data: &compressed,
+    }];
+    let mut rng_state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random = move |below: u64| {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state % below
+    };
+    let fill: Vec<(u64, u64)> = (0..FILLED_BLOCKS).step_by(256).map(|b| (b, 256)).collect();
+    let round_writes = VOLUME_BLOCKS / 20 / 16;
+    let rounds = (0..5 * round_writes).map(|_| (random(VOLUME_BLOCKS / 16) * 16, 16));
+    // The moment restored: after the third of the five rounds (the Complete record is seq 1).
+    let middle = Seq(1 + fill.len() as u64 + 3 * round_writes);
+    let writes: Vec<(u64, u64)> = fill.into_iter().chain(rounds).collect();
+    let mut seq = 0u64;
+    let mut next_record = |kind| {
+        seq += 1;
+        Record {
+            seq: Seq(seq),
+            time: TimeNs(seq as i64),
+            kind,
+        }
+    };
+    // The volume was empty when it was registered, so its journal is complete from the start.
+    let mut records = vec![next_record(RecordKind::Complete {
+        volume: volume.clone(),
+    })];
+    for (first, count) in writes {
+        records.push(next_record(RecordKind::Write {
+            volume: volume.clone(),
+            first: BlockNo(first),
+            blocks: (first..first + count)
+                .map(|b| Some(hashes[b as usize % hashes.len()]))
+                .collect(),
+            origin: WriteOrigin::Client,
+        }));
+    }
+    for (i, batch) in records.chunks(4096).enumerate() {
+        let frames: &[IncomingFrame] = if i == 0 { &frame } else { &[] };
+        store.ingest(&group, batch, frames).expect("ingest");
+    }
+    (store, volume, middle)
+}
+
+fn restore_plan(c: &mut Criterion) {
+    let mut group = c.benchmark_group("store");
+    group.sample_size(10);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, volume, middle) = history_store(dir.path());
+    group.bench_function("plan_4gib_history_middle", |b| {
+        b.iter(|| black_box(store.plan(&volume, PointInTime::Seq(middle)).expect("plan")))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    hashing,
+    compression,
+    spool_append,
+    chunk_store,
+    restore_plan
+);
 criterion_main!(benches);

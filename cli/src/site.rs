@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use tideline_proto::v1::{self, restore_message::Msg};
+use tokio::task::block_in_place;
 
 use crate::{catalog, human_bytes, restore, timefmt};
 
@@ -379,16 +380,18 @@ async fn apply_delta(
                 if end.is_none_or(|end| end > header.size_bytes) {
                     bail!("collector sent an extent past the end of volume {volume}");
                 }
+                // The disk may make these wait: block_in_place lets the runtime move the
+                // stream's other tasks off this worker meanwhile.
                 if data_len > 0 {
-                    file.write_all_at(&e.data, e.offset_bytes)
-                        .with_context(|| {
-                            format!("write {} at {}", path.display(), e.offset_bytes)
-                        })?;
+                    block_in_place(|| file.write_all_at(&e.data, e.offset_bytes)).with_context(
+                        || format!("write {} at {}", path.display(), e.offset_bytes),
+                    )?;
                     report.data_bytes += data_len;
                 } else if e.zero_len_bytes > 0 {
-                    zero_range(&file, e.offset_bytes, e.zero_len_bytes).with_context(|| {
-                        format!("zero {} at {}", path.display(), e.offset_bytes)
-                    })?;
+                    block_in_place(|| zero_range(&file, e.offset_bytes, e.zero_len_bytes))
+                        .with_context(|| {
+                            format!("zero {} at {}", path.display(), e.offset_bytes)
+                        })?;
                     report.zero_bytes += e.zero_len_bytes;
                 }
             }
@@ -397,8 +400,7 @@ async fn apply_delta(
             Err(s) => bail!("delta of {volume} failed: {}", s.message()),
         }
     }
-    file.sync_all()
-        .with_context(|| format!("fsync {}", path.display()))?;
+    block_in_place(|| file.sync_all()).with_context(|| format!("fsync {}", path.display()))?;
     Ok(report)
 }
 
