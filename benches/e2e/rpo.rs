@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use crate::fio::{self, Job, Target};
 use crate::procs::{now_ns, Agent, Collector, Grpc};
 use crate::report::{Goal, Row, Stat};
@@ -21,17 +23,18 @@ use crate::Settings;
 
 const MIB: u64 = 1 << 20;
 
-/// Samples `lag_ms` every 100 ms until `stop`.
-fn sampler(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<f64>> {
+/// Samples `lag_ms` every 100 ms until `stop`: (seconds since the start, lag in ms).
+fn sampler(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(f64, f64)>> {
     std::thread::spawn(move || {
         let mut lags = Vec::new();
         let Ok(mut grpc) = Grpc::connect(&url) else {
             return lags;
         };
-        let mut next = Instant::now();
+        let started = Instant::now();
+        let mut next = started;
         while !stop.load(Ordering::Relaxed) {
             if let Ok(Some(v)) = grpc.volume("v") {
-                lags.push(v.lag_ms as f64);
+                lags.push((started.elapsed().as_secs_f64(), v.lag_ms as f64));
             }
             next += Duration::from_millis(100);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
@@ -48,6 +51,8 @@ struct Level {
     max: f64,
     achieved: f64,
     drain_s: f64,
+    /// Every sample in order: (seconds since the level started, lag in ms).
+    series: Vec<(f64, f64)>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -72,10 +77,11 @@ fn level(
     let handle = sampler(collector.url.clone(), stop.clone());
     let outcome = fio::run(&job, &Target::Nbd(agent.uri()), &work);
     stop.store(true, Ordering::Relaxed);
-    let mut lags = handle.join().unwrap_or_default();
+    let series = handle.join().unwrap_or_default();
     let outcome = outcome?;
     let written = Instant::now();
     Grpc::connect(&collector.url)?.wait_durable(&agent.volume, now_ns())?;
+    let mut lags: Vec<f64> = series.iter().map(|&(_, lag)| lag).collect();
     lags.sort_by(f64::total_cmp);
     Ok(Level {
         p50: percentile(&lags, 50.0),
@@ -83,6 +89,7 @@ fn level(
         max: lags.last().copied().unwrap_or(f64::NAN),
         achieved: outcome.mb_per_s,
         drain_s: written.elapsed().as_secs_f64(),
+        series,
     })
 }
 
@@ -99,6 +106,31 @@ fn run_once(s: &Settings) -> anyhow::Result<(Vec<Level>, [ProcUsage; 2])> {
     Ok((levels, [agent.proc.usage()?, collector.proc.usage()?]))
 }
 
+/// Writes every lag sample of every run to `rpo-lags.json` beside the report, so that a p99 or
+/// max can be traced to when in the run it happened.
+fn write_series(
+    s: &Settings,
+    runs: &[(Vec<Level>, [ProcUsage; 2])],
+    label: &dyn Fn(&Option<u64>) -> String,
+) -> anyhow::Result<()> {
+    let levels: Vec<serde_json::Value> = runs
+        .iter()
+        .enumerate()
+        .flat_map(|(run, (levels, _))| {
+            levels.iter().zip(&s.rpo_rates).map(move |(level, rate)| {
+                serde_json::json!({
+                    "run": run + 1,
+                    "load": label(rate),
+                    "samples_s_ms": level.series,
+                })
+            })
+        })
+        .collect();
+    let path = s.out_dir.join("rpo-lags.json");
+    std::fs::write(&path, serde_json::to_string(&levels)?)
+        .with_context(|| format!("write {}", path.display()))
+}
+
 pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let mut runs = Vec::new();
     for run in 0..s.runs {
@@ -112,12 +144,14 @@ pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
             .map(|r| r.1[i].peak_rss_bytes as f64 / MIB as f64)
             .collect::<Vec<f64>>()
     };
+    let label = |rate: &Option<u64>| match rate {
+        Some(r) => format!("{} MB/s for {} s", r / 1_000_000, s.rpo_seconds),
+        None => format!("flat out for {} s", s.rpo_seconds),
+    };
+    write_series(s, &runs, &label)?;
     let mut rows = Vec::new();
     for (i, rate) in s.rpo_rates.iter().enumerate() {
-        let label = match rate {
-            Some(r) => format!("{} MB/s for {} s", r / 1_000_000, s.rpo_seconds),
-            None => format!("flat out for {} s", s.rpo_seconds),
-        };
+        let label = label(rate);
         let achieved = Stat::of(&col(i, |l| l.achieved)).map_or(f64::NAN, |x| x.median);
         let note = format!("fio achieved {achieved:.0} MB/s");
         let mut p99 = Row::new(
