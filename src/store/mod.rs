@@ -95,6 +95,7 @@
 //! first read and kept open: one descriptor per pack read since open.
 
 mod catalog;
+mod chunk_index;
 mod epoch;
 mod journal;
 mod materialise;
@@ -109,7 +110,7 @@ pub use materialise::{
 };
 pub use pack::{PackId, PACKS_DIR};
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -507,7 +508,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct State {
     groups: BTreeMap<GroupName, GroupState>,
     volumes: BTreeMap<VolumeName, VolumeState>,
-    chunks: HashMap<ChunkHash, ChunkLoc>,
+    chunks: chunk_index::ChunkIndex,
     /// zstd bytes of all referenced frames.
     stored_bytes: u64,
     /// Length of every pack file.
@@ -604,12 +605,15 @@ impl State {
         }
         for chunk in &batch.chunks {
             let frame = batch.frames[chunk.frame as usize];
-            self.chunks.entry(chunk.hash).or_insert(ChunkLoc {
-                pack: frame.pack,
-                offset: frame.offset,
-                entry_len: frame.entry_len,
-                index: chunk.index,
-            });
+            self.chunks.insert_if_absent(
+                chunk.hash,
+                ChunkLoc {
+                    pack: frame.pack,
+                    offset: frame.offset,
+                    entry_len: frame.entry_len,
+                    index: chunk.index,
+                },
+            );
         }
         for record in &batch.records {
             let marker = match &record.kind {
