@@ -69,12 +69,20 @@ pub fn sync_tree(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes and recreates a directory.
+/// Removes and recreates a directory, and waits until the filesystem has committed the
+/// removal: on ext4 mounted with `discard`, the frees of a previous run's gigabytes are
+/// discarded at the next journal commit, and fsyncs of the run that starts meanwhile wait for it.
 pub fn fresh_dir(path: &Path) -> anyhow::Result<PathBuf> {
     if path.exists() {
         std::fs::remove_dir_all(path).with_context(|| format!("remove {}", path.display()))?;
     }
     std::fs::create_dir_all(path).with_context(|| format!("create {}", path.display()))?;
+    let dir = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: syncfs on a descriptor that stays open for the call; no memory is passed.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(error).with_context(|| format!("syncfs {}", path.display()));
+    }
     Ok(path.to_owned())
 }
 
