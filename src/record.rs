@@ -63,7 +63,48 @@ pub enum RecordKind {
     Gap { volume: VolumeName },
 }
 
+/// What a record does to the blocks of one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockChange<'a> {
+    /// Blocks from `first` on now hold these chunks (`None`: zeroes).
+    Write {
+        first: BlockNo,
+        blocks: &'a [Option<ChunkHash>],
+    },
+    /// `count` blocks from `first` on now read as zeroes (a trim or a write-zeroes).
+    Zero { first: BlockNo, count: u64 },
+}
+
 impl RecordKind {
+    /// What this record does to the blocks of `volume`, if anything.
+    pub fn block_change(&self, volume: &VolumeName) -> Option<BlockChange<'_>> {
+        match self {
+            RecordKind::Write {
+                volume: v,
+                first,
+                blocks,
+                ..
+            } if v == volume => Some(BlockChange::Write {
+                first: *first,
+                blocks,
+            }),
+            RecordKind::Trim {
+                volume: v,
+                first,
+                count,
+            }
+            | RecordKind::WriteZeroes {
+                volume: v,
+                first,
+                count,
+            } if v == volume => Some(BlockChange::Zero {
+                first: *first,
+                count: *count,
+            }),
+            _ => None,
+        }
+    }
+
     pub fn volume(&self) -> Option<&VolumeName> {
         match self {
             RecordKind::Write { volume, .. }

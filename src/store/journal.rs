@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::record::{Record, RecordKind};
+use crate::record::{BlockChange, Record};
 use crate::types::{BlockNo, ChunkHash, Epoch, GroupName, Seq, TimeNs, VolumeName};
 
 use super::epoch::{Abandoned, GroupRole, History};
@@ -202,30 +202,18 @@ where
     // (first block, the record's chunks for the blocks from there) of each surviving piece.
     let mut pieces: Vec<(u64, &'a [Option<ChunkHash>])> = Vec::new();
     for record in records.into_iter().rev() {
-        match &record.kind {
-            RecordKind::Write {
-                volume: v,
-                first,
-                blocks,
-                ..
-            } if v == volume => {
+        match record.kind.block_change(volume) {
+            Some(BlockChange::Write { first, blocks }) => {
                 let end = first.0.saturating_add(blocks.len() as u64);
                 settled.settle(first.0, end, |from, to| {
                     let at = (from - first.0) as usize;
                     pieces.push((from, &blocks[at..at + (to - from) as usize]));
                 });
             }
-            RecordKind::Trim {
-                volume: v,
-                first,
-                count,
+            Some(BlockChange::Zero { first, count }) => {
+                settled.settle(first.0, first.0.saturating_add(count), |_, _| {})
             }
-            | RecordKind::WriteZeroes {
-                volume: v,
-                first,
-                count,
-            } if v == volume => settled.settle(first.0, first.0.saturating_add(*count), |_, _| {}),
-            _ => {}
+            None => {}
         }
     }
     pieces.sort_unstable_by_key(|&(first, _)| first);
@@ -289,7 +277,7 @@ impl SettledBlocks {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::record::WriteOrigin;
+    use crate::record::{RecordKind, WriteOrigin};
 
     fn vol(name: &str) -> VolumeName {
         VolumeName::new(name).unwrap()
@@ -354,13 +342,8 @@ mod tests {
     fn replay_by_map(records: &[Record], volume: &VolumeName) -> Vec<(BlockNo, ChunkHash)> {
         let mut map = BTreeMap::new();
         for record in records {
-            match &record.kind {
-                RecordKind::Write {
-                    volume: v,
-                    first,
-                    blocks,
-                    ..
-                } if v == volume => {
+            match record.kind.block_change(volume) {
+                Some(BlockChange::Write { first, blocks }) => {
                     for (block, chunk) in (first.0..).zip(blocks) {
                         match chunk {
                             Some(hash) => map.insert(block, *hash),
@@ -368,20 +351,11 @@ mod tests {
                         };
                     }
                 }
-                RecordKind::Trim {
-                    volume: v,
-                    first,
-                    count,
-                }
-                | RecordKind::WriteZeroes {
-                    volume: v,
-                    first,
-                    count,
-                } if v == volume => {
-                    let end = first.0.saturating_add(*count);
+                Some(BlockChange::Zero { first, count }) => {
+                    let end = first.0.saturating_add(count);
                     map.retain(|block, _| !(first.0..end).contains(block));
                 }
-                _ => {}
+                None => {}
             }
         }
         map.into_iter().map(|(b, h)| (BlockNo(b), h)).collect()

@@ -12,7 +12,7 @@ use rand::{Rng, RngCore, SeedableRng};
 
 use super::*;
 use crate::frame::{compress, DEFAULT_ZSTD_LEVEL};
-use crate::record::WriteOrigin;
+use crate::record::{BlockChange, WriteOrigin};
 use crate::types::CheckpointName;
 
 fn vol(name: &str) -> VolumeName {
@@ -1692,14 +1692,10 @@ fn golden_image(volume: &str, seq: u64) -> Vec<u8> {
         .collect();
     let size = GOLDEN_VOLUMES.iter().find(|(n, _)| *n == volume).unwrap().1 as usize;
     let mut bytes = vec![0u8; journal::block_count(size as u64) as usize * BLOCK_SIZE];
+    let name = VolumeName::new(volume).unwrap();
     for record in records.iter().take(seq as usize) {
-        match &record.kind {
-            RecordKind::Write {
-                volume: v,
-                first,
-                blocks,
-                ..
-            } if v.as_str() == volume => {
+        match record.kind.block_change(&name) {
+            Some(BlockChange::Write { first, blocks }) => {
                 for (at, chunk) in (first.0 as usize..).zip(blocks) {
                     let range = at * BLOCK_SIZE..(at + 1) * BLOCK_SIZE;
                     match chunk {
@@ -1708,20 +1704,11 @@ fn golden_image(volume: &str, seq: u64) -> Vec<u8> {
                     }
                 }
             }
-            RecordKind::Trim {
-                volume: v,
-                first,
-                count,
-            }
-            | RecordKind::WriteZeroes {
-                volume: v,
-                first,
-                count,
-            } if v.as_str() == volume => {
+            Some(BlockChange::Zero { first, count }) => {
                 let start = first.0 as usize * BLOCK_SIZE;
-                bytes[start..start + *count as usize * BLOCK_SIZE].fill(0);
+                bytes[start..start + count as usize * BLOCK_SIZE].fill(0);
             }
-            _ => {}
+            None => {}
         }
     }
     bytes.truncate(size);
