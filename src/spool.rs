@@ -238,6 +238,9 @@ struct Inner {
     /// Newest seq the collector has made durable (segments at or below it can go).
     released_through: Seq,
     encode_buf: Vec<u8>,
+    /// Threads in [`Spool::wait_beyond`]. An append wakes them only when there are any: a
+    /// condvar notify is a futex call even when nobody waits, and appends come once per write.
+    waiters: usize,
 }
 
 /// One group's spool. Appends are serialised by an internal mutex; readers (the shipper) use
@@ -359,6 +362,7 @@ impl Spool {
                 used_bytes,
                 released_through: Seq(0),
                 encode_buf: Vec::new(),
+                waiters: 0,
             }),
             appended: Condvar::new(),
         })
@@ -462,8 +466,11 @@ impl Spool {
             active.last_seq = seq;
             active.len_bytes += written;
         }
+        let wake = inner.waiters > 0;
         drop(inner);
-        self.appended.notify_all();
+        if wake {
+            self.appended.notify_all();
+        }
         Ok((seq, time))
     }
 
@@ -533,11 +540,13 @@ impl Spool {
 
     /// Blocks until an entry newer than `seq` exists or `timeout` passes; returns the newest seq.
     pub fn wait_beyond(&self, seq: Seq, timeout: Duration) -> Seq {
-        let inner = self.lock();
-        let (inner, _) = self
+        let mut inner = self.lock();
+        inner.waiters += 1;
+        let (mut inner, _) = self
             .appended
             .wait_timeout_while(inner, timeout, |inner| inner.next_seq.0 - 1 <= seq.0)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        inner.waiters -= 1;
         Seq(inner.next_seq.0 - 1)
     }
 

@@ -25,7 +25,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -42,6 +42,13 @@ use crate::group::Group;
 
 pub const BATCH_MAX_BYTES: usize = 8 << 20;
 pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// A batch with less block data than this waits up to [`LINGER`] for more records. Every batch
+/// costs the collector a commit (two fsyncs) and both sides a query round trip; without the
+/// wait, 4 KiB random writes went out about 30 to a batch, 700 batches a second.
+pub const LINGER_MIN_BYTES: usize = 1 << 20;
+/// The longest a record waits for company before it is shipped; it adds at most this to the
+/// recovery point.
+pub const LINGER: Duration = Duration::from_millis(10);
 /// Largest gRPC message either side accepts (a 32 MiB NBD write plus framing fits).
 pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
@@ -466,7 +473,8 @@ async fn receive(
 }
 
 /// Reads spooled entries into a batch of at most [`BATCH_MAX_BYTES`] of block data (at least
-/// one entry), hashing blocks and dropping zero blocks.
+/// one entry), hashing blocks and dropping zero blocks. A batch under [`LINGER_MIN_BYTES`]
+/// waits up to [`LINGER`] for more entries before it goes.
 fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<PreparedBatch>, String> {
     let mut batch = PreparedBatch {
         records: Vec::new(),
@@ -476,16 +484,23 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
     };
     let mut seen: HashSet<ChunkHash> = HashSet::new();
     let mut data_bytes = 0usize;
-    while data_bytes < BATCH_MAX_BYTES {
-        let Some(entry) = reader.next_entry(&group.spool).map_err(|e| e.to_string())? else {
-            break;
-        };
-        data_bytes += entry_data_len(&entry);
-        let record = to_record(entry, &mut seen, &mut batch);
-        batch.last_seq = record.seq;
-        batch.records.push(v1::Record::from(&record));
+    let deadline = Instant::now() + LINGER;
+    loop {
+        while data_bytes < BATCH_MAX_BYTES {
+            let Some(entry) = reader.next_entry(&group.spool).map_err(|e| e.to_string())? else {
+                break;
+            };
+            data_bytes += entry_data_len(&entry);
+            let record = to_record(entry, &mut seen, &mut batch);
+            batch.last_seq = record.seq;
+            batch.records.push(v1::Record::from(&record));
+        }
+        let now = Instant::now();
+        if batch.records.is_empty() || data_bytes >= LINGER_MIN_BYTES || now >= deadline {
+            return Ok((!batch.records.is_empty()).then_some(batch));
+        }
+        std::thread::sleep(deadline - now);
     }
-    Ok((!batch.records.is_empty()).then_some(batch))
 }
 
 fn entry_data_len(entry: &SpoolEntry) -> usize {
@@ -546,5 +561,63 @@ fn build_batch(batch: PreparedBatch, missing: &[u32]) -> v1::Batch {
     v1::Batch {
         records: batch.records,
         frames: compress::frames(Arc::new(chunks), missing),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tideline_core::record::WriteOrigin;
+    use tideline_core::spool::{Spool, SpoolConfig};
+    use tideline_core::types::{BlockNo, GroupName, VolumeName};
+
+    fn group_in(dir: &std::path::Path) -> Group {
+        let spool = Spool::open(SpoolConfig::new(dir, 64 << 20)).unwrap();
+        Group::new(GroupName::new("g").unwrap(), spool, Vec::new())
+    }
+
+    fn write(group: &Group, first: u64, blocks: usize, fill: u8) {
+        let op = SpoolOp::Write {
+            volume: VolumeName::new("v").unwrap(),
+            first: BlockNo(first),
+            data: vec![fill; blocks * BLOCK_SIZE],
+            origin: WriteOrigin::Client,
+        };
+        group.spool.append(op).unwrap();
+    }
+
+    #[test]
+    fn a_small_batch_waits_for_company_and_takes_everything_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = group_in(dir.path());
+        for n in 0..3u8 {
+            write(&group, u64::from(n), 1, n + 1);
+        }
+        let mut reader = group.spool.reader(Seq(1));
+        let started = Instant::now();
+        let batch = prepare_batch(&group, &mut reader).unwrap().unwrap();
+        assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+        assert_eq!(batch.records.len(), 3);
+        assert_eq!(batch.last_seq, Seq(3));
+        assert_eq!(batch.chunks.len(), 3);
+        assert!(prepare_batch(&group, &mut reader).unwrap().is_none());
+    }
+
+    #[test]
+    fn batches_stop_at_the_byte_limit_and_carry_each_chunk_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = group_in(dir.path());
+        let per_write = LINGER_MIN_BYTES / BLOCK_SIZE;
+        let writes = BATCH_MAX_BYTES / LINGER_MIN_BYTES + 1;
+        for n in 0..writes {
+            write(&group, (n * per_write) as u64, per_write, 7);
+        }
+        let mut reader = group.spool.reader(Seq(1));
+        let first = prepare_batch(&group, &mut reader).unwrap().unwrap();
+        assert_eq!(first.records.len(), BATCH_MAX_BYTES / LINGER_MIN_BYTES);
+        assert_eq!(first.chunks.len(), 1, "every block holds the same bytes");
+        let rest = prepare_batch(&group, &mut reader).unwrap().unwrap();
+        assert_eq!(rest.records.len(), 1);
+        assert_eq!(rest.last_seq, Seq(writes as u64));
     }
 }
