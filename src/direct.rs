@@ -29,7 +29,7 @@ pub const DIRECT_MIN_BYTES: usize = 64 * 1024;
 const BOUNCE_BYTES: usize = 1 << 20;
 /// Alignment of direct I/O buffers, offsets and lengths: a block covers the logical block size
 /// of any disk in use (512 or 4096 bytes).
-const DIRECT_ALIGN: usize = BLOCK_SIZE;
+pub(crate) const DIRECT_ALIGN: usize = BLOCK_SIZE;
 
 /// Bytes whose first one sits where direct I/O needs it: a restore decompresses frames into
 /// these, so their runs go to the disk without a copy into a bounce buffer.

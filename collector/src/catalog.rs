@@ -563,7 +563,7 @@ fn stream_frames(
     let sent = store::for_each_stored_frame(store, plan, |frame| {
         first_frame_ms.get_or_insert_with(|| started.elapsed().as_millis());
         frames += 1;
-        zstd_bytes += frame.zstd.len() as u64;
+        zstd_bytes += frame.zstd.as_ref().len() as u64;
         send(tx, v1::restore_message::Msg::Frame(restore_frame(frame)))
     });
     tracing::info!(volume = %plan.volume, blocks = plan.blocks.len(), frames, zstd_bytes,
@@ -572,7 +572,7 @@ fn stream_frames(
 }
 
 fn restore_frame(frame: store::StoredFrame) -> v1::RestoreFrame {
-    let zstd_data = bytes::Bytes::from(frame.entry).slice(frame.zstd);
+    let zstd_data = bytes::Bytes::from_owner(frame.zstd);
     v1::RestoreFrame {
         zstd_data,
         block_count: frame.block_count as u32,

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 
 use crate::types::{BlockNo, ChunkHash, BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
-use super::pack::ChunkLoc;
+use super::pack::{frame_in_window, ChunkLoc, FrameBytes, PackWindow};
 use super::{ChunkReadError, RestorePlan, Store, StoreError};
 
 /// Largest extent [`materialise`] writes with one `pwrite`.
@@ -350,45 +350,92 @@ pub struct StoredFrame {
     pub offset: u64,
     /// Blocks the frame decompresses to.
     pub block_count: usize,
-    /// The frame's entry as read; `zstd` is the range of its compressed bytes.
-    pub entry: Vec<u8>,
-    pub zstd: std::ops::Range<usize>,
+    /// The frame's compressed bytes, shared with the other frames read with it.
+    pub zstd: FrameBytes,
     /// (index of the block in the frame, volume block, the hash the catalog gives it), sorted
     /// by volume block.
     pub blocks: Vec<(u16, BlockNo, ChunkHash)>,
 }
 
+/// Most bytes read from a pack in one piece for a restore.
+const WINDOW_MAX_BYTES: u64 = 4 << 20;
+/// Most bytes of frames a restore does not need that are read over to keep one read going.
+const WINDOW_MAX_GAP_BYTES: u64 = 256 << 10;
+
 /// Every frame holding blocks of `plan`, read once each in pack order and handed to `sink`
-/// undecompressed. Blocks are not verified here: the consumer must check each block it uses
-/// against the hash given with it. A frame that cannot be read (I/O error, truncated pack,
-/// damaged entry header) fails with the error of its first block.
+/// undecompressed. Neighbouring frames of a pack are read together, up to
+/// [`WINDOW_MAX_BYTES`] at a time. Blocks are not verified here: the consumer must check each
+/// block it uses against the hash given with it. A frame that cannot be read (I/O error,
+/// truncated pack, damaged entry header) fails with the error of its first block.
 pub fn for_each_stored_frame<E: From<StoreError>>(
     store: &Store,
     plan: &RestorePlan,
     mut sink: impl FnMut(StoredFrame) -> Result<(), E>,
 ) -> Result<(), E> {
     let (located, frames) = locate_by_frame(store, plan)?;
-    for frame in frames {
-        let blocks = &located[frame];
-        let loc = blocks[0].loc;
-        let read = store
-            .read_frame(&loc)
-            .map_err(|source| block_error(plan, blocks[0].block, source))?;
-        let block_count = read.hashes.len();
-        let (entry, zstd) = read.into_zstd();
-        sink(StoredFrame {
-            pack: store.packs.path(loc.pack).display().to_string(),
-            offset: loc.offset,
-            block_count,
-            entry,
-            zstd,
-            blocks: blocks
-                .iter()
-                .map(|l| (l.loc.index, l.block, l.hash))
-                .collect(),
-        })?;
+    let loc_of = |frame: &std::ops::Range<usize>| located[frame.start].loc;
+    let mut rest = &frames[..];
+    while let Some(first) = rest.first() {
+        let together = frames_read_together(rest.iter().map(loc_of));
+        let (read, later) = rest.split_at(together);
+        rest = later;
+        let (start, end) = (loc_of(first).offset, end_of(&loc_of(&read[read.len() - 1])));
+        let window = store
+            .read_window(&loc_of(first), (end - start) as usize)
+            .map_err(|source| block_error(plan, located[first.start].block, source))?;
+        for frame in read {
+            let blocks = &located[frame.clone()];
+            sink(stored_frame(store, plan, &window, blocks)?)?;
+        }
     }
     Ok(())
+}
+
+fn end_of(loc: &ChunkLoc) -> u64 {
+    loc.offset + u64::from(loc.entry_len)
+}
+
+/// How many of the frames `locs` (in pack order) to read in one piece with the first.
+fn frames_read_together(mut locs: impl Iterator<Item = ChunkLoc>) -> usize {
+    let Some(first) = locs.next() else {
+        return 0;
+    };
+    let mut end = end_of(&first);
+    let mut count = 1;
+    for loc in locs {
+        let near = loc.pack == first.pack
+            && loc.offset >= end
+            && loc.offset - end <= WINDOW_MAX_GAP_BYTES
+            && end_of(&loc) - first.offset <= WINDOW_MAX_BYTES;
+        if !near {
+            break;
+        }
+        end = end_of(&loc);
+        count += 1;
+    }
+    count
+}
+
+fn stored_frame(
+    store: &Store,
+    plan: &RestorePlan,
+    window: &std::sync::Arc<PackWindow>,
+    blocks: &[Located],
+) -> Result<StoredFrame, StoreError> {
+    let loc = blocks[0].loc;
+    let path = store.packs.path(loc.pack);
+    let (hashes, zstd) = frame_in_window(window, &path, &loc)
+        .map_err(|source| block_error(plan, blocks[0].block, source))?;
+    Ok(StoredFrame {
+        pack: path.display().to_string(),
+        offset: loc.offset,
+        block_count: hashes.len(),
+        zstd,
+        blocks: blocks
+            .iter()
+            .map(|l| (l.loc.index, l.block, l.hash))
+            .collect(),
+    })
 }
 
 impl Iterator for Extents<'_> {
@@ -415,5 +462,48 @@ pub fn plan_data_bytes(plan: &RestorePlan) -> u64 {
             full - end.saturating_sub(plan.size_bytes.max(last.offset_bytes()))
         }
         None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PackId;
+
+    fn loc(pack: u32, offset: u64, entry_len: u32) -> ChunkLoc {
+        ChunkLoc {
+            pack: PackId(pack),
+            offset,
+            entry_len,
+            index: 0,
+        }
+    }
+
+    #[test]
+    fn neighbours_in_a_pack_are_read_together_within_the_limits() {
+        let kib = 1024;
+        let together = |locs: &[ChunkLoc]| frames_read_together(locs.iter().copied());
+        assert_eq!(together(&[]), 0);
+        let adjacent = [loc(1, 0, 512 * kib), loc(1, 512 * 1024, 512 * kib)];
+        assert_eq!(together(&adjacent), 2);
+        let gap = WINDOW_MAX_GAP_BYTES;
+        assert_eq!(together(&[loc(1, 0, kib), loc(1, 1024 + gap, kib)]), 2);
+        assert_eq!(together(&[loc(1, 0, kib), loc(1, 1024 + gap + 1, kib)]), 1);
+        assert_eq!(together(&[loc(1, 0, kib), loc(2, 1024, kib)]), 1);
+        let frame = (WINDOW_MAX_BYTES / 4) as u32;
+        let run: Vec<ChunkLoc> = (0..6)
+            .map(|i| loc(1, i * u64::from(frame), frame))
+            .collect();
+        assert_eq!(together(&run), 4, "a read stops at WINDOW_MAX_BYTES");
+        let huge = (WINDOW_MAX_BYTES * 2) as u32;
+        assert_eq!(
+            together(&[loc(1, 0, huge), loc(1, u64::from(huge), kib)]),
+            1
+        );
+        assert_eq!(
+            together(&[loc(1, 4096, kib), loc(1, 0, kib)]),
+            1,
+            "out of order"
+        );
     }
 }

@@ -108,7 +108,7 @@ pub use materialise::{
     extents, for_each_extent, for_each_stored_frame, materialise, plan_data_bytes, Extents,
     MaterialiseStats, StoredFrame, MATERIALISE_EXTENT_BYTES,
 };
-pub use pack::{PackId, PACKS_DIR};
+pub use pack::{FrameBytes, PackId, PACKS_DIR};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -1701,10 +1701,22 @@ impl Store {
         pack::load_frame(&file, &path, loc)
     }
 
-    /// Reads the frame holding `loc` as stored, not decompressed.
-    fn read_frame(&self, loc: &ChunkLoc) -> Result<pack::RawFrame, ChunkReadError> {
+    /// Reads `len` bytes of the pack holding `loc` from `loc`'s frame on, directly where the
+    /// filesystem allows (see [`pack::read_window`]).
+    fn read_window(
+        &self,
+        loc: &ChunkLoc,
+        len: usize,
+    ) -> Result<Arc<pack::PackWindow>, ChunkReadError> {
         let (file, path) = self.pack_of(loc)?;
-        pack::read_frame(&file, &path, loc)
+        let direct = self.packs.direct_file(loc.pack);
+        pack::read_window(direct.as_deref(), &file, loc.offset, len)
+            .map(Arc::new)
+            .map_err(|source| ChunkReadError::Io {
+                pack: path.display().to_string(),
+                offset: loc.offset,
+                source,
+            })
     }
 
     /// The open pack file holding `loc`, and its path (for messages).
