@@ -1,4 +1,4 @@
-//! Large writes around the page cache.
+//! Large writes, and pack reads, around the page cache.
 //!
 //! Through the page cache every byte written is copied into freshly allocated pages and later
 //! written back by the kernel. On the kind of virtual machine Tideline is measured on, that copy
@@ -67,6 +67,14 @@ impl DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
     }
+}
+
+/// Opens `path` read-only with `O_DIRECT`.
+pub fn open_for_direct_reads(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
 }
 
 /// A file opened for direct I/O, with an aligned bounce buffer for data that is not aligned.

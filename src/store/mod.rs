@@ -1702,21 +1702,27 @@ impl Store {
     }
 
     /// Reads `len` bytes of the pack holding `loc` from `loc`'s frame on, directly where the
-    /// filesystem allows (see [`pack::read_window`]).
+    /// filesystem allows (see [`pack::read_direct`]).
     fn read_window(
         &self,
         loc: &ChunkLoc,
         len: usize,
     ) -> Result<Arc<pack::PackWindow>, ChunkReadError> {
         let (file, path) = self.pack_of(loc)?;
-        let direct = self.packs.direct_file(loc.pack);
-        pack::read_window(direct.as_deref(), &file, loc.offset, len)
+        if let Some(direct) = self.packs.direct_file(loc.pack) {
+            match pack::read_direct(&direct, loc.offset, len) {
+                Ok(window) => return Ok(Arc::new(window)),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(pack = %path.display(), error = %e,
+                        "direct pack read refused: this pack is read through the page cache from now on");
+                    self.packs.refuse_direct(loc.pack);
+                }
+                Err(source) => return Err(pack::io_error(&path, loc, source)),
+            }
+        }
+        pack::read_buffered(&file, loc.offset, len)
             .map(Arc::new)
-            .map_err(|source| ChunkReadError::Io {
-                pack: path.display().to_string(),
-                offset: loc.offset,
-                source,
-            })
+            .map_err(|source| pack::io_error(&path, loc, source))
     }
 
     /// The open pack file holding `loc`, and its path (for messages).

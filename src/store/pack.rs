@@ -1,6 +1,6 @@
 //! Pack files: append-only files of compressed frames, read back with `pread` and verified.
 //! Restores read the frames they need in pack order, several at a time and around the page
-//! cache where the filesystem allows ([`read_window`]).
+//! cache where the filesystem allows ([`read_direct`]).
 //!
 //! A pack is `packs/NNNNNN.pack`. Each frame is one [`crate::framed`] entry whose body is
 //!
@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -141,48 +141,12 @@ impl LoadedFrame {
     }
 }
 
-/// A frame entry read back from a pack, not yet decompressed.
-pub(crate) struct RawFrame {
-    /// The whole entry, header included.
-    entry: Vec<u8>,
-    /// Where the zstd bytes start in `entry`.
-    zstd_start: usize,
-    /// The hashes the frame's header gives its blocks.
-    pub hashes: Vec<ChunkHash>,
-}
-
-impl RawFrame {
-    pub fn zstd_data(&self) -> &[u8] {
-        &self.entry[self.zstd_start..]
+pub(crate) fn io_error(pack: &Path, loc: &ChunkLoc, source: io::Error) -> ChunkReadError {
+    ChunkReadError::Io {
+        pack: pack.display().to_string(),
+        offset: loc.offset,
+        source,
     }
-}
-
-/// Reads the frame entry at `loc` from `file` and parses its header (see [`check_entry`]).
-pub(crate) fn read_frame(
-    file: &File,
-    pack: &Path,
-    loc: &ChunkLoc,
-) -> Result<RawFrame, ChunkReadError> {
-    let entry_len = entry_len_of(pack, loc)?;
-    let mut entry = vec![0u8; entry_len];
-    file.read_exact_at(&mut entry, loc.offset)
-        .map_err(|source| {
-            if source.kind() == io::ErrorKind::UnexpectedEof {
-                pack_ends_early(pack, loc)
-            } else {
-                ChunkReadError::Io {
-                    pack: pack.display().to_string(),
-                    offset: loc.offset,
-                    source,
-                }
-            }
-        })?;
-    let (hashes, zstd_start) = check_entry(&entry, pack, loc)?;
-    Ok(RawFrame {
-        entry,
-        zstd_start,
-        hashes,
-    })
 }
 
 fn corrupt(pack: &Path, loc: &ChunkLoc, reason: String) -> ChunkReadError {
@@ -289,41 +253,30 @@ impl fmt::Debug for FrameBytes {
     }
 }
 
-/// Reads bytes `offset..offset + len` of a pack, and enough around them to satisfy direct
-/// I/O when `direct` is given (see [`Packs::direct_file`]). The copy from the page cache into
-/// fresh memory was the collector's largest cost in a restore (8.5 % of all CPU samples); a
-/// direct read lands in the buffer without one. Falls back to the page cache when the kernel
-/// refuses the direct read.
-pub(crate) fn read_window(
-    direct: Option<&File>,
-    file: &File,
-    offset: u64,
-    len: usize,
-) -> io::Result<PackWindow> {
-    if let Some(direct) = direct {
-        let align = DIRECT_ALIGN as u64;
-        let start = offset - offset % align;
-        let end = (offset + len as u64).div_ceil(align) * align;
-        let mut buf = AlignedBuf::zeroed((end - start) as usize);
-        match read_fully_at(direct, &mut buf, start) {
-            Ok(filled) => {
-                return Ok(PackWindow {
-                    buf: WindowBuf::Direct(buf),
-                    pack_offset: start,
-                    filled,
-                })
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!(offset, error = %e, "direct pack read refused; reading through the page cache");
-            }
-            Err(e) => return Err(e),
-        }
-    }
+/// Reads bytes `offset..offset + len` of a pack through the page cache.
+pub(crate) fn read_buffered(file: &File, offset: u64, len: usize) -> io::Result<PackWindow> {
     let mut buf = vec![0u8; len];
     let filled = read_fully_at(file, &mut buf, offset)?;
     Ok(PackWindow {
         buf: WindowBuf::Buffered(buf),
         pack_offset: offset,
+        filled,
+    })
+}
+
+/// Reads bytes `offset..offset + len` of a pack from `direct` (opened with `O_DIRECT`), and
+/// enough around them to satisfy direct I/O. The copy from the page cache into fresh memory was
+/// the collector's largest cost in a restore (8.5 % of all CPU samples); a direct read lands in
+/// the buffer without one. EINVAL means the kernel refused the direct read.
+pub(crate) fn read_direct(direct: &File, offset: u64, len: usize) -> io::Result<PackWindow> {
+    let align = DIRECT_ALIGN as u64;
+    let start = offset - offset % align;
+    let end = (offset + len as u64).div_ceil(align) * align;
+    let mut buf = AlignedBuf::zeroed((end - start) as usize);
+    let filled = read_fully_at(direct, &mut buf, start)?;
+    Ok(PackWindow {
+        buf: WindowBuf::Direct(buf),
+        pack_offset: start,
         filled,
     })
 }
@@ -366,28 +319,24 @@ pub(crate) fn frame_in_window(
 }
 
 /// Reads the frame entry at `loc` from `file` and decompresses it, checking each block against
-/// the hash the frame's header gives it (see [`read_frame`]).
+/// the hash the frame's header gives it (see [`check_entry`]).
 pub(crate) fn load_frame(
     file: &File,
     pack: &Path,
     loc: &ChunkLoc,
 ) -> Result<LoadedFrame, ChunkReadError> {
-    let raw = read_frame(file, pack, loc)?;
-    let data = frame::decompress(raw.zstd_data(), raw.hashes.len()).map_err(|e| {
-        ChunkReadError::Corrupt {
-            pack: pack.display().to_string(),
-            offset: loc.offset,
-            reason: e.to_string(),
-        }
-    })?;
-    let block_ok: Vec<bool> = raw
-        .hashes
+    let window = read_buffered(file, loc.offset, loc.entry_len as usize)
+        .map_err(|source| io_error(pack, loc, source))?;
+    let (hashes, zstd) = frame_in_window(&Arc::new(window), pack, loc)?;
+    let data = frame::decompress(zstd.as_ref(), hashes.len())
+        .map_err(|e| corrupt(pack, loc, e.to_string()))?;
+    let block_ok: Vec<bool> = hashes
         .iter()
         .zip(data.chunks_exact(BLOCK_SIZE))
         .map(|(hash, block)| ChunkHash::of(block) == *hash)
         .collect();
     Ok(LoadedFrame {
-        hashes: raw.hashes,
+        hashes,
         data,
         block_ok,
     })
@@ -420,43 +369,31 @@ impl Packs {
 
     /// The open pack file, opening it (read-only) on first use and keeping it open.
     pub fn file(&self, id: PackId) -> io::Result<Arc<File>> {
-        if let Some(file) = self
-            .files
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-        {
-            return Ok(Arc::clone(file));
-        }
-        let file = Arc::new(File::open(self.path(id))?);
-        let mut files = self.files.write().unwrap_or_else(PoisonError::into_inner);
-        Ok(Arc::clone(files.entry(id).or_insert(file)))
+        get_or_open(&self.files, id, || File::open(self.path(id)).map(Arc::new))
     }
 
     /// The pack opened read-only with `O_DIRECT`, on first use; `None` (logged once) where
-    /// the filesystem refuses it.
+    /// the filesystem refuses it or refused a direct read of it.
     pub fn direct_file(&self, id: PackId) -> Option<Arc<File>> {
-        if let Some(file) = self
-            .direct
-            .read()
+        let open = || {
+            let path = self.path(id);
+            let file = crate::direct::open_for_direct_reads(&path)
+                .inspect_err(|e| {
+                    tracing::info!(pack = %path.display(), error = %e,
+                        "no direct reads of this pack: restores read it through the page cache");
+                })
+                .ok();
+            Ok::<_, std::convert::Infallible>(file.map(Arc::new))
+        };
+        get_or_open(&self.direct, id, open).unwrap_or_else(|never| match never {})
+    }
+
+    /// From now on, reads of pack `id` go through the page cache.
+    pub fn refuse_direct(&self, id: PackId) {
+        self.direct
+            .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-        {
-            return file.clone();
-        }
-        let path = self.path(id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .inspect_err(|e| {
-                tracing::info!(pack = %path.display(), error = %e,
-                    "no direct reads of this pack: restores read it through the page cache");
-            })
-            .ok()
-            .map(Arc::new);
-        let mut direct = self.direct.write().unwrap_or_else(PoisonError::into_inner);
-        direct.entry(id).or_insert(file).clone()
+            .insert(id, None);
     }
 
     /// Shares a file the writer opened for appending.
@@ -466,6 +403,20 @@ impl Packs {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, file);
     }
+}
+
+/// The value kept for `id`, or the one `open` gives, kept unless another thread kept one first.
+fn get_or_open<T: Clone, E>(
+    map: &RwLock<HashMap<PackId, T>>,
+    id: PackId,
+    open: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    if let Some(value) = map.read().unwrap_or_else(PoisonError::into_inner).get(&id) {
+        return Ok(value.clone());
+    }
+    let value = open()?;
+    let mut map = map.write().unwrap_or_else(PoisonError::into_inner);
+    Ok(map.entry(id).or_insert(value).clone())
 }
 
 type FrameKey = (PackId, u64);
@@ -587,14 +538,14 @@ mod tests {
         let bytes: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&path, &bytes).unwrap();
         let file = File::open(&path).unwrap();
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&path)
-            .ok();
+        let direct = crate::direct::open_for_direct_reads(&path).ok();
         for (offset, len) in [(0, 100), (5_000, 3_000), (8_192, 4_096), (19_000, 5_000)] {
             for source in [direct.as_ref(), None] {
-                let window = Arc::new(read_window(source, &file, offset, len).unwrap());
+                let window = match source {
+                    Some(direct) => read_direct(direct, offset, len),
+                    None => read_buffered(&file, offset, len),
+                };
+                let window = Arc::new(window.unwrap());
                 let loc = ChunkLoc {
                     pack: PackId(1),
                     offset,
