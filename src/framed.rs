@@ -28,13 +28,24 @@ pub fn encode_entry(out: &mut Vec<u8>, body: &[u8]) {
 /// Appends one entry whose body `write_body` appends to `out` in place (no intermediate copy).
 /// Returns the body length.
 pub fn encode_entry_with(out: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) -> usize {
+    encode_entry_head(out, write_body, &[])
+}
+
+/// Appends the start of one entry whose body is what `write_head` appends to `out` followed by
+/// `tail`, which the caller writes after `out` (with `writev`, so a large payload is not copied
+/// into `out`). The checksum covers both. Returns the body length.
+pub fn encode_entry_head(
+    out: &mut Vec<u8>,
+    write_head: impl FnOnce(&mut Vec<u8>),
+    tail: &[u8],
+) -> usize {
     let header_at = out.len();
     out.extend_from_slice(&[0u8; ENTRY_HEADER_BYTES as usize]);
-    write_body(out);
+    write_head(out);
     let body_at = header_at + ENTRY_HEADER_BYTES as usize;
-    let body_len = out.len() - body_at;
+    let body_len = out.len() - body_at + tail.len();
     debug_assert!(body_len <= MAX_ENTRY_BODY_BYTES as usize);
-    let crc = crc32c::crc32c(&out[body_at..]);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[body_at..]), tail);
     out[header_at..header_at + 4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
     out[header_at + 4..header_at + 8].copy_from_slice(&(body_len as u32).to_le_bytes());
     out[header_at + 8..body_at].copy_from_slice(&crc.to_le_bytes());
@@ -189,6 +200,18 @@ fn valid_entry_follows(file: &File, bad_offset: u64, file_len: u64) -> io::Resul
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn an_entry_written_as_head_then_tail_is_the_entry_of_the_whole_body() {
+        let (head, tail) = (b"head of the body".as_slice(), vec![0xa5u8; 3 * 4096 + 7]);
+        let mut whole = Vec::new();
+        encode_entry(&mut whole, &[head, &tail].concat());
+        let mut split = Vec::new();
+        let body_len = encode_entry_head(&mut split, |out| out.extend_from_slice(head), &tail);
+        assert_eq!(body_len, head.len() + tail.len());
+        split.extend_from_slice(&tail);
+        assert_eq!(split, whole);
+    }
 
     fn write(path: &Path, bodies: &[&[u8]]) -> Vec<u8> {
         let mut bytes = Vec::new();

@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -104,6 +104,19 @@ pub enum SpoolError {
     },
 }
 
+/// Writes all of `slices` with `writev`, resuming after a short write.
+fn write_all_vectored(file: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SpoolError {
     let context = context.into();
     move |source| SpoolError::Io { context, source }
@@ -113,13 +126,15 @@ const TAG_WRITE: u8 = 1;
 const TAG_RECORD: u8 = 2;
 
 impl SpoolEntry {
-    fn encode(&self, out: &mut Vec<u8>) {
+    /// Appends the entry's body to `out` up to its block data, which [`SpoolEntry::block_data`]
+    /// gives: the spool writes that with `writev` from the op's own buffer.
+    fn encode_head(&self, out: &mut Vec<u8>) {
         match &self.op {
             SpoolOp::Write {
                 volume,
                 first,
-                data,
                 origin,
+                ..
             } => {
                 out.push(TAG_WRITE);
                 out.extend_from_slice(&self.seq.0.to_le_bytes());
@@ -128,7 +143,6 @@ impl SpoolEntry {
                 out.push(volume.as_str().len() as u8);
                 out.extend_from_slice(volume.as_str().as_bytes());
                 out.extend_from_slice(&first.0.to_le_bytes());
-                out.extend_from_slice(data);
             }
             SpoolOp::Other(kind) => {
                 out.push(TAG_RECORD);
@@ -157,6 +171,14 @@ impl SpoolEntry {
             }
             TAG_WRITE => decode_write(rest),
             other => Err(DecodeError::UnknownKind(other)),
+        }
+    }
+
+    /// The block data that ends a write's body; empty for other records.
+    fn block_data(&self) -> &[u8] {
+        match &self.op {
+            SpoolOp::Write { data, .. } => data,
+            SpoolOp::Other(_) => &[],
         }
     }
 
@@ -436,11 +458,12 @@ impl Spool {
             });
         }
         self.rotate_if_needed(&mut inner)?;
-        let mut buf = std::mem::take(&mut inner.encode_buf);
-        buf.clear();
-        let body_len = framed::encode_entry_with(&mut buf, |out| entry.encode(out));
+        let mut head = std::mem::take(&mut inner.encode_buf);
+        head.clear();
+        let data = entry.block_data();
+        let body_len = framed::encode_entry_head(&mut head, |out| entry.encode_head(out), data);
         if body_len > MAX_ENTRY_BODY_BYTES as usize {
-            inner.encode_buf = buf;
+            inner.encode_buf = head;
             return Err(SpoolError::Io {
                 context: "append to spool".into(),
                 source: io::Error::new(
@@ -449,9 +472,10 @@ impl Spool {
                 ),
             });
         }
-        let result = inner.active.write_all(&buf);
-        let written = buf.len() as u64;
-        inner.encode_buf = buf;
+        let slices = &mut [IoSlice::new(&head), IoSlice::new(data)];
+        let result = write_all_vectored(&mut inner.active, slices);
+        let written = (head.len() + data.len()) as u64;
+        inner.encode_buf = head;
         if let Err(e) = result {
             // Cut off whatever part of the entry reached the file, so the next append starts
             // on an entry boundary.

@@ -76,6 +76,7 @@ fn workers() -> Option<&'static crossbeam_channel::Sender<Job>> {
                     std::thread::Builder::new()
                         .name(format!("compress-{i}"))
                         .spawn(move || {
+                            crate::priority::lower_this_thread();
                             for job in rx {
                                 // The thread outlives a panicking job; its batch fails.
                                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));

@@ -14,6 +14,7 @@ pub mod config;
 pub mod fuse;
 pub mod group;
 pub mod nbd;
+mod priority;
 pub mod shipper;
 pub mod volume;
 
@@ -97,6 +98,8 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut threads = Vec::new();
     let mut groups = Vec::new();
+    let shipping =
+        priority::BackgroundRuntime::start("shipper").context("start the shipper's runtime")?;
     // Dropped on an early return, which unmounts them.
     let mut fuse_mounts = Vec::new();
     for spec in &config.groups {
@@ -122,7 +125,7 @@ pub async fn run(
             hooks: config.hooks.clone(),
             on_fenced: fenced_tx.clone(),
         };
-        tasks.push(tokio::spawn(shipper::run(
+        tasks.push(shipping.handle().spawn(shipper::run(
             group.clone(),
             volumes,
             shipper_config,
@@ -269,6 +272,7 @@ fn spawn_resync(
     std::thread::Builder::new()
         .name(format!("resync-{}", group.name))
         .spawn(move || {
+            priority::lower_this_thread();
             if io_flusher {
                 fuse::set_io_flusher();
             }

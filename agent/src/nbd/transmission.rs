@@ -369,8 +369,15 @@ async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
 ) -> io::Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
     let bytes = acquire_bytes(ctx, len).await;
-    let mut payload = vec![0u8; len as usize];
-    rd.read_exact(&mut payload).await?;
+    // Read into spare capacity: zeroing a buffer the socket is about to fill cost the reader
+    // as much as a copy of it.
+    let mut payload = Vec::with_capacity(len as usize);
+    let mut rest = (&mut *rd).take(u64::from(len));
+    while payload.len() < len as usize {
+        if rest.read_buf(&mut payload).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
     Ok((payload, bytes))
 }
 
