@@ -104,6 +104,16 @@ impl DirectWriter {
         })
     }
 
+    /// Another writer to the same file, with a bounce buffer of its own, for writes that run at
+    /// the same time as this one's.
+    pub fn try_clone(&self) -> io::Result<DirectWriter> {
+        Ok(DirectWriter {
+            file: self.file.try_clone()?,
+            bounce: AlignedBuf::zeroed(BOUNCE_BYTES),
+            refused: self.refused,
+        })
+    }
+
     /// True when a write of `len` bytes at `offset` should go around the page cache.
     pub fn takes(&self, offset: u64, len: usize) -> bool {
         !self.refused

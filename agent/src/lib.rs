@@ -256,6 +256,8 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
             size_bytes,
             dirty,
             in_gap: false,
+            in_flight: Vec::new(),
+            idle_writers: Vec::new(),
         });
     }
     Ok(Group::new(spec.name.clone(), spool, volumes))

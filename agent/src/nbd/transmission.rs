@@ -8,8 +8,9 @@
 //!   microseconds, so handing each one through a task and a blocking-pool thread cost more in
 //!   wake-ups and context switches than the write itself (half of the agent's CPU at 4 KiB);
 //!   the lane takes whatever has queued up while it worked without sleeping in between;
-//! - READ, FLUSH, BLOCK_STATUS and FUA writes, which can wait on the disk, each in their own
-//!   tokio task that runs the [`BlockExport`] call on the blocking pool, so they overlap;
+//! - READ, FLUSH, BLOCK_STATUS, FUA writes and writes large enough to go to the disk around the
+//!   page cache, which all wait on the disk, each in their own tokio task that runs the
+//!   [`BlockExport`] call on the blocking pool, so they overlap;
 //! - one *writer* that receives finished replies through a bounded channel and writes them in
 //!   completion order, batching small replies into one `flush`.
 //!
@@ -35,6 +36,7 @@ use super::BlockExport;
 use bytes::{BufMut, BytesMut};
 use std::io;
 use std::sync::Arc;
+use tideline_core::direct::DIRECT_MIN_BYTES;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -308,7 +310,7 @@ async fn dispatch<R: AsyncRead + Unpin>(
         _slot: slot,
         _bytes: bytes,
     };
-    if op.runs_on_lane() {
+    if op.runs_on_lane() && !waits_on_disk(&header) {
         if let Some(lane) = &sinks.lane {
             let job = LaneJob {
                 header,
@@ -474,6 +476,13 @@ enum Op {
     },
     /// Succeeds without touching the export (zero-length requests, CACHE).
     Nothing,
+}
+
+/// A WRITE large enough to go to the disk around the page cache ([`DIRECT_MIN_BYTES`]): it
+/// waits for the disk, so instead of the write lane, where it would hold up every write queued
+/// behind it, it runs on the blocking pool like a FUA write, several at once.
+fn waits_on_disk(header: &RequestHeader) -> bool {
+    header.kind == CMD_WRITE && header.len as usize >= DIRECT_MIN_BYTES
 }
 
 impl Op {
