@@ -122,34 +122,29 @@ impl Group {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits, with the lock held on return, until `settled(volume)` holds for volume `index`.
-    fn lock_when(
-        &self,
-        index: usize,
-        settled: impl Fn(&VolumeState) -> bool,
-    ) -> MutexGuard<'_, Vec<VolumeState>> {
-        let volumes = self.lock();
-        self.settled
-            .wait_while(volumes, |volumes| !settled(&volumes[index]))
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Applies `change` at `offset` of volume `index` and journals it, in one critical section
     /// (or, for a large direct write, two: see the module documentation).
     pub fn journalled(&self, index: usize, offset: u64, change: Change) -> Result<(), TapError> {
         let first = offset / BLOCK_SIZE_BYTES;
         let count = (offset + change.len_bytes()).div_ceil(BLOCK_SIZE_BYTES) - first;
+        let volumes = self.lock();
         let unlocked = match &change {
-            Change::Write(data) => self.lock()[index]
+            Change::Write(data) => volumes[index]
                 .direct
                 .as_ref()
                 .is_some_and(|d| d.takes(offset, data.len())),
             _ => false,
         };
-        let mut volumes = self.lock_when(index, |v| {
-            !v.overlaps_in_flight(first, first + count)
-                && (!unlocked || v.in_flight.len() < MAX_UNLOCKED_WRITES)
-        });
+        // Blocks in flight are not touched until that write is done; nor are more writes
+        // started in flight than the limit.
+        let mut volumes = self
+            .settled
+            .wait_while(volumes, |volumes| {
+                let volume = &volumes[index];
+                volume.overlaps_in_flight(first, first + count)
+                    || (unlocked && volume.in_flight.len() >= MAX_UNLOCKED_WRITES)
+            })
+            .unwrap_or_else(|p| p.into_inner());
         let volume = &mut volumes[index];
         // Write intent: the blocks stay marked in the (memory-mapped, so kill -9 proof) dirty
         // map from before the volume changes until the change's records are in the spool. A

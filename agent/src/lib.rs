@@ -14,7 +14,6 @@ pub mod config;
 pub mod fuse;
 pub mod group;
 pub mod nbd;
-mod priority;
 pub mod shipper;
 pub mod volume;
 
@@ -98,8 +97,6 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut threads = Vec::new();
     let mut groups = Vec::new();
-    let shipping =
-        priority::BackgroundRuntime::start("shipper").context("start the shipper's runtime")?;
     // Dropped on an early return, which unmounts them.
     let mut fuse_mounts = Vec::new();
     for spec in &config.groups {
@@ -125,7 +122,7 @@ pub async fn run(
             hooks: config.hooks.clone(),
             on_fenced: fenced_tx.clone(),
         };
-        tasks.push(shipping.handle().spawn(shipper::run(
+        tasks.push(tokio::spawn(shipper::run(
             group.clone(),
             volumes,
             shipper_config,
@@ -274,7 +271,6 @@ fn spawn_resync(
     std::thread::Builder::new()
         .name(format!("resync-{}", group.name))
         .spawn(move || {
-            priority::lower_this_thread();
             if io_flusher {
                 fuse::set_io_flusher();
             }
