@@ -69,6 +69,14 @@ impl DerefMut for AlignedBuf {
     }
 }
 
+/// True for a write large and aligned enough to go around the page cache, where the file
+/// allows ([`DirectWriter::takes`]).
+pub fn suits_direct(offset: u64, len: usize) -> bool {
+    len >= DIRECT_MIN_BYTES
+        && offset.is_multiple_of(BLOCK_SIZE_BYTES)
+        && len.is_multiple_of(BLOCK_SIZE)
+}
+
 /// Opens `path` read-only with `O_DIRECT`.
 pub fn open_for_direct_reads(path: &Path) -> io::Result<File> {
     OpenOptions::new()
@@ -116,10 +124,7 @@ impl DirectWriter {
 
     /// True when a write of `len` bytes at `offset` should go around the page cache.
     pub fn takes(&self, offset: u64, len: usize) -> bool {
-        !self.refused
-            && len >= DIRECT_MIN_BYTES
-            && offset.is_multiple_of(BLOCK_SIZE_BYTES)
-            && len.is_multiple_of(BLOCK_SIZE)
+        !self.refused && suits_direct(offset, len)
     }
 
     /// True once the kernel refused a direct write: from then on everything goes buffered.

@@ -22,13 +22,7 @@ pub const MAX_ENTRY_BODY_BYTES: u32 = 80 << 20;
 
 /// Appends one entry holding `body` to `out`.
 pub fn encode_entry(out: &mut Vec<u8>, body: &[u8]) {
-    encode_entry_with(out, |o| o.extend_from_slice(body));
-}
-
-/// Appends one entry whose body `write_body` appends to `out` in place (no intermediate copy).
-/// Returns the body length.
-pub fn encode_entry_with(out: &mut Vec<u8>, write_body: impl FnOnce(&mut Vec<u8>)) -> usize {
-    encode_entry_head(out, write_body, &[])
+    encode_entry_head(out, |o| o.extend_from_slice(body), &[]);
 }
 
 /// Appends the start of one entry whose body is what `write_head` appends to `out` followed by

@@ -154,9 +154,10 @@ impl Group {
             volume.dirty.mark(first, count);
         }
         let result = match change {
-            Change::Write(data) if unlocked && volume.direct.is_some() => {
+            Change::Write(data) if unlocked => {
                 let applied;
-                (volumes, applied) = self.write_unlocked(volumes, index, offset, &data);
+                let blocks = (first, first + count);
+                (volumes, applied) = self.write_unlocked(volumes, index, blocks, offset, &data);
                 applied
                     .and_then(|()| self.journal(&mut volumes[index], offset, Change::Write(data)))
             }
@@ -173,62 +174,37 @@ impl Group {
         result
     }
 
-    /// Writes `data` to the volume around the page cache with the group lock released, the
-    /// blocks listed as in flight meanwhile; returns the lock, taken again.
+    /// Writes `data` (blocks `[first, end)`) to the volume around the page cache with the group
+    /// lock released, the blocks listed as in flight meanwhile; returns the lock, taken again.
     fn write_unlocked<'a>(
         &'a self,
         mut volumes: MutexGuard<'a, Vec<VolumeState>>,
         index: usize,
+        blocks: (u64, u64),
         offset: u64,
         data: &[u8],
     ) -> (MutexGuard<'a, Vec<VolumeState>>, Result<(), TapError>) {
         let volume = &mut volumes[index];
-        let range = (
-            offset / BLOCK_SIZE_BYTES,
-            (offset + data.len() as u64) / BLOCK_SIZE_BYTES,
-        );
-        let writer = match volume.idle_writers.pop() {
-            Some(writer) => Ok(writer),
-            None => volume.direct.as_ref().map_or_else(
-                || Err(io::Error::other("no direct writer")),
-                DirectWriter::try_clone,
-            ),
+        let writer = volume.idle_writers.pop().or_else(|| {
+            let direct = volume.direct.as_ref()?;
+            direct.try_clone().ok()
+        });
+        // Direct I/O refused meanwhile, or no descriptor to spare: write with the lock held.
+        let Some(mut writer) = writer else {
+            let result = write_volume(volume, offset, data);
+            return (volumes, result);
         };
-        let mut writer = match writer {
-            Ok(writer) => writer,
-            // No descriptor to spare: write with the lock held.
-            Err(_) => {
-                let result = write_volume(volume, offset, data);
-                return (volumes, result);
-            }
-        };
-        volume.in_flight.push(range);
+        volume.in_flight.push(blocks);
         drop(volumes);
         let written = writer.write(data, offset);
         let mut volumes = self.lock();
         let volume = &mut volumes[index];
-        volume.in_flight.retain(|&r| r != range);
+        volume.in_flight.retain(|&b| b != blocks);
         self.settled.notify_all();
-        let result = match written {
-            Ok(true) => {
-                volume.idle_writers.push(writer);
-                Ok(())
-            }
-            // The kernel refused direct I/O for this file: from now on it is written buffered.
-            Ok(false) => {
-                volume.direct = None;
-                volume.idle_writers.clear();
-                volume
-                    .file
-                    .write_all_at(data, offset)
-                    .map_err(io_error(volume, "write backing volume"))
-            }
-            Err(source) => Err(TapError::Io {
-                volume: volume.name.clone(),
-                context: "write backing volume",
-                source,
-            }),
-        };
+        if matches!(written, Ok(true)) {
+            volume.idle_writers.push(writer);
+        }
+        let result = finish_direct_write(volume, written, offset, data);
         (volumes, result)
     }
 
@@ -359,24 +335,42 @@ fn apply(volume: &mut VolumeState, offset: u64, change: &Change) -> Result<(), T
 /// Writes `data` to the volume: around the page cache when it is large and aligned and the
 /// filesystem allows ([`crate::direct`]), else through it.
 fn write_volume(volume: &mut VolumeState, offset: u64, data: &[u8]) -> Result<(), TapError> {
-    if let Some(direct) = volume
+    match volume
         .direct
         .as_mut()
         .filter(|d| d.takes(offset, data.len()))
     {
-        let written = direct.write(data, offset).map_err(|source| TapError::Io {
-            volume: volume.name.clone(),
-            context: "write backing volume",
-            source,
-        })?;
-        if written {
-            return Ok(());
+        Some(direct) => {
+            let written = direct.write(data, offset);
+            finish_direct_write(volume, written, offset, data)
         }
+        None => volume
+            .file
+            .write_all_at(data, offset)
+            .map_err(io_error(volume, "write backing volume")),
     }
-    volume
-        .file
-        .write_all_at(data, offset)
-        .map_err(io_error(volume, "write backing volume"))
+}
+
+/// The outcome of a direct write of `data`. If the kernel refused direct I/O for the file, the
+/// volume is written through the page cache from then on, starting with `data`.
+fn finish_direct_write(
+    volume: &mut VolumeState,
+    written: io::Result<bool>,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), TapError> {
+    match written {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            volume.direct = None;
+            volume.idle_writers.clear();
+            volume
+                .file
+                .write_all_at(data, offset)
+                .map_err(io_error(volume, "write backing volume"))
+        }
+        Err(source) => Err(io_error(volume, "write backing volume")(source)),
+    }
 }
 
 /// Deallocates (or zeroes in place) a range, falling back to writing zeroes where the file
@@ -561,15 +555,13 @@ impl Group {
         // Blocks being written with the lock released are not read until that write is done
         // (its own record follows; reading them now could journal half of it).
         let run = |v: &mut VolumeState| v.dirty.first_run(RESYNC_RUN_BLOCKS);
-        if !volumes[index].in_flight.is_empty() {
-            volumes = self
-                .settled
-                .wait_while(volumes, |volumes| {
-                    let v = &mut volumes[index];
-                    run(v).is_some_and(|(first, count)| v.overlaps_in_flight(first, first + count))
-                })
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        volumes = self
+            .settled
+            .wait_while(volumes, |volumes| {
+                let v = &mut volumes[index];
+                run(v).is_some_and(|(first, count)| v.overlaps_in_flight(first, first + count))
+            })
+            .unwrap_or_else(|p| p.into_inner());
         let volume = &mut volumes[index];
         let Some((first, count)) = run(volume) else {
             self.spool.append(SpoolOp::Other(RecordKind::Complete {
@@ -602,16 +594,18 @@ impl Group {
 mod tests {
     use super::*;
     use std::fs::OpenOptions;
-    use std::path::Path;
     use std::sync::Arc;
     use tideline_core::spool::SpoolConfig;
     use tideline_core::Seq;
 
     const VOLUME_BYTES: u64 = 8 << 20;
 
-    /// A group of one 8 MiB volume in `dir`; `None` (skipped, or failed under CI) where the
-    /// filesystem refuses direct I/O, since then no write would run with the lock released.
-    fn one_volume_group(dir: &Path) -> Option<Group> {
+    /// A group of one 8 MiB volume in a temporary directory (kept alive by the returned
+    /// handle); `None` (skipped, or failed under CI) where the filesystem refuses direct I/O,
+    /// since then no write would run with the lock released.
+    fn one_volume_group() -> Option<(tempfile::TempDir, Arc<Group>)> {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path();
         let path = dir.join("volume");
         let file = OpenOptions::new()
             .read(true)
@@ -643,11 +637,8 @@ mod tests {
             in_flight: Vec::new(),
             idle_writers: Vec::new(),
         };
-        Some(Group::new(
-            GroupName::new("g").unwrap(),
-            spool,
-            vec![volume],
-        ))
+        let group = Group::new(GroupName::new("g").unwrap(), spool, vec![volume]);
+        Some((temp, Arc::new(group)))
     }
 
     /// A change of writer `thread`'s `step`th turn: mostly large aligned writes (taken with the
@@ -706,12 +697,10 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_changes_from_many_threads_journal_in_the_order_they_reach_the_volume() {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(group) = one_volume_group(dir.path()) else {
+    fn overlapping_changes_from_many_threads_replay_from_the_spool_to_the_volume() {
+        let Some((_dir, group)) = one_volume_group() else {
             return;
         };
-        let group = Arc::new(group);
         let writers: Vec<_> = (0..4u64)
             .map(|thread| {
                 let group = group.clone();
@@ -744,11 +733,9 @@ mod tests {
 
     #[test]
     fn a_change_to_blocks_in_flight_waits_for_them_and_others_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(group) = one_volume_group(dir.path()) else {
+        let Some((_dir, group)) = one_volume_group() else {
             return;
         };
-        let group = Arc::new(group);
         // Blocks 0..256 are being written with the lock released.
         group.lock()[0].in_flight.push((0, 256));
         let (done_tx, done) = std::sync::mpsc::channel();

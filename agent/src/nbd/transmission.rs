@@ -36,7 +36,7 @@ use super::BlockExport;
 use bytes::{BufMut, BytesMut};
 use std::io;
 use std::sync::Arc;
-use tideline_core::direct::DIRECT_MIN_BYTES;
+use tideline_core::direct::suits_direct;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -478,11 +478,11 @@ enum Op {
     Nothing,
 }
 
-/// A WRITE large enough to go to the disk around the page cache ([`DIRECT_MIN_BYTES`]): it
-/// waits for the disk, so instead of the write lane, where it would hold up every write queued
-/// behind it, it runs on the blocking pool like a FUA write, several at once.
+/// A WRITE that goes to the disk around the page cache ([`suits_direct`]) waits for the disk,
+/// so instead of the write lane, where it would hold up every write queued behind it, it runs
+/// on the blocking pool like a FUA write, several at once.
 fn waits_on_disk(header: &RequestHeader) -> bool {
-    header.kind == CMD_WRITE && header.len as usize >= DIRECT_MIN_BYTES
+    header.kind == CMD_WRITE && suits_direct(header.offset, header.len as usize)
 }
 
 impl Op {
