@@ -7,8 +7,8 @@
 //! managed 530-615 MB/s where direct writes of 1 MiB reached 1.6-2.1 GB/s. Large block-aligned
 //! writes therefore go with `O_DIRECT`, through a bounce buffer aligned as direct I/O requires
 //! (an NBD payload or a decompressed frame is not). Small writes stay buffered: a 4 KiB direct
-//! write waits for the disk, and both users (the agent's write lane and the restore's writer
-//! thread) write one piece after another.
+//! write waits for the disk, and both users (an NBD connection's ordinary writes and the restore's
+//! writer thread) write one piece after another.
 //!
 //! Durability is the caller's as before: a direct write has reached the disk's cache, not
 //! necessarily its platter, so the same fsync still ends a restore and a FLUSH still syncs the

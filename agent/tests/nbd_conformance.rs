@@ -1054,7 +1054,7 @@ fn export_errors_map_to_nbd_errno() {
     assert_errno(
         client.write(4096, &buf, false),
         libc::EIO,
-        "write (export panicked on the write lane)",
+        "write (export panicked while writing in place)",
     );
     assert_errno(
         client.write(0, &buf, false),

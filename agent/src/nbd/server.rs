@@ -1,10 +1,16 @@
-//! The NBD server: listeners, per-connection tasks, limits and shutdown.
+//! The NBD server: listeners, per-connection threads, limits and shutdown.
 //!
 //! One [`NbdServer`] holds the exports and the limits; `serve_unix`/`serve_tcp` run an accept loop
-//! until the caller's `shutdown` future resolves. Every connection gets its own task that first
-//! negotiates (see `handshake`) and then runs the pipelined transmission loop (see
-//! `transmission`). Everything a client can make the server hold is bounded: connections,
-//! option bytes and count, handshake time, requests and payload bytes in flight per connection.
+//! until the caller's `shutdown` future resolves. Every connection gets a thread of its own,
+//! running a single-threaded runtime, that first negotiates (see `handshake`) and then runs the
+//! pipelined transmission loop (see `transmission`). Ordinary writes run on that thread between
+//! reading the request and queuing the reply, so they cost no thread hop (the writes of one
+//! connection are serialised anyway) and a write that waits, on the group lock or on the kernel's
+//! dirty-page throttling, holds up only its own connection, never the runtime that ships the
+//! journal. Requests that wait for the disk run on the accepting runtime's blocking pool.
+//!
+//! Everything a client can make the server hold is bounded: connections, option bytes and
+//! count, handshake time, requests and payload bytes in flight per connection.
 //! At a limit the server stops reading (backpressure) or, where the protocol leaves no way to
 //! stay in sync, drops that one connection; it never grows without bound and never panics on
 //! network bytes.
@@ -22,7 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// How long to wait before accepting again after `accept` failed (e.g. EMFILE).
@@ -222,6 +229,9 @@ impl NbdServer {
         }
     }
 
+    /// Runs one connection on a thread of its own (see the module docs); returns once it is
+    /// over. Dropping this future (the grace period ran out) makes the thread drop the
+    /// connection.
     async fn run_connection(
         self: Arc<Self>,
         stream: Accepted,
@@ -229,19 +239,81 @@ impl NbdServer {
         stop: watch::Receiver<bool>,
         _slot: OwnedSemaphorePermit,
     ) {
-        match stream {
-            Accepted::Unix(stream) => {
-                tracing::debug!(conn, "NBD connection accepted on Unix socket");
-                let (rd, wr) = stream.into_split();
-                self.negotiate_then_transmit(rd, wr, conn, stop).await;
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(conn, error = %err, "cannot take over the NBD socket; dropping it");
+                return;
             }
-            Accepted::Tcp(stream, peer) => {
-                tracing::debug!(conn, %peer, "NBD connection accepted on TCP");
-                if let Err(err) = stream.set_nodelay(true) {
-                    tracing::warn!(conn, error = %err, "cannot set TCP_NODELAY");
+        };
+        let blocking = tokio::runtime::Handle::current();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (abort_tx, abort_rx) = oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-{conn}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        tracing::warn!(conn, error = %err, "no runtime for an NBD connection; dropping it");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = self.serve_stream(stream, conn, stop, blocking) => {}
+                        _ = abort_rx => tracing::debug!(conn, "NBD connection aborted"),
+                    }
+                });
+                let _ = done_tx.send(());
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(conn, error = %err, "no thread for an NBD connection; dropping it");
+            return;
+        }
+        // An error means the thread ended without saying so (it panicked): the connection is
+        // over either way.
+        let _ = done_rx.await;
+        drop(abort_tx);
+    }
+
+    /// Runs on the connection's own thread and runtime.
+    async fn serve_stream(
+        &self,
+        stream: StdStream,
+        conn: u64,
+        stop: watch::Receiver<bool>,
+        blocking: Handle,
+    ) {
+        match stream {
+            StdStream::Unix(stream) => {
+                tracing::debug!(conn, "NBD connection accepted on Unix socket");
+                match tokio::net::UnixStream::from_std(stream) {
+                    Ok(stream) => {
+                        let (rd, wr) = stream.into_split();
+                        self.negotiate_then_transmit(rd, wr, conn, stop, blocking)
+                            .await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(conn, error = %err, "cannot register the NBD socket")
+                    }
                 }
-                let (rd, wr) = stream.into_split();
-                self.negotiate_then_transmit(rd, wr, conn, stop).await;
+            }
+            StdStream::Tcp(stream, peer) => {
+                tracing::debug!(conn, %peer, "NBD connection accepted on TCP");
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        let (rd, wr) = stream.into_split();
+                        self.negotiate_then_transmit(rd, wr, conn, stop, blocking)
+                            .await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(conn, error = %err, "cannot register the NBD socket")
+                    }
+                }
             }
         }
     }
@@ -252,6 +324,7 @@ impl NbdServer {
         mut wr: W,
         conn: u64,
         mut stop: watch::Receiver<bool>,
+        blocking: Handle,
     ) where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -276,7 +349,7 @@ impl NbdServer {
                 return;
             }
         };
-        transmission::run(session, self.limits.clone(), conn, rd, wr, stop).await;
+        transmission::run(session, self.limits.clone(), conn, (rd, wr), blocking, stop).await;
     }
 }
 
@@ -301,6 +374,26 @@ enum Listener {
 enum Accepted {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+/// An accepted stream taken off the accepting runtime, to be registered with the connection's.
+enum StdStream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream, std::net::SocketAddr),
+}
+
+impl Accepted {
+    fn into_std(self) -> io::Result<StdStream> {
+        match self {
+            Accepted::Unix(stream) => stream.into_std().map(StdStream::Unix),
+            Accepted::Tcp(stream, peer) => {
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::warn!(%peer, error = %err, "cannot set TCP_NODELAY");
+                }
+                stream.into_std().map(|stream| StdStream::Tcp(stream, peer))
+            }
+        }
+    }
 }
 
 impl Listener {
