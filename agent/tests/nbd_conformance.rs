@@ -297,6 +297,14 @@ impl TestServer {
     }
 
     fn start_in(dir: tempfile::TempDir, exports: Vec<(&str, Arc<dyn BlockExport>)>) -> TestServer {
+        TestServer::start_with(dir, exports, NbdLimits::default())
+    }
+
+    fn start_with(
+        dir: tempfile::TempDir,
+        exports: Vec<(&str, Arc<dyn BlockExport>)>,
+        limits: NbdLimits,
+    ) -> TestServer {
         tideline_testkit::init_tracing("warn");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -307,8 +315,7 @@ impl TestServer {
             .into_iter()
             .map(|(n, e)| (n.to_owned(), e))
             .collect();
-        let server =
-            Arc::new(NbdServer::with_limits(exports, NbdLimits::default()).expect("limits"));
+        let server = Arc::new(NbdServer::with_limits(exports, limits).expect("limits"));
         let sock = dir.path().join("nbd.sock");
         let (unix, tcp) = rt.block_on(async {
             let unix = tokio::net::UnixListener::bind(&sock).expect("bind unix socket");
@@ -1171,6 +1178,28 @@ fn go_data(name: &str, requests: &[u16]) -> Vec<u8> {
 }
 
 /// The server hung up: EOF or a reset, but not silence (the read timeout) and not more data.
+/// A connection whose request never finishes is dropped once the grace period is over, and the
+/// server returns without waiting for it.
+#[test]
+fn shutdown_aborts_a_connection_that_does_not_drain_in_time() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gated = GatedExport::new(file_export(dir.path(), "vol.img", MIB));
+    let limits = NbdLimits {
+        shutdown_grace: Duration::from_millis(200),
+        ..NbdLimits::default()
+    };
+    let mut server = TestServer::start_with(dir, vec![("vol", gated.clone())], limits);
+    let mut client = server.client("vol");
+    client
+        .send_request(CMD_READ, 0, GATE_OFFSET, 512, &[])
+        .expect("send stuck request");
+    gated.wait_entered(1);
+
+    server.shutdown();
+    assert_closed(client.stream_mut(), "a connection past the grace period");
+    gated.open();
+}
+
 fn assert_closed(stream: &mut UnixStream, what: &str) {
     let mut byte = [0u8; 1];
     match stream.read(&mut byte) {
