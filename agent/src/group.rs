@@ -13,7 +13,9 @@
 //! first; any other change, or resync, touching them waits until it is done, and its record is
 //! appended only once its data is on the volume. So a record still never describes data the
 //! volume might not hold, and the journal order is the order in which changes reached each
-//! block (writes to different blocks commute).
+//! block (writes to different blocks commute). At most [`MAX_UNLOCKED_WRITES`] run at once per
+//! volume; the next ones wait for a slot of their own, woken one at a time, so a client with
+//! 64 large writes queued does not wake every waiting thread whenever one write finishes.
 
 use std::fs::File;
 use std::io;
@@ -26,7 +28,7 @@ use tideline_core::record::{RecordKind, WriteOrigin};
 use tideline_core::spool::{Spool, SpoolError, SpoolOp};
 use tideline_core::{BlockNo, GroupName, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
-use tideline_core::direct::DirectWriter;
+use tideline_core::direct::{suits_direct, DirectWriter};
 
 /// Most writes to one volume that run with the group lock released at the same time (each
 /// holds a 1 MiB bounce buffer).
@@ -61,6 +63,43 @@ pub struct Group {
     state: Mutex<Vec<VolumeState>>,
     /// Notified whenever a write made with the lock released has finished.
     settled: Condvar,
+    /// Per volume, the writes that may run with the lock released at once.
+    unlocked_slots: Vec<Slots>,
+}
+
+/// A counting gate whose waiters are woken one at a time.
+struct Slots {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One taken slot, given back when dropped.
+struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    fn new(count: usize) -> Slots {
+        Slots {
+            free: Mutex::new(count),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn take(&self) -> Slot<'_> {
+        let free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free = self
+            .freed
+            .wait_while(free, |free| *free == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *free -= 1;
+        Slot(self)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// Errors of a journalled change, mapped to an errno for the client.
@@ -113,6 +152,10 @@ impl Group {
         Group {
             name,
             spool,
+            unlocked_slots: volumes
+                .iter()
+                .map(|_| Slots::new(MAX_UNLOCKED_WRITES))
+                .collect(),
             state: Mutex::new(volumes),
             settled: Condvar::new(),
         }
@@ -127,22 +170,29 @@ impl Group {
     pub fn journalled(&self, index: usize, offset: u64, change: Change) -> Result<(), TapError> {
         let first = offset / BLOCK_SIZE_BYTES;
         let count = (offset + change.len_bytes()).div_ceil(BLOCK_SIZE_BYTES) - first;
+        // Taken before the lock: a write waiting for a slot must not hold up the others.
+        let slot = match &change {
+            Change::Write(data) if suits_direct(offset, data.len()) => {
+                Some(self.unlocked_slots[index].take())
+            }
+            _ => None,
+        };
         let volumes = self.lock();
         let unlocked = match &change {
-            Change::Write(data) => volumes[index]
-                .direct
-                .as_ref()
-                .is_some_and(|d| d.takes(offset, data.len())),
+            Change::Write(data) => {
+                slot.is_some()
+                    && volumes[index]
+                        .direct
+                        .as_ref()
+                        .is_some_and(|d| d.takes(offset, data.len()))
+            }
             _ => false,
         };
-        // Blocks in flight are not touched until that write is done; nor are more writes
-        // started in flight than the limit.
+        // Blocks in flight are not touched until that write is done.
         let mut volumes = self
             .settled
             .wait_while(volumes, |volumes| {
-                let volume = &volumes[index];
-                volume.overlaps_in_flight(first, first + count)
-                    || (unlocked && volume.in_flight.len() >= MAX_UNLOCKED_WRITES)
+                volumes[index].overlaps_in_flight(first, first + count)
             })
             .unwrap_or_else(|p| p.into_inner());
         let volume = &mut volumes[index];
@@ -770,5 +820,41 @@ mod tests {
             }
         }
         assert_eq!(firsts, [300, 10]);
+    }
+
+    #[test]
+    fn a_large_write_waits_for_a_free_slot_and_small_writes_do_not() {
+        let Some((_dir, group)) = one_volume_group() else {
+            return;
+        };
+        let taken: Vec<_> = (0..MAX_UNLOCKED_WRITES)
+            .map(|_| group.unlocked_slots[0].take())
+            .collect();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let waiter = {
+            let group = group.clone();
+            std::thread::spawn(move || {
+                let result = group.journalled(0, 0, Change::Write(vec![1; 1 << 20]));
+                done_tx.send(result.is_ok()).unwrap();
+            })
+        };
+        group
+            .journalled(0, 300 * BLOCK_SIZE_BYTES, Change::Write(vec![2; 4096]))
+            .unwrap();
+        assert!(
+            done.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "a large write ran with every slot taken"
+        );
+        drop(taken);
+        assert_eq!(
+            done.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(true)
+        );
+        waiter.join().unwrap();
+        assert_eq!(
+            *group.unlocked_slots[0].free.lock().unwrap(),
+            MAX_UNLOCKED_WRITES
+        );
     }
 }
