@@ -67,6 +67,15 @@ pub struct Group {
     unlocked_slots: Vec<Slots>,
 }
 
+/// A write to be made with the group lock released: volume `index`, blocks `[first, end)`
+/// starting at byte `offset`, holding one of the volume's slots.
+struct UnlockedWrite<'a> {
+    index: usize,
+    blocks: (u64, u64),
+    offset: u64,
+    slot: Option<Slot<'a>>,
+}
+
 /// A counting gate whose waiters are woken one at a time.
 struct Slots {
     free: Mutex<usize>,
@@ -207,7 +216,13 @@ impl Group {
             Change::Write(data) if unlocked => {
                 let applied;
                 let blocks = (first, first + count);
-                (volumes, applied) = self.write_unlocked(volumes, index, blocks, offset, &data);
+                let write = UnlockedWrite {
+                    index,
+                    blocks,
+                    offset,
+                    slot,
+                };
+                (volumes, applied) = self.write_unlocked(volumes, write, &data);
                 applied
                     .and_then(|()| self.journal(&mut volumes[index], offset, Change::Write(data)))
             }
@@ -229,11 +244,15 @@ impl Group {
     fn write_unlocked<'a>(
         &'a self,
         mut volumes: MutexGuard<'a, Vec<VolumeState>>,
-        index: usize,
-        blocks: (u64, u64),
-        offset: u64,
+        write: UnlockedWrite<'a>,
         data: &[u8],
     ) -> (MutexGuard<'a, Vec<VolumeState>>, Result<(), TapError>) {
+        let UnlockedWrite {
+            index,
+            blocks,
+            offset,
+            slot,
+        } = write;
         let volume = &mut volumes[index];
         let writer = volume.idle_writers.pop().or_else(|| {
             let direct = volume.direct.as_ref()?;
@@ -247,6 +266,8 @@ impl Group {
         volume.in_flight.push(blocks);
         drop(volumes);
         let written = writer.write(data, offset);
+        // The disk is free for the next one while this write is journalled.
+        drop(slot);
         let mut volumes = self.lock();
         let volume = &mut volumes[index];
         volume.in_flight.retain(|&b| b != blocks);
