@@ -180,12 +180,7 @@ impl Group {
         let first = offset / BLOCK_SIZE_BYTES;
         let count = (offset + change.len_bytes()).div_ceil(BLOCK_SIZE_BYTES) - first;
         // Taken before the lock: a write waiting for a slot must not hold up the others.
-        let slot = match &change {
-            Change::Write(data) if suits_direct(offset, data.len()) => {
-                Some(self.unlocked_slots[index].take())
-            }
-            _ => None,
-        };
+        let slot = self.slot_for(index, offset, &change);
         let volumes = self.lock();
         let unlocked = match &change {
             Change::Write(data) => {
@@ -239,8 +234,19 @@ impl Group {
         result
     }
 
-    /// Writes `data` (blocks `[first, end)`) to the volume around the page cache with the group
-    /// lock released, the blocks listed as in flight meanwhile; returns the lock, taken again.
+    /// A slot of volume `index` if `change` may be written with the lock released.
+    fn slot_for(&self, index: usize, offset: u64, change: &Change) -> Option<Slot<'_>> {
+        match change {
+            Change::Write(data) if suits_direct(offset, data.len()) => {
+                Some(self.unlocked_slots[index].take())
+            }
+            _ => None,
+        }
+    }
+
+    /// Makes `write` (its `data`) around the page cache with the group lock released, the
+    /// blocks listed as in flight meanwhile and its slot given back once the data is on the
+    /// volume; returns the lock, taken again.
     fn write_unlocked<'a>(
         &'a self,
         mut volumes: MutexGuard<'a, Vec<VolumeState>>,
