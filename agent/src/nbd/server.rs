@@ -246,38 +246,19 @@ impl NbdServer {
                 return;
             }
         };
-        let blocking = tokio::runtime::Handle::current();
-        let (done_tx, done_rx) = oneshot::channel::<()>();
-        let (abort_tx, abort_rx) = oneshot::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name(format!("nbd-{conn}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(err) => {
-                        tracing::warn!(conn, error = %err, "no runtime for an NBD connection; dropping it");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    tokio::select! {
-                        () = self.serve_stream(stream, conn, stop, blocking) => {}
-                        _ = abort_rx => tracing::debug!(conn, "NBD connection aborted"),
-                    }
-                });
-                let _ = done_tx.send(());
-            });
-        if let Err(err) = spawned {
-            tracing::warn!(conn, error = %err, "no thread for an NBD connection; dropping it");
-            return;
-        }
+        let blocking = Handle::current();
+        let connection = async move { self.serve_stream(stream, conn, stop, blocking).await };
+        let (done, abort) = match on_own_thread(conn, connection) {
+            Ok(started) => started,
+            Err(err) => {
+                tracing::warn!(conn, error = %err, "no thread for an NBD connection; dropping it");
+                return;
+            }
+        };
         // An error means the thread ended without saying so (it panicked): the connection is
         // over either way.
-        let _ = done_rx.await;
-        drop(abort_tx);
+        let _ = done.await;
+        drop(abort);
     }
 
     /// Runs on the connection's own thread and runtime.
@@ -351,6 +332,38 @@ impl NbdServer {
         };
         transmission::run(session, self.limits.clone(), conn, (rd, wr), blocking, stop).await;
     }
+}
+
+/// Runs `connection` on a new thread, on a single-threaded runtime of its own. The receiver
+/// resolves once the connection is over; dropping the sender makes the thread drop it.
+fn on_own_thread(
+    conn: u64,
+    connection: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<(oneshot::Receiver<()>, oneshot::Sender<()>)> {
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let (abort_tx, abort_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("nbd-{conn}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    tracing::warn!(conn, error = %err, "no runtime for an NBD connection; dropping it");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                tokio::select! {
+                    () = connection => {}
+                    _ = abort_rx => tracing::debug!(conn, "NBD connection aborted"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok((done_rx, abort_tx))
 }
 
 /// Resolves once the server is shutting down (or the server itself is gone).
