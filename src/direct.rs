@@ -174,14 +174,7 @@ mod tests {
     fn large_aligned_writes_land_around_the_page_cache_and_small_ones_are_declined() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("volume");
-        let buffered = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        buffered.set_len(4 << 20).unwrap();
+        let buffered = tideline_testkit::sized_file(&path, 4 << 20);
         let direct = DirectWriter::open(&path);
         let refused = format!("O_DIRECT on {}", path.display());
         let missing = direct.is_none().then_some(refused).into_iter().collect();

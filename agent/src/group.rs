@@ -670,7 +670,6 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::OpenOptions;
     use std::sync::Arc;
     use tideline_core::spool::SpoolConfig;
     use tideline_core::Seq;
@@ -684,14 +683,7 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let dir = temp.path();
         let path = dir.join("volume");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(VOLUME_BYTES).unwrap();
+        let file = tideline_testkit::sized_file(&path, VOLUME_BYTES);
         let direct = DirectWriter::open(&path);
         let missing = direct
             .is_none()
@@ -808,6 +800,36 @@ mod tests {
         );
     }
 
+    /// Starts `change` at `offset` on a thread of its own and checks that it waits (for
+    /// `blocker`) while a small write elsewhere goes ahead; once `release` has run, it must
+    /// finish.
+    fn waits_until_released(
+        group: &Arc<Group>,
+        offset: u64,
+        change: Change,
+        blocker: &str,
+        release: impl FnOnce(),
+    ) {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let waiter = {
+            let group = group.clone();
+            std::thread::spawn(move || {
+                let result = group.journalled(0, offset, change);
+                done_tx.send(result.is_ok()).unwrap();
+            })
+        };
+        group
+            .journalled(0, 300 * BLOCK_SIZE_BYTES, Change::Write(vec![2; 4096]))
+            .unwrap();
+        // Bounds a negative: the change must not finish while it is blocked.
+        let early = done.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(early.is_err(), "a change went ahead despite {blocker}");
+        release();
+        let finished = done.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(finished, Ok(true), "the change blocked by {blocker}");
+        waiter.join().unwrap();
+    }
+
     #[test]
     fn a_change_to_blocks_in_flight_waits_for_them_and_others_do_not() {
         let Some((_dir, group)) = one_volume_group() else {
@@ -815,30 +837,17 @@ mod tests {
         };
         // Blocks 0..256 are being written with the lock released.
         group.lock()[0].in_flight.push((0, 256));
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let waiter = {
-            let group = group.clone();
-            std::thread::spawn(move || {
-                let result =
-                    group.journalled(0, 10 * BLOCK_SIZE_BYTES, Change::Write(vec![1; 4096]));
-                done_tx.send(result.is_ok()).unwrap();
-            })
-        };
-        group
-            .journalled(0, 300 * BLOCK_SIZE_BYTES, Change::Write(vec![2; 4096]))
-            .unwrap();
-        assert!(
-            done.recv_timeout(std::time::Duration::from_millis(300))
-                .is_err(),
-            "a change to a block in flight went ahead"
+        let change = Change::Write(vec![1; 4096]);
+        waits_until_released(
+            &group,
+            10 * BLOCK_SIZE_BYTES,
+            change,
+            "a block in flight",
+            || {
+                group.lock()[0].in_flight.clear();
+                group.settled.notify_all();
+            },
         );
-        group.lock()[0].in_flight.clear();
-        group.settled.notify_all();
-        assert_eq!(
-            done.recv_timeout(std::time::Duration::from_secs(10)),
-            Ok(true)
-        );
-        waiter.join().unwrap();
         let mut reader = group.spool.reader(Seq(1));
         let mut firsts = Vec::new();
         while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
@@ -857,28 +866,8 @@ mod tests {
         let taken: Vec<_> = (0..MAX_UNLOCKED_WRITES)
             .map(|_| group.unlocked_slots[0].take())
             .collect();
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let waiter = {
-            let group = group.clone();
-            std::thread::spawn(move || {
-                let result = group.journalled(0, 0, Change::Write(vec![1; 1 << 20]));
-                done_tx.send(result.is_ok()).unwrap();
-            })
-        };
-        group
-            .journalled(0, 300 * BLOCK_SIZE_BYTES, Change::Write(vec![2; 4096]))
-            .unwrap();
-        assert!(
-            done.recv_timeout(std::time::Duration::from_millis(300))
-                .is_err(),
-            "a large write ran with every slot taken"
-        );
-        drop(taken);
-        assert_eq!(
-            done.recv_timeout(std::time::Duration::from_secs(10)),
-            Ok(true)
-        );
-        waiter.join().unwrap();
+        let change = Change::Write(vec![1; 1 << 20]);
+        waits_until_released(&group, 0, change, "every slot taken", || drop(taken));
         assert_eq!(
             *group.unlocked_slots[0].free.lock().unwrap(),
             MAX_UNLOCKED_WRITES

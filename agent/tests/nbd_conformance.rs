@@ -9,7 +9,7 @@
 //! where it fails. Every wait is bounded; nothing sleeps for a fixed time.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -35,14 +35,7 @@ struct FileExport {
 
 impl FileExport {
     fn create(path: &Path, size: u64) -> Arc<FileExport> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .expect("create export file");
-        file.set_len(size).expect("size export file");
+        let file = tideline_testkit::sized_file(path, size);
         Arc::new(FileExport { file, size })
     }
 

@@ -17,6 +17,24 @@ pub use cmd::{run, run_ok, run_within, spawn, try_run_within, Output, Spawned, C
 pub use tools::{require_tools, skip_or_fail, tool, tool_path};
 pub use wait::{wait_for, POLL};
 
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+/// The file at `path`, created or emptied, open for reading and writing and `len_bytes` long
+/// (sparse): a volume or an export for a test.
+pub fn sized_file(path: &Path, len_bytes: u64) -> File {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    file.set_len(len_bytes)
+        .unwrap_or_else(|e| panic!("size {} to {len_bytes} bytes: {e}", path.display()));
+    file
+}
+
 /// Sends the tracing of code under test to the test's captured output, filtered by `RUST_LOG`
 /// or else by `default_filter` (for example `"warn"`). Later calls do nothing.
 pub fn init_tracing(default_filter: &str) {
