@@ -182,16 +182,9 @@ impl Group {
         // Taken before the lock: a write waiting for a slot must not hold up the others.
         let slot = self.slot_for(index, offset, &change);
         let volumes = self.lock();
-        let unlocked = match &change {
-            Change::Write(data) => {
-                slot.is_some()
-                    && volumes[index]
-                        .direct
-                        .as_ref()
-                        .is_some_and(|d| d.takes(offset, data.len()))
-            }
-            _ => false,
-        };
+        // A slot is only taken for a write that suits direct I/O, and a writer the kernel
+        // refused is dropped (`finish_direct_write`), so this is all that is left to ask.
+        let unlocked = slot.is_some() && volumes[index].direct.is_some();
         // Blocks in flight are not touched until that write is done.
         let mut volumes = self
             .settled

@@ -272,37 +272,23 @@ impl NbdServer {
         match stream {
             StdStream::Unix(stream) => {
                 tracing::debug!(conn, "NBD connection accepted on Unix socket");
-                match tokio::net::UnixStream::from_std(stream) {
-                    Ok(stream) => {
-                        let (rd, wr) = stream.into_split();
-                        self.negotiate_then_transmit(rd, wr, conn, stop, blocking)
-                            .await;
-                    }
-                    Err(err) => {
-                        tracing::warn!(conn, error = %err, "cannot register the NBD socket")
-                    }
-                }
+                let halves = tokio::net::UnixStream::from_std(stream).map(|s| s.into_split());
+                self.negotiate_then_transmit(halves, conn, stop, blocking)
+                    .await;
             }
             StdStream::Tcp(stream, peer) => {
                 tracing::debug!(conn, %peer, "NBD connection accepted on TCP");
-                match tokio::net::TcpStream::from_std(stream) {
-                    Ok(stream) => {
-                        let (rd, wr) = stream.into_split();
-                        self.negotiate_then_transmit(rd, wr, conn, stop, blocking)
-                            .await;
-                    }
-                    Err(err) => {
-                        tracing::warn!(conn, error = %err, "cannot register the NBD socket")
-                    }
-                }
+                let halves = tokio::net::TcpStream::from_std(stream).map(|s| s.into_split());
+                self.negotiate_then_transmit(halves, conn, stop, blocking)
+                    .await;
             }
         }
     }
 
+    /// Serves a socket registered with the connection's runtime, or says why it could not be.
     async fn negotiate_then_transmit<R, W>(
         &self,
-        mut rd: R,
-        mut wr: W,
+        halves: io::Result<(R, W)>,
         conn: u64,
         mut stop: watch::Receiver<bool>,
         blocking: Handle,
@@ -310,6 +296,13 @@ impl NbdServer {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let (mut rd, mut wr) = match halves {
+            Ok(halves) => halves,
+            Err(err) => {
+                tracing::warn!(conn, error = %err, "cannot register the NBD socket");
+                return;
+            }
+        };
         let haggle = handshake::negotiate(&mut rd, &mut wr, &self.exports, &self.limits, conn);
         let outcome = tokio::select! {
             outcome = tokio::time::timeout(self.limits.handshake_timeout, haggle) => outcome,
