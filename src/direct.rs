@@ -16,7 +16,7 @@
 //! drops cached pages a direct write overlaps.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice};
 use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -127,6 +127,16 @@ impl DirectWriter {
         !self.refused && suits_direct(offset, len)
     }
 
+    /// True when a block-aligned write of any size at `offset` can go around the page cache.
+    /// For writes into blocks allocated beforehand: those do not wait for each other, so a
+    /// small direct write holds up only its own writer.
+    pub fn takes_any_size(&self, offset: u64, len: usize) -> bool {
+        !self.refused
+            && len > 0
+            && offset.is_multiple_of(BLOCK_SIZE_BYTES)
+            && len.is_multiple_of(BLOCK_SIZE)
+    }
+
     /// True once the kernel refused a direct write: from then on everything goes buffered.
     pub fn refused(&self) -> bool {
         self.refused
@@ -150,6 +160,74 @@ impl DirectWriter {
         }
         Ok(true)
     }
+
+    /// Writes `pieces` one after another from `offset` in as few system calls as the kernel's
+    /// iovec limit allows (see [`DirectWriter::takes`] for their total): each piece must start
+    /// at an aligned address and be whole blocks long, or nothing is written and false comes
+    /// back, as it does when the kernel refused direct I/O. The caller then writes the pieces
+    /// through the page cache.
+    pub fn write_pieces(&mut self, pieces: &[&[u8]], offset: u64) -> io::Result<bool> {
+        let aligned = |piece: &&[u8]| {
+            piece.as_ptr().align_offset(DIRECT_ALIGN) == 0 && piece.len().is_multiple_of(BLOCK_SIZE)
+        };
+        if self.refused || !pieces.iter().all(aligned) {
+            return Ok(false);
+        }
+        let mut at = offset;
+        for group in pieces.chunks(IOV_MAX) {
+            let mut slices: Vec<IoSlice<'_>> = group.iter().map(|p| IoSlice::new(p)).collect();
+            match write_all_vectored_at(&self.file, &mut slices, at) {
+                Ok(()) => at += group.iter().map(|p| p.len() as u64).sum::<u64>(),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(offset = at, error = %e,
+                        "direct write refused: large writes go through the page cache from now on");
+                    self.refused = true;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The most pieces one `pwritev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Writes all of `slices` at `offset` with `pwritev`, resuming after a short write.
+fn write_all_vectored_at(
+    file: &File,
+    mut slices: &mut [IoSlice<'_>],
+    mut offset: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !slices.is_empty() {
+        let count = slices.len().min(IOV_MAX) as libc::c_int;
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix, and every slice borrows
+        // memory that outlives the call; the kernel only reads from it.
+        let written = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                slices.as_ptr().cast::<libc::iovec>(),
+                count,
+                offset as libc::off_t,
+            )
+        };
+        match written {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n if n > 0 => {
+                IoSlice::advance_slices(&mut slices, n as usize);
+                offset += n as u64;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One direct write; false, with `refused` set, when the kernel refused it (EINVAL).

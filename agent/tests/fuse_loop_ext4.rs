@@ -192,6 +192,7 @@ impl Services {
                     volume: volume.to_owned(),
                     point: Some(v1::restore_request::Point::AtTimeNs(at.0)),
                     frames: false,
+                    data_extents: false,
                 })
                 .await
                 .unwrap_or_else(|s| panic!("restore {volume} at {}: {}", at.0, s.message()))

@@ -4,7 +4,13 @@
 //! The collector sends frames as stored (`RestoreRequest.frames`), so the checks run here, on
 //! this machine's cores, right before the bytes are written: what lands in the image is what
 //! was journalled, whatever happened to the pack or on the way. Frames are checked on every
-//! core while the stream is read, and one thread writes them; a few frames wait at most.
+//! core while the stream is read, and writer threads write them; a few frames wait at most.
+//!
+//! The collector first lists the image's non-zero block ranges ([`v1::DataExtents`]), and
+//! [`allocate`] allocates them. Writes that allocate a file's blocks queue on its inode one at
+//! a time (ext4 holds the inode lock until such a direct write completes), so with one writer
+//! the disk's latency for each write set the pace of the whole restore. Writes into allocated
+//! blocks share the lock: several writers then keep the disk busy.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -13,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use tideline_core::direct::{AlignedBuf, DirectWriter};
 use tideline_core::frame::{self, MAX_FRAME_BLOCKS};
 use tideline_core::store::{ChunkReadError, StoreError};
@@ -22,6 +28,18 @@ use tideline_proto::v1;
 
 /// Frames each worker may have waiting.
 const QUEUED_PER_WORKER: usize = 2;
+/// Checked frames a writer takes at once: their runs are written in image order, runs that meet
+/// in one write (frames hold blocks in the order they were journalled, so the runs of one
+/// stretch of the volume are often spread over neighbouring frames). With one writer, taking
+/// up to 32 frames cut a restore of an ext4 image from 19.6k writes to 13k and its time by
+/// about a tenth; with eight writers into allocated blocks, 1, 4 and 8 frames measured the
+/// same within the noise, so a writer holds at most 4 frames.
+const WRITE_GATHER_FRAMES: usize = 4;
+/// Writer threads when the image's blocks were allocated up front (one otherwise). Each waits
+/// for the disk most of the time, so more writers keep more writes in flight: restoring a
+/// 4 GiB ext4 image took a median 3.5 s with 2, 3.1 s with 4, 2.8-3.0 s with 8 and 2.7 s
+/// with 12 on the 2-core machine this is measured on.
+const WRITERS_INTO_ALLOCATED: usize = 8;
 /// Written bytes after which the image's dirty pages are handed to the disk.
 const WRITEBACK_STEP_BYTES: u64 = 64 << 20;
 
@@ -30,22 +48,31 @@ const WRITEBACK_STEP_BYTES: u64 = 64 << 20;
 pub struct FrameWriter {
     tx: tokio::sync::mpsc::Sender<v1::RestoreFrame>,
     checkers: Vec<JoinHandle<anyhow::Result<()>>>,
-    writer: JoinHandle<anyhow::Result<u64>>,
+    writers: Vec<JoinHandle<anyhow::Result<u64>>>,
     failed: Arc<AtomicBool>,
 }
 
 impl FrameWriter {
-    /// Starts the threads for an image of `size_bytes` of `volume` in `file`, found at `path`.
-    /// One thread writes: with every worker writing, they took turns on the image's inode lock
+    /// Starts the threads for an image of `size_bytes` of `volume` in `file`, found at `path`;
+    /// `allocated` when [`allocate`] allocated its blocks. Into blocks that still need
+    /// allocating one thread writes: with several, they took turns on the image's inode lock
     /// and the waiting one spun in the kernel (4.6 to 12.5 % of a restore's CPU samples).
-    pub fn start(file: File, path: &Path, size_bytes: u64, volume: VolumeName) -> FrameWriter {
+    pub fn start(
+        file: File,
+        path: &Path,
+        size_bytes: u64,
+        volume: VolumeName,
+        allocated: bool,
+    ) -> anyhow::Result<FrameWriter> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let writer_count = if allocated { WRITERS_INTO_ALLOCATED } else { 1 };
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
         let rx = Arc::new(Mutex::new(rx));
-        let (checked_tx, checked_rx) = crossbeam_channel::bounded(QUEUED_PER_WORKER * threads);
-        // Every buffer is in a checker, queued, or being written: the queues bound them.
-        let (spare_tx, spare_rx) =
-            crossbeam_channel::bounded::<AlignedBuf>((QUEUED_PER_WORKER + 1) * threads + 1);
+        let (checked_tx, checked_rx) = crossbeam_channel::bounded(WRITE_GATHER_FRAMES);
+        // Every buffer is in a checker, queued, or held by a writer: the queues bound them.
+        let (spare_tx, spare_rx) = crossbeam_channel::bounded::<AlignedBuf>(
+            threads + (writer_count + 1) * WRITE_GATHER_FRAMES,
+        );
         let failed = Arc::new(AtomicBool::new(false));
         let checkers = (0..threads)
             .map(|_| {
@@ -71,25 +98,35 @@ impl FrameWriter {
                 })
             })
             .collect();
-        let writer_failed = failed.clone();
-        let mut image = ImageWriter::new(file, path);
-        let writer = std::thread::spawn(move || {
-            let mut written = 0;
-            for checked in checked_rx {
-                written += image.write(&checked).inspect_err(|_| {
-                    writer_failed.store(true, Ordering::Relaxed);
-                })?;
-                // Reused, its pages stay mapped: a fresh buffer faults them in again.
-                let _ = spare_tx.try_send(checked.data);
-            }
-            Ok(written)
-        });
-        FrameWriter {
+        let image = ImageWriter::new(file, path, allocated);
+        let writers = (0..writer_count)
+            .map(|_| {
+                let mut image = image.try_clone()?;
+                let (checked_rx, spare_tx) = (checked_rx.clone(), spare_tx.clone());
+                let failed = failed.clone();
+                Ok(std::thread::spawn(move || {
+                    let mut written = 0;
+                    while let Ok(first) = checked_rx.recv() {
+                        let mut gathered = vec![first];
+                        gathered.extend(checked_rx.try_iter().take(WRITE_GATHER_FRAMES - 1));
+                        written += image.write(&gathered).inspect_err(|_| {
+                            failed.store(true, Ordering::Relaxed);
+                        })?;
+                        for checked in gathered {
+                            // Reused, its pages stay mapped: a fresh buffer faults them in again.
+                            let _ = spare_tx.try_send(checked.data);
+                        }
+                    }
+                    Ok(written)
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(FrameWriter {
             tx,
             checkers,
-            writer,
+            writers,
             failed,
-        }
+        })
     }
 
     /// Queues a frame; false once a thread failed (then [`FrameWriter::finish`] says why).
@@ -103,7 +140,7 @@ impl FrameWriter {
         let FrameWriter {
             tx,
             checkers,
-            writer,
+            writers,
             ..
         } = self;
         drop(tx);
@@ -114,12 +151,48 @@ impl FrameWriter {
                     first_error.get_or_insert(e);
                 }
             }
-            // The checkers are gone, so the writer's queue has closed.
-            let written = join(writer);
-            first_error.map_or(written, Err)
+            // The checkers are gone, so the writers' queue has closed.
+            let mut written = 0;
+            for writer in writers {
+                match join(writer) {
+                    Ok(bytes) => written += bytes,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            first_error.map_or(Ok(written), Err)
         })
         .await?
     }
+}
+
+/// Allocates the image's block ranges the collector listed, in `file` of `size_bytes`; false
+/// when its filesystem cannot allocate ahead (the writes then allocate as they go). Running out
+/// of space fails here, before anything is written.
+pub fn allocate(file: &File, ranges: &v1::DataExtents, size_bytes: u64) -> anyhow::Result<bool> {
+    use std::os::fd::AsRawFd;
+    if ranges.start_block.len() != ranges.block_count.len() {
+        bail!("collector sent block ranges whose lists differ in length");
+    }
+    let blocks_in_image = size_bytes.div_ceil(BLOCK_SIZE_BYTES);
+    for (&start, &count) in ranges.start_block.iter().zip(&ranges.block_count) {
+        if count == 0 || start >= blocks_in_image || count > blocks_in_image - start {
+            bail!("collector sent {count} blocks from block {start}, outside the image");
+        }
+        let offset = start * BLOCK_SIZE_BYTES;
+        let len = (count * BLOCK_SIZE_BYTES).min(size_bytes - offset);
+        // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
+        let done = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as i64, len as i64) };
+        if done != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                return Ok(false);
+            }
+            bail!("allocate {len} bytes at offset {offset} of the restored image: {e}");
+        }
+    }
+    Ok(true)
 }
 
 /// What the thread returned; a panic in it goes on in this thread.
@@ -137,6 +210,7 @@ fn join<T>(handle: JoinHandle<T>) -> T {
 /// thread of its own asks for writeback of the whole file (`sync_file_range`, not waiting for
 /// it), so the disk works while the cores decompress; the final fsync stays the durability
 /// point. It is a hint: if it fails, the fsync does all the work as before.
+#[derive(Clone)]
 struct Writeback {
     written: u64,
     kick: crossbeam_channel::Sender<()>,
@@ -284,43 +358,77 @@ fn check_frame(
     Ok(Checked { data: buffer, runs })
 }
 
-/// The image as the writer thread sees it: runs of at least
+/// The image as a writer thread sees it: runs of at least
 /// [`tideline_core::direct::DIRECT_MIN_BYTES`] go around the page cache (the copy into fresh
-/// page-cache pages was 15 % of a restore's CPU samples), smaller ones through it. One thread
-/// writes, so a direct write waiting for the disk holds no one else up; the checkers go on.
+/// page-cache pages was 15 % of a restore's CPU samples), smaller ones through it; into
+/// allocated blocks every whole-block run goes around it, as such writes do not wait for each
+/// other. A direct write waiting for the disk holds up only its writer; the checkers go on.
 struct ImageWriter {
     file: Arc<File>,
     direct: Option<DirectWriter>,
     writeback: Writeback,
+    allocated: bool,
 }
 
 impl ImageWriter {
-    fn new(file: File, path: &Path) -> ImageWriter {
+    fn new(file: File, path: &Path, allocated: bool) -> ImageWriter {
         let file = Arc::new(file);
         ImageWriter {
             direct: DirectWriter::open(path),
             writeback: Writeback::start(file.clone()),
             file,
+            allocated,
         }
     }
 
-    /// Writes the runs of `checked`; returns the bytes written.
-    fn write(&mut self, checked: &Checked) -> anyhow::Result<u64> {
+    /// Another writer of the same image, with a direct writer of its own.
+    fn try_clone(&self) -> anyhow::Result<ImageWriter> {
+        let direct = match &self.direct {
+            Some(direct) => Some(direct.try_clone().context("open restored image again")?),
+            None => None,
+        };
+        Ok(ImageWriter {
+            file: self.file.clone(),
+            direct,
+            writeback: self.writeback.clone(),
+            allocated: self.allocated,
+        })
+    }
+
+    /// Writes the runs of `frames` in image order, runs that meet in one write; returns the
+    /// bytes written.
+    fn write(&mut self, frames: &[Checked]) -> anyhow::Result<u64> {
+        let mut runs: Vec<(&Run, &[u8])> = frames
+            .iter()
+            .flat_map(|f| {
+                f.runs
+                    .iter()
+                    .map(|r| (r, &f.data[r.start..r.start + r.len]))
+            })
+            .collect();
+        runs.sort_by_key(|(run, _)| run.offset);
         let mut written = 0;
-        for run in &checked.runs {
-            let data = &checked.data[run.start..run.start + run.len];
-            let fail = |e| anyhow::anyhow!("write restored image at offset {}: {e}", run.offset);
+        for extent in runs.chunk_by(|(a, _), (b, _)| a.offset + a.len as u64 == b.offset) {
+            let offset = extent[0].0.offset;
+            let pieces: Vec<&[u8]> = extent.iter().map(|(_, data)| *data).collect();
+            let len = pieces.iter().map(|p| p.len()).sum::<usize>();
+            let fail = |e| anyhow::anyhow!("write restored image at offset {offset}: {e}");
             let direct = match &mut self.direct {
-                Some(direct) if direct.takes(run.offset, run.len) => {
-                    direct.write(data, run.offset).map_err(fail)?
+                Some(direct)
+                    if direct.takes(offset, len)
+                        || (self.allocated && direct.takes_any_size(offset, len)) =>
+                {
+                    direct.write_pieces(&pieces, offset).map_err(fail)?
                 }
                 _ => false,
             };
             if !direct {
-                self.file.write_all_at(data, run.offset).map_err(fail)?;
-                self.writeback.wrote(run.len as u64);
+                for (run, data) in extent {
+                    self.file.write_all_at(data, run.offset).map_err(fail)?;
+                }
+                self.writeback.wrote(len as u64);
             }
-            written += run.len as u64;
+            written += len as u64;
         }
         Ok(written)
     }
@@ -339,7 +447,7 @@ mod tests {
         let checked = check_frame(size_bytes, volume, frame, frame_buffer())?;
         let file = file.try_clone()?;
         let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-        ImageWriter::new(file, Path::new(&path)).write(&checked)
+        ImageWriter::new(file, Path::new(&path), false).write(&[checked])
     }
 
     fn frame_of(
@@ -418,7 +526,7 @@ mod tests {
         let frame = frame_of(&blocks, &placed, None);
         let volume = VolumeName::new("v").unwrap();
         let checked = check_frame(size, &volume, &frame, frame_buffer()).unwrap();
-        let mut image = ImageWriter::new(file.try_clone().unwrap(), &path);
+        let mut image = ImageWriter::new(file.try_clone().unwrap(), &path, false);
         let missing = image
             .direct
             .is_none()
@@ -431,7 +539,7 @@ mod tests {
             .as_ref()
             .unwrap()
             .takes(100 * BLOCK_SIZE_BYTES, 32 * BLOCK_SIZE));
-        assert_eq!(image.write(&checked).unwrap(), 40 * BLOCK_SIZE_BYTES);
+        assert_eq!(image.write(&[checked]).unwrap(), 40 * BLOCK_SIZE_BYTES);
         assert!(
             !image.direct.as_ref().unwrap().refused(),
             "went around the page cache"
@@ -447,6 +555,97 @@ mod tests {
         }
         let written: usize = back.iter().filter(|&&b| b != 0).count();
         assert_eq!(written, 40 * BLOCK_SIZE, "nothing written elsewhere");
+    }
+
+    fn allocated_bytes(file: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().unwrap().blocks() * 512
+    }
+
+    /// Allocates `ranges` of `file`; false (after a loud skip, or a failure under CI) when its
+    /// filesystem cannot allocate ahead.
+    fn allocated(file: &File, ranges: &[(u64, u64)], size: u64) -> bool {
+        let ranges = v1::DataExtents {
+            start_block: ranges.iter().map(|r| r.0).collect(),
+            block_count: ranges.iter().map(|r| r.1).collect(),
+        };
+        let done = allocate(file, &ranges, size).unwrap();
+        let missing = (!done).then(|| "fallocate in the temp dir".to_owned());
+        tideline_testkit::skip_or_fail(missing.into_iter().collect())
+    }
+
+    #[test]
+    fn listed_ranges_are_allocated_and_ranges_outside_the_image_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64 * BLOCK_SIZE_BYTES - 100;
+        let file = tideline_testkit::sized_file(&dir.path().join("image"), size);
+        if !allocated(&file, &[(2, 3), (10, 1), (63, 1)], size) {
+            return;
+        }
+        assert_eq!(allocated_bytes(&file), 5 * BLOCK_SIZE_BYTES);
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            size,
+            "the size is unchanged"
+        );
+        for (start, count) in [(64, 1), (60, 5), (0, 0)] {
+            let ranges = v1::DataExtents {
+                start_block: vec![start],
+                block_count: vec![count],
+            };
+            let err = allocate(&file, &ranges, size).unwrap_err().to_string();
+            assert!(err.contains("outside the image"), "{err}");
+        }
+        let uneven = v1::DataExtents {
+            start_block: vec![0, 1],
+            block_count: vec![1],
+        };
+        let err = allocate(&file, &uneven, size).unwrap_err().to_string();
+        assert!(err.contains("differ in length"), "{err}");
+        assert_eq!(allocated_bytes(&file), 5 * BLOCK_SIZE_BYTES, "nothing more");
+    }
+
+    #[test]
+    fn frames_written_by_several_writers_into_allocated_blocks_land_byte_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        let (frames, per_frame) = (16u64, 8u64);
+        let size = frames * per_frame * BLOCK_SIZE_BYTES;
+        let file = tideline_testkit::sized_file(&path, size);
+        if !allocated(&file, &[(0, frames * per_frame)], size) {
+            return;
+        }
+        // Block i of frame f goes to volume block i * 16 + f: no two blocks of a frame meet,
+        // and each run meets runs of the neighbouring frames.
+        let content = |f: u64, i: u64| block((f * per_frame + i + 1) as u8);
+        let volume = VolumeName::new("v").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let written = runtime.block_on(async {
+            let writer =
+                FrameWriter::start(file.try_clone().unwrap(), &path, size, volume, true).unwrap();
+            for f in 0..frames {
+                let blocks: Vec<Vec<u8>> = (0..per_frame).map(|i| content(f, i)).collect();
+                let placed: Vec<(u32, u64)> =
+                    (0..per_frame).map(|i| (i as u32, i * frames + f)).collect();
+                assert!(writer.submit(frame_of(&blocks, &placed, None)).await);
+            }
+            writer.finish().await.unwrap()
+        });
+        assert_eq!(written, size);
+        let mut back = vec![0u8; size as usize];
+        file.read_exact_at(&mut back, 0).unwrap();
+        for f in 0..frames {
+            for i in 0..per_frame {
+                let at = ((i * frames + f) * BLOCK_SIZE_BYTES) as usize;
+                assert!(
+                    back[at..at + BLOCK_SIZE] == content(f, i),
+                    "block {i} of frame {f}"
+                );
+            }
+        }
+        assert_eq!(allocated_bytes(&file), size);
     }
 
     #[test]

@@ -102,6 +102,7 @@ async fn receive_image(
             volume: volume.to_string(),
             point: Some(point),
             frames: true,
+            data_extents: true,
         })
         .await
         .map_err(|s| anyhow::anyhow!("restore {volume}: {}", s.message()))?
@@ -117,14 +118,19 @@ async fn receive_image(
     // size update).
     file.set_len(header.size_bytes)
         .context("size restored image")?;
+    let failed = |e: anyhow::Error| anyhow::anyhow!("restore {volume} failed: {e:#}");
+    let (allocated, mut next) = allocate_ranges(&mut stream, &file, header.size_bytes)
+        .await
+        .map_err(failed)?;
     let writer = FrameWriter::start(
         file.try_clone().context("clone restored image handle")?,
         partial,
         header.size_bytes,
         volume.clone(),
-    );
+        allocated,
+    )?;
     let ended = loop {
-        match stream.message().await {
+        match next {
             Ok(Some(v1::RestoreMessage {
                 msg: Some(Msg::Frame(frame)),
             })) => {
@@ -136,9 +142,9 @@ async fn receive_image(
             Ok(None) => break Ok(()),
             Err(s) => break Err(anyhow::anyhow!("{}", s.message())),
         }
+        next = stream.message().await;
     };
     // A worker's error (a corrupt block) explains a stream that stopped early: it comes first.
-    let failed = |e: anyhow::Error| anyhow::anyhow!("restore {volume} failed: {e:#}");
     let data_bytes = writer.finish().await.map_err(failed)?;
     ended.map_err(failed)?;
     // The fsync waits for the disk: off the runtime's threads.
@@ -147,6 +153,37 @@ async fn receive_image(
 }
 
 /// The header a restore (or delta) stream starts with; `what` names the stream in errors.
+/// The message after a frames restore's header: a frame, the end, or an error.
+type NextMessage = Result<Option<v1::RestoreMessage>, tonic::Status>;
+
+/// Allocates the block ranges the collector lists ahead of the frames; whether all of them
+/// were allocated, and the message after them.
+async fn allocate_ranges(
+    stream: &mut tonic::Streaming<v1::RestoreMessage>,
+    file: &std::fs::File,
+    size_bytes: u64,
+) -> anyhow::Result<(bool, NextMessage)> {
+    let mut allocated = None;
+    loop {
+        let next = stream.message().await;
+        let Ok(Some(v1::RestoreMessage {
+            msg: Some(Msg::DataExtents(ranges)),
+        })) = next
+        else {
+            return Ok((allocated.unwrap_or(false), next));
+        };
+        if allocated == Some(false) {
+            continue;
+        }
+        let file = file.try_clone().context("clone restored image handle")?;
+        let done = tokio::task::spawn_blocking(move || {
+            crate::frames::allocate(&file, &ranges, size_bytes)
+        })
+        .await??;
+        allocated = Some(done);
+    }
+}
+
 pub async fn read_header(
     stream: &mut tonic::Streaming<v1::RestoreMessage>,
     what: &str,

@@ -25,6 +25,8 @@ use crate::live::Live;
 pub const RESTORE_EXTENT_BYTES: usize = 4 << 20;
 /// Restore messages buffered ahead of the network.
 const RESTORE_QUEUE: usize = 8;
+/// Block ranges per [`v1::DataExtents`] message: about 1 MiB of it at most.
+const DATA_EXTENTS_PER_MESSAGE: usize = 1 << 16;
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 pub struct CatalogService {
@@ -487,7 +489,8 @@ impl v1::catalog_server::Catalog for CatalogService {
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let store = self.store.clone();
         if request.frames {
-            tokio::task::spawn_blocking(move || stream_frames(&store, &plan, &tx, started));
+            let ranges = request.data_extents;
+            tokio::task::spawn_blocking(move || stream_frames(&store, &plan, ranges, &tx, started));
         } else {
             tokio::task::spawn_blocking(move || stream_plan(&store, &plan, &tx));
         }
@@ -548,16 +551,32 @@ fn end_stream(
     }
 }
 
-/// Sends the header and every frame holding blocks of `plan`, as stored: the client
-/// decompresses and verifies them ([`v1::RestoreFrame`]).
+/// Sends the header, the image's block ranges ([`v1::DataExtents`]) when `with_ranges`, and
+/// every frame holding blocks of `plan`, as stored: the client decompresses and verifies them
+/// ([`v1::RestoreFrame`]).
 fn stream_frames(
     store: &Store,
     plan: &RestorePlan,
+    with_ranges: bool,
     tx: &mpsc::Sender<Result<v1::RestoreMessage, Status>>,
     started: std::time::Instant,
 ) {
     if send(tx, v1::restore_message::Msg::Header(plan_header(plan))).is_err() {
         return;
+    }
+    let ranges = if with_ranges {
+        store::plan_block_ranges(plan)
+    } else {
+        Vec::new()
+    };
+    for ranges in ranges.chunks(DATA_EXTENTS_PER_MESSAGE) {
+        let extents = v1::DataExtents {
+            start_block: ranges.iter().map(|r| r.0 .0).collect(),
+            block_count: ranges.iter().map(|r| r.1).collect(),
+        };
+        if send(tx, v1::restore_message::Msg::DataExtents(extents)).is_err() {
+            return;
+        }
     }
     let (mut frames, mut zstd_bytes, mut first_frame_ms) = (0u64, 0u64, None);
     let sent = store::for_each_stored_frame(store, plan, |frame| {

@@ -465,10 +465,41 @@ pub fn plan_data_bytes(plan: &RestorePlan) -> u64 {
     }
 }
 
+/// The plan's blocks as ranges of consecutive blocks, `(first, count)`, in order: what a
+/// restored image allocates.
+pub fn plan_block_ranges(plan: &RestorePlan) -> Vec<(BlockNo, u64)> {
+    let mut ranges: Vec<(BlockNo, u64)> = Vec::new();
+    for &(block, _) in &plan.blocks {
+        match ranges.last_mut() {
+            Some((first, count)) if first.0 + *count == block.0 => *count += 1,
+            _ => ranges.push((block, 1)),
+        }
+    }
+    ranges
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::PackId;
+
+    #[test]
+    fn block_ranges_join_consecutive_blocks_only() {
+        let plan = |blocks: &[u64]| RestorePlan {
+            volume: crate::VolumeName::new("v").unwrap(),
+            size_bytes: 1 << 30,
+            seq: crate::Seq(1),
+            time: crate::TimeNs(0),
+            blocks: blocks
+                .iter()
+                .map(|&b| (BlockNo(b), ChunkHash::of(&[0u8; BLOCK_SIZE])))
+                .collect(),
+        };
+        assert!(plan_block_ranges(&plan(&[])).is_empty());
+        let ranges = plan_block_ranges(&plan(&[0, 1, 2, 5, 7, 8]));
+        let ranges: Vec<(u64, u64)> = ranges.into_iter().map(|(b, n)| (b.0, n)).collect();
+        assert_eq!(ranges, [(0, 3), (5, 1), (7, 2)]);
+    }
 
     fn loc(pack: u32, offset: u64, entry_len: u32) -> ChunkLoc {
         ChunkLoc {

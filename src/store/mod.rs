@@ -105,8 +105,8 @@ mod tests;
 
 pub use epoch::{Abandoned, EpochStart, GroupRole, History};
 pub use materialise::{
-    extents, for_each_extent, for_each_stored_frame, materialise, plan_data_bytes, Extents,
-    MaterialiseStats, StoredFrame, MATERIALISE_EXTENT_BYTES,
+    extents, for_each_extent, for_each_stored_frame, materialise, plan_block_ranges,
+    plan_data_bytes, Extents, MaterialiseStats, StoredFrame, MATERIALISE_EXTENT_BYTES,
 };
 pub use pack::{FrameBytes, PackId, PACKS_DIR};
 

@@ -167,8 +167,14 @@ fn realistic_data_is_stored_compressed_and_deduplicated() {
         "the second copy added {added_pack} pack bytes, over 1% of {allocated}"
     );
 
-    // Both copies restore from the shared chunks.
+    // Both copies restore from the shared chunks, into an image that allocates no more than
+    // the two copies' blocks (the restore allocates the non-zero ranges up front).
     let restored = rig.restore_latest("restored.img");
     assert_window_equals(&restored, 0, GIB, &image);
     assert_window_equals(&restored, GIB, GIB, &image);
+    let restored_allocated = harness::allocated_bytes(&restored);
+    assert!(
+        restored_allocated <= 2 * allocated + 2 * allocated / 100,
+        "the restored image allocates {restored_allocated} bytes for two copies of an image of {allocated} allocated bytes"
+    );
 }
