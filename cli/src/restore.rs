@@ -152,7 +152,6 @@ async fn receive_image(
     Ok((header, data_bytes))
 }
 
-/// The header a restore (or delta) stream starts with; `what` names the stream in errors.
 /// The message after a frames restore's header: a frame, the end, or an error.
 type NextMessage = Result<Option<v1::RestoreMessage>, tonic::Status>;
 
@@ -184,6 +183,7 @@ async fn allocate_ranges(
     }
 }
 
+/// The header a restore (or delta) stream starts with; `what` names the stream in errors.
 pub async fn read_header(
     stream: &mut tonic::Streaming<v1::RestoreMessage>,
     what: &str,
