@@ -76,6 +76,9 @@ fn hashing(c: &mut Criterion) {
     group.bench_function("blake3_4k_blocks", |b| {
         b.iter(|| black_box(block::chunks_of(&data)))
     });
+    group.bench_function("blake3_4k_blocks_side_by_side", |b| {
+        b.iter(|| black_box(block::hash_blocks(&data)))
+    });
     group.bench_function("zero_detect_4k_blocks", |b| {
         b.iter(|| {
             black_box(

@@ -114,8 +114,9 @@ pub fn verify(hashes: &[ChunkHash], data: &[u8]) -> Result<(), FrameError> {
             actual: data.len(),
         });
     }
-    for (index, (expected, block)) in hashes.iter().zip(data.chunks(BLOCK_SIZE)).enumerate() {
-        if ChunkHash::of(block) != *expected {
+    let actual = crate::block::hash_blocks(data);
+    for (index, (expected, actual)) in hashes.iter().zip(&actual).enumerate() {
+        if actual != expected {
             return Err(FrameError::HashMismatch {
                 index,
                 expected: *expected,

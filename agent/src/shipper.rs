@@ -523,19 +523,15 @@ fn to_record(
             data,
             origin,
         } => {
-            let blocks = data
-                .chunks(BLOCK_SIZE)
-                .map(|b| {
-                    let chunk = block::chunk_of(b);
-                    if let Some(hash) = chunk {
-                        if seen.insert(hash) {
-                            batch.chunks.push(hash);
-                            batch.chunk_data.extend_from_slice(b);
-                        }
+            let blocks = block::chunks_of(&data);
+            for (chunk, b) in blocks.iter().zip(data.chunks(BLOCK_SIZE)) {
+                if let Some(hash) = chunk {
+                    if seen.insert(*hash) {
+                        batch.chunks.push(*hash);
+                        batch.chunk_data.extend_from_slice(b);
                     }
-                    chunk
-                })
-                .collect();
+                }
+            }
             RecordKind::Write {
                 volume,
                 first,

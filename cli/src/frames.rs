@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
+use tideline_core::block;
 use tideline_core::direct::{AlignedBuf, DirectWriter};
 use tideline_core::frame::{self, MAX_FRAME_BLOCKS};
 use tideline_core::store::{ChunkReadError, StoreError};
@@ -323,9 +324,12 @@ fn check_frame(
     let data = &mut buffer[..frame.block_count as usize * BLOCK_SIZE];
     frame::decompress_into(&frame.zstd_data, data)
         .map_err(|e| corrupt(first.block, e.to_string()))?;
-    let block_bytes = |index: usize| &data[index * BLOCK_SIZE..(index + 1) * BLOCK_SIZE];
-    for p in &placed {
-        if ChunkHash::of(block_bytes(p.index)) != p.hash {
+    let placed_blocks: Vec<&[u8; BLOCK_SIZE]> = placed
+        .iter()
+        .filter_map(|p| data[p.index * BLOCK_SIZE..][..BLOCK_SIZE].try_into().ok())
+        .collect();
+    for (p, actual) in placed.iter().zip(block::hash_each(&placed_blocks)) {
+        if actual != p.hash {
             return Err(corrupt(
                 p.block,
                 format!("block {} does not match its hash", p.index),

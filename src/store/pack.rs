@@ -332,8 +332,8 @@ pub(crate) fn load_frame(
         .map_err(|e| corrupt(pack, loc, e.to_string()))?;
     let block_ok: Vec<bool> = hashes
         .iter()
-        .zip(data.chunks_exact(BLOCK_SIZE))
-        .map(|(hash, block)| ChunkHash::of(block) == *hash)
+        .zip(crate::block::hash_blocks(&data))
+        .map(|(hash, actual)| actual == *hash)
         .collect();
     Ok(LoadedFrame {
         hashes,
