@@ -187,10 +187,13 @@ pub fn allocate(file: &File, ranges: &v1::DataExtents, size_bytes: u64) -> anyho
         let done = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as i64, len as i64) };
         if done != 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                return Ok(false);
+            match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => return Ok(false),
+                Some(libc::ENOSPC) => bail!(
+                    "no space for the restored image's data ({e}, allocating {len} bytes at offset {offset}); nothing was written: free space there or restore to another filesystem"
+                ),
+                _ => bail!("allocate {len} bytes at offset {offset} of the restored image: {e}"),
             }
-            bail!("allocate {len} bytes at offset {offset} of the restored image: {e}");
         }
     }
     Ok(true)

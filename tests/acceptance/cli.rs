@@ -75,6 +75,37 @@ fn restore_refuses_to_overwrite_without_force() {
 }
 
 #[test]
+fn restore_onto_a_filesystem_too_small_fails_before_writing_and_leaves_nothing() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing = (!root).then(|| "root, to mount a small tmpfs".to_owned());
+    if !harness::skip_or_fail(missing.into_iter().collect()) {
+        return;
+    }
+    let rig = rig_with_data("nospace");
+    let small = rig.path("small");
+    let _mounted = crate::kernel::Mounted::mount(
+        &["-t", "tmpfs", "-o", "size=512k"],
+        std::path::Path::new("tmpfs"),
+        &small,
+    );
+    let out = small.join("image.img");
+    let args = ["restore", "--volume", "nospace", "--latest", "--out"];
+    let mut args = args.to_vec();
+    args.push(out.to_str().unwrap());
+    let output = harness::tideline(&rig.url(), &args);
+    assert!(!output.success(), "restore of 1 MiB into 512 KiB: {output}");
+    assert!(
+        output.stderr.contains("no space for the restored image")
+            && output.stderr.contains("nothing was written")
+            && output.stderr.contains("restore to another filesystem"),
+        "{output}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&small).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
 fn wait_times_out_and_restore_refuses_times_it_cannot_vouch_for() {
     let rig = rig_with_data("waiting");
     let url = rig.url();
