@@ -77,48 +77,19 @@ impl FrameWriter {
         let failed = Arc::new(AtomicBool::new(false));
         let checkers = (0..threads)
             .map(|_| {
-                let (rx, checked_tx, spare_rx) = (rx.clone(), checked_tx.clone(), spare_rx.clone());
+                let queues = (rx.clone(), checked_tx.clone(), spare_rx.clone());
                 let (failed, volume) = (failed.clone(), volume.clone());
-                std::thread::spawn(move || loop {
-                    let next = rx
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .blocking_recv();
-                    let Some(frame) = next else {
-                        return Ok(());
-                    };
-                    let buffer = spare_rx.try_recv().unwrap_or_else(|_| frame_buffer());
-                    let checked =
-                        check_frame(size_bytes, &volume, &frame, buffer).inspect_err(|_| {
-                            failed.store(true, Ordering::Relaxed);
-                        })?;
-                    if checked_tx.send(checked).is_err() {
-                        // The writer stopped: it failed and says why.
-                        return Ok(());
-                    }
-                })
+                std::thread::spawn(move || check_frames(queues, size_bytes, &volume, &failed))
             })
             .collect();
         let image = ImageWriter::new(file, path, allocated);
         let writers = (0..writer_count)
             .map(|_| {
-                let mut image = image.try_clone()?;
+                let image = image.try_clone()?;
                 let (checked_rx, spare_tx) = (checked_rx.clone(), spare_tx.clone());
                 let failed = failed.clone();
                 Ok(std::thread::spawn(move || {
-                    let mut written = 0;
-                    while let Ok(first) = checked_rx.recv() {
-                        let mut gathered = vec![first];
-                        gathered.extend(checked_rx.try_iter().take(WRITE_GATHER_FRAMES - 1));
-                        written += image.write(&gathered).inspect_err(|_| {
-                            failed.store(true, Ordering::Relaxed);
-                        })?;
-                        for checked in gathered {
-                            // Reused, its pages stay mapped: a fresh buffer faults them in again.
-                            let _ = spare_tx.try_send(checked.data);
-                        }
-                    }
-                    Ok(written)
+                    write_frames(image, &checked_rx, &spare_tx, &failed)
                 }))
             })
             .collect::<anyhow::Result<_>>()?;
@@ -197,6 +168,62 @@ pub fn allocate(file: &File, ranges: &v1::DataExtents, size_bytes: u64) -> anyho
         }
     }
     Ok(true)
+}
+
+/// Where a checker takes frames from, hands checked ones to, and finds spare buffers.
+type CheckerQueues = (
+    Arc<Mutex<tokio::sync::mpsc::Receiver<v1::RestoreFrame>>>,
+    crossbeam_channel::Sender<Checked>,
+    crossbeam_channel::Receiver<AlignedBuf>,
+);
+
+/// A checker thread: decompresses and checks frames until the stream ends or a frame fails.
+fn check_frames(
+    (frames, checked_tx, spare_rx): CheckerQueues,
+    size_bytes: u64,
+    volume: &VolumeName,
+    failed: &AtomicBool,
+) -> anyhow::Result<()> {
+    loop {
+        let next = frames
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocking_recv();
+        let Some(frame) = next else {
+            return Ok(());
+        };
+        let buffer = spare_rx.try_recv().unwrap_or_else(|_| frame_buffer());
+        let checked = check_frame(size_bytes, volume, &frame, buffer).inspect_err(|_| {
+            failed.store(true, Ordering::Relaxed);
+        })?;
+        if checked_tx.send(checked).is_err() {
+            // The writers stopped: one failed and says why.
+            return Ok(());
+        }
+    }
+}
+
+/// A writer thread: writes checked frames, up to [`WRITE_GATHER_FRAMES`] at a time, until the
+/// checkers are done; the bytes it wrote.
+fn write_frames(
+    mut image: ImageWriter,
+    checked_rx: &crossbeam_channel::Receiver<Checked>,
+    spare_tx: &crossbeam_channel::Sender<AlignedBuf>,
+    failed: &AtomicBool,
+) -> anyhow::Result<u64> {
+    let mut written = 0;
+    while let Ok(first) = checked_rx.recv() {
+        let mut gathered = vec![first];
+        gathered.extend(checked_rx.try_iter().take(WRITE_GATHER_FRAMES - 1));
+        written += image.write(&gathered).inspect_err(|_| {
+            failed.store(true, Ordering::Relaxed);
+        })?;
+        for checked in gathered {
+            // Reused, its pages stay mapped: a fresh buffer faults them in again.
+            let _ = spare_tx.try_send(checked.data);
+        }
+    }
+    Ok(written)
 }
 
 /// What the thread returned; a panic in it goes on in this thread.
