@@ -36,7 +36,8 @@ const QUEUED_PER_WORKER: usize = 2;
 /// about a tenth; with eight writers into allocated blocks, 1, 4 and 8 frames measured the
 /// same within the noise, so a writer holds at most 4 frames.
 const WRITE_GATHER_FRAMES: usize = 4;
-/// Writer threads when the image's blocks were allocated up front (one otherwise). Each waits
+/// Writer threads when the image's blocks were allocated up front and its filesystem takes
+/// direct I/O (one otherwise). Each waits
 /// for the disk most of the time, so more writers keep more writes in flight: restoring a
 /// 4 GiB ext4 image took a median 3.5 s with 2, 3.1 s with 4, 2.8-3.0 s with 8 and 2.7 s
 /// with 12 on the 2-core machine this is measured on.
@@ -56,8 +57,9 @@ pub struct FrameWriter {
 impl FrameWriter {
     /// Starts the threads for an image of `size_bytes` of `volume` in `file`, found at `path`;
     /// `allocated` when [`allocate`] allocated its blocks. Into blocks that still need
-    /// allocating one thread writes: with several, they took turns on the image's inode lock
-    /// and the waiting one spun in the kernel (4.6 to 12.5 % of a restore's CPU samples).
+    /// allocating, or without direct I/O, one thread writes: with several, they took turns on
+    /// the image's inode lock and the waiting one spun in the kernel (4.6 to 12.5 % of a
+    /// restore's CPU samples).
     pub fn start(
         file: File,
         path: &Path,
@@ -66,7 +68,13 @@ impl FrameWriter {
         allocated: bool,
     ) -> anyhow::Result<FrameWriter> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let writer_count = if allocated { WRITERS_INTO_ALLOCATED } else { 1 };
+        let image = ImageWriter::new(file, path, allocated);
+        // Buffered writes take the inode lock for themselves however the blocks were allocated.
+        let writer_count = if allocated && image.direct.is_some() {
+            WRITERS_INTO_ALLOCATED
+        } else {
+            1
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
         let rx = Arc::new(Mutex::new(rx));
         let (checked_tx, checked_rx) = crossbeam_channel::bounded(WRITE_GATHER_FRAMES);
@@ -82,7 +90,6 @@ impl FrameWriter {
                 std::thread::spawn(move || check_frames(queues, size_bytes, &volume, &failed))
             })
             .collect();
-        let image = ImageWriter::new(file, path, allocated);
         let writers = (0..writer_count)
             .map(|_| {
                 let image = image.try_clone()?;
