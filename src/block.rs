@@ -28,12 +28,8 @@ pub fn chunk_of(block: &[u8]) -> Option<ChunkHash> {
 /// Chunks of every [`BLOCK_SIZE`] block of `data` (a shorter last block is hashed as it is),
 /// the non-zero blocks hashed side by side ([`hash_each`]).
 pub fn chunks_of(data: &[u8]) -> Vec<Option<ChunkHash>> {
-    let whole = data.chunks_exact(BLOCK_SIZE);
-    let tail = whole.remainder();
-    let blocks: Vec<(&[u8; BLOCK_SIZE], bool)> = whole
-        .filter_map(|b| b.try_into().ok())
-        .map(|b: &[u8; BLOCK_SIZE]| (b, is_zero(b)))
-        .collect();
+    let (whole, tail) = data.as_chunks::<BLOCK_SIZE>();
+    let blocks: Vec<(&[u8; BLOCK_SIZE], bool)> = whole.iter().map(|b| (b, is_zero(b))).collect();
     let non_zero: Vec<&[u8; BLOCK_SIZE]> = blocks
         .iter()
         .filter(|(_, zero)| !zero)
@@ -69,10 +65,7 @@ pub fn hash_each(blocks: &[&[u8; BLOCK_SIZE]]) -> Vec<ChunkHash> {
 /// The hashes of the [`BLOCK_SIZE`] blocks of `data`, whose length must be a multiple of it.
 pub fn hash_blocks(data: &[u8]) -> Vec<ChunkHash> {
     debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
-    let blocks: Vec<&[u8; BLOCK_SIZE]> = data
-        .chunks_exact(BLOCK_SIZE)
-        .filter_map(|b| b.try_into().ok())
-        .collect();
+    let blocks: Vec<&[u8; BLOCK_SIZE]> = data.as_chunks::<BLOCK_SIZE>().0.iter().collect();
     hash_each(&blocks)
 }
 
@@ -152,8 +145,9 @@ fn hash_group(
     );
     // Each block's root: its two parents' chaining values, side by side already.
     let roots: Vec<&[u8; PARENT_LEN]> = parent_cvs[..2 * n * CV_LEN]
-        .chunks_exact(PARENT_LEN)
-        .filter_map(|node| node.try_into().ok())
+        .as_chunks::<PARENT_LEN>()
+        .0
+        .iter()
         .collect();
     let mut out = [0u8; LANES * CV_LEN];
     platform.hash_many(
@@ -171,16 +165,12 @@ fn hash_group(
 
 /// Chunk `k` of `block`.
 fn chunk(block: &[u8; BLOCK_SIZE], k: usize) -> &[u8; CHUNK_LEN] {
-    block[k * CHUNK_LEN..][..CHUNK_LEN]
-        .try_into()
-        .unwrap_or(&[0; CHUNK_LEN])
+    &block.as_chunks::<CHUNK_LEN>().0[k]
 }
 
 /// Chaining value `i` of `cvs`.
 fn cv(cvs: &[u8], i: usize) -> &[u8; CV_LEN] {
-    cvs[i * CV_LEN..][..CV_LEN]
-        .try_into()
-        .unwrap_or(&[0; CV_LEN])
+    &cvs.as_chunks::<CV_LEN>().0[i]
 }
 
 #[cfg(test)]

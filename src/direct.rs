@@ -72,9 +72,12 @@ impl DerefMut for AlignedBuf {
 /// True for a write large and aligned enough to go around the page cache, where the file
 /// allows ([`DirectWriter::takes`]).
 pub fn suits_direct(offset: u64, len: usize) -> bool {
-    len >= DIRECT_MIN_BYTES
-        && offset.is_multiple_of(BLOCK_SIZE_BYTES)
-        && len.is_multiple_of(BLOCK_SIZE)
+    len >= DIRECT_MIN_BYTES && block_aligned(offset, len)
+}
+
+/// True when `len` bytes at `offset` are whole blocks at a block boundary.
+fn block_aligned(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(BLOCK_SIZE_BYTES) && len.is_multiple_of(BLOCK_SIZE)
 }
 
 /// Opens `path` read-only with `O_DIRECT`.
@@ -85,10 +88,11 @@ pub fn open_for_direct_reads(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// A file opened for direct I/O, with an aligned bounce buffer for data that is not aligned.
+/// A file opened for direct I/O, with an aligned bounce buffer for data that is not aligned
+/// (allocated by the first such write: a restore's writers never need one).
 pub struct DirectWriter {
     file: File,
-    bounce: AlignedBuf,
+    bounce: Option<AlignedBuf>,
     /// Set when the kernel refused a direct write (EINVAL): from then on writes go buffered.
     refused: bool,
 }
@@ -107,34 +111,31 @@ impl DirectWriter {
             .ok()?;
         Some(DirectWriter {
             file,
-            bounce: AlignedBuf::zeroed(BOUNCE_BYTES),
+            bounce: None,
             refused: false,
         })
     }
 
-    /// Another writer to the same file, with a bounce buffer of its own, for writes that run at
-    /// the same time as this one's.
+    /// Another writer to the same file, with a bounce buffer of its own if it needs one, for
+    /// writes that run at the same time as this one's.
     pub fn try_clone(&self) -> io::Result<DirectWriter> {
         Ok(DirectWriter {
             file: self.file.try_clone()?,
-            bounce: AlignedBuf::zeroed(BOUNCE_BYTES),
+            bounce: None,
             refused: self.refused,
         })
     }
 
     /// True when a write of `len` bytes at `offset` should go around the page cache.
     pub fn takes(&self, offset: u64, len: usize) -> bool {
-        !self.refused && suits_direct(offset, len)
+        self.takes_at_least(offset, len, DIRECT_MIN_BYTES)
     }
 
-    /// True when a block-aligned write of any size at `offset` can go around the page cache.
-    /// For writes into blocks allocated beforehand: those do not wait for each other, so a
-    /// small direct write holds up only its own writer.
-    pub fn takes_any_size(&self, offset: u64, len: usize) -> bool {
-        !self.refused
-            && len > 0
-            && offset.is_multiple_of(BLOCK_SIZE_BYTES)
-            && len.is_multiple_of(BLOCK_SIZE)
+    /// [`DirectWriter::takes`] with another smallest size: a restore writing into blocks
+    /// allocated beforehand sends every whole-block run direct, as those writes do not wait
+    /// for each other.
+    pub fn takes_at_least(&self, offset: u64, len: usize, min_bytes: usize) -> bool {
+        !self.refused && len > 0 && len >= min_bytes && block_aligned(offset, len)
     }
 
     /// True once the kernel refused a direct write: from then on everything goes buffered.
@@ -150,9 +151,12 @@ impl DirectWriter {
         if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
             return write_aligned(&self.file, &mut self.refused, data, offset);
         }
+        let bounce = self
+            .bounce
+            .get_or_insert_with(|| AlignedBuf::zeroed(BOUNCE_BYTES));
         for (i, piece) in data.chunks(BOUNCE_BYTES).enumerate() {
             let at = offset + (i * BOUNCE_BYTES) as u64;
-            let bounce = &mut self.bounce[..piece.len()];
+            let bounce = &mut bounce[..piece.len()];
             bounce.copy_from_slice(piece);
             if !write_aligned(&self.file, &mut self.refused, bounce, at)? {
                 return Ok(false);
@@ -173,21 +177,17 @@ impl DirectWriter {
         if self.refused || !pieces.iter().all(aligned) {
             return Ok(false);
         }
-        let mut at = offset;
-        for group in pieces.chunks(IOV_MAX) {
-            let mut slices: Vec<IoSlice<'_>> = group.iter().map(|p| IoSlice::new(p)).collect();
-            match write_all_vectored_at(&self.file, &mut slices, at) {
-                Ok(()) => at += group.iter().map(|p| p.len() as u64).sum::<u64>(),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    tracing::info!(offset = at, error = %e,
-                        "direct write refused: large writes go through the page cache from now on");
-                    self.refused = true;
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
+        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        match write_all_vectored_at(&self.file, &mut slices, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(offset, error = %e,
+                    "direct write refused: large writes go through the page cache from now on");
+                self.refused = true;
+                Ok(false)
             }
+            Err(e) => Err(e),
         }
-        Ok(true)
     }
 }
 
@@ -290,5 +290,14 @@ mod tests {
             back == *aligned,
             "bytes written from the aligned buffer differ"
         );
+        // Two aligned pieces in one vectored write, from the aligned buffer's two halves in
+        // reverse; a piece that is not whole blocks is declined and writes nothing.
+        let (first, second) = aligned.split_at(BOUNCE_BYTES);
+        assert!(direct.write_pieces(&[second, first], 8 << 20).unwrap());
+        let mut back = vec![0u8; aligned.len()];
+        buffered.read_exact_at(&mut back, 8 << 20).unwrap();
+        assert!(back[..BOUNCE_BYTES] == *second && back[BOUNCE_BYTES..] == *first);
+        assert!(!direct.write_pieces(&[&first[..100]], 12 << 20).unwrap());
+        assert!(!direct.refused(), "declined, not refused by the kernel");
     }
 }
