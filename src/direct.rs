@@ -10,6 +10,11 @@
 //! write waits for the disk, and both users (an NBD connection's ordinary writes and the restore's
 //! writer thread) write one piece after another.
 //!
+//! Each writer submits its direct writes through Linux AIO ([`crate::aio`]) and waits for them:
+//! a write into a hole of a sparse file then holds ext4's inode lock only while it is queued,
+//! not until it is on the disk, so several writers' allocating writes overlap. A writer whose
+//! AIO context cannot be had or fails uses `pwritev`.
+//!
 //! Durability is the caller's as before: a direct write has reached the disk's cache, not
 //! necessarily its platter, so the same fsync still ends a restore and a FLUSH still syncs the
 //! volume. Buffered and direct writes to one file stay coherent: the kernel writes back and
@@ -18,9 +23,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::ops::{Deref, DerefMut};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::aio::AioContext;
 use crate::{BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
 /// Writes of at least this many bytes, block-aligned, go around the page cache.
@@ -95,6 +101,34 @@ pub struct DirectWriter {
     bounce: Option<AlignedBuf>,
     /// Set when the kernel refused a direct write (EINVAL): from then on writes go buffered.
     refused: bool,
+    aio: Aio,
+}
+
+/// Whether a writer submits through AIO ([`crate::aio`]), decided by its first write.
+enum Aio {
+    Untried,
+    Ready(AioContext),
+    /// No AIO context to be had, or one failed: `pwritev` from then on.
+    Unavailable,
+}
+
+impl Aio {
+    /// The context, set up by the first write that asks.
+    fn ready(&mut self) -> Option<&mut AioContext> {
+        if let Aio::Untried = self {
+            *self = match AioContext::new() {
+                Ok(context) => Aio::Ready(context),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no AIO context: direct writes use pwritev");
+                    Aio::Unavailable
+                }
+            };
+        }
+        match self {
+            Aio::Ready(context) => Some(context),
+            _ => None,
+        }
+    }
 }
 
 impl DirectWriter {
@@ -113,6 +147,7 @@ impl DirectWriter {
             file,
             bounce: None,
             refused: false,
+            aio: Aio::Untried,
         })
     }
 
@@ -123,6 +158,7 @@ impl DirectWriter {
             file: self.file.try_clone()?,
             bounce: None,
             refused: self.refused,
+            aio: Aio::Untried,
         })
     }
 
@@ -149,20 +185,24 @@ impl DirectWriter {
     /// all of `data` through the page cache.
     pub fn write(&mut self, data: &[u8], offset: u64) -> io::Result<bool> {
         if data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
-            return write_aligned(&self.file, &mut self.refused, data, offset);
+            return self.write_slices(&[data], offset);
         }
-        let bounce = self
+        let mut bounce = self
             .bounce
-            .get_or_insert_with(|| AlignedBuf::zeroed(BOUNCE_BYTES));
+            .take()
+            .unwrap_or_else(|| AlignedBuf::zeroed(BOUNCE_BYTES));
+        let mut written = Ok(true);
         for (i, piece) in data.chunks(BOUNCE_BYTES).enumerate() {
             let at = offset + (i * BOUNCE_BYTES) as u64;
             let bounce = &mut bounce[..piece.len()];
             bounce.copy_from_slice(piece);
-            if !write_aligned(&self.file, &mut self.refused, bounce, at)? {
-                return Ok(false);
+            written = self.write_slices(&[bounce], at);
+            if !matches!(written, Ok(true)) {
+                break;
             }
         }
-        Ok(true)
+        self.bounce = Some(bounce);
+        written
     }
 
     /// Writes `pieces` one after another from `offset` in as few system calls as the kernel's
@@ -177,8 +217,28 @@ impl DirectWriter {
         if self.refused || !pieces.iter().all(aligned) {
             return Ok(false);
         }
-        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
-        match write_all_vectored_at(&self.file, &mut slices, offset) {
+        self.write_slices(pieces, offset)
+    }
+
+    /// Writes all of `pieces` (aligned) one after another from `offset`; false, with the
+    /// writer marked refused, when the kernel refused direct I/O (EINVAL).
+    fn write_slices(&mut self, pieces: &[&[u8]], offset: u64) -> io::Result<bool> {
+        let slices = || pieces.iter().map(|p| IoSlice::new(p)).collect::<Vec<_>>();
+        let mut written = match self.aio.ready() {
+            Some(context) => context.write_vectored_at(&self.file, &mut slices(), offset),
+            None => write_all_vectored_at(&self.file, &mut slices(), offset),
+        };
+        if let Aio::Ready(context) = &self.aio {
+            if context.broken() {
+                // Nothing is in flight any more: the same bytes go again with `pwritev`, as
+                // every later write of this writer will.
+                tracing::info!(error = ?written.as_ref().err(),
+                    "AIO failed: direct writes use pwritev from now on");
+                self.aio = Aio::Unavailable;
+                written = write_all_vectored_at(&self.file, &mut slices(), offset);
+            }
+        }
+        match written {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(offset, error = %e,
@@ -192,7 +252,7 @@ impl DirectWriter {
 }
 
 /// The most pieces one `pwritev` takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// Writes all of `slices` at `offset` with `pwritev`, resuming after a short write.
 fn write_all_vectored_at(
@@ -230,23 +290,10 @@ fn write_all_vectored_at(
     Ok(())
 }
 
-/// One direct write; false, with `refused` set, when the kernel refused it (EINVAL).
-fn write_aligned(file: &File, refused: &mut bool, data: &[u8], offset: u64) -> io::Result<bool> {
-    match file.write_all_at(data, offset) {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::info!(offset, error = %e,
-                "direct write refused: large writes go through the page cache from now on");
-            *refused = true;
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn large_aligned_writes_land_around_the_page_cache_and_small_ones_are_declined() {
@@ -299,5 +346,31 @@ mod tests {
         assert!(back[..BOUNCE_BYTES] == *second && back[BOUNCE_BYTES..] == *first);
         assert!(!direct.write_pieces(&[&first[..100]], 12 << 20).unwrap());
         assert!(!direct.refused(), "declined, not refused by the kernel");
+    }
+
+    #[test]
+    fn a_writer_whose_aio_context_failed_writes_with_pwritev() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volume");
+        let buffered = tideline_testkit::sized_file(&path, 1 << 20);
+        let (Some(mut direct), Ok(mut context)) = (DirectWriter::open(&path), AioContext::new())
+        else {
+            let why = vec![format!("O_DIRECT and AIO on {}", path.display())];
+            assert!(!tideline_testkit::skip_or_fail(why));
+            return;
+        };
+        // Broken the way a refused submission breaks it.
+        let read_only = File::open(&path).unwrap();
+        let block = AlignedBuf::zeroed(BLOCK_SIZE);
+        let slices = &mut [IoSlice::new(&block)];
+        assert!(context.write_vectored_at(&read_only, slices, 0).is_err());
+        direct.aio = Aio::Ready(context);
+        let mut data = AlignedBuf::zeroed(DIRECT_MIN_BYTES);
+        data.iter_mut().for_each(|b| *b = 7);
+        assert!(direct.write(&data, 0).unwrap());
+        assert!(matches!(direct.aio, Aio::Unavailable));
+        let mut back = vec![0u8; data.len()];
+        buffered.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == *data);
     }
 }

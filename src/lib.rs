@@ -6,6 +6,7 @@
 //! into the validated types of [`types`] and [`record`] by the `tideline-proto` crate, once, at
 //! the edge.
 
+pub mod aio;
 pub mod block;
 pub mod direct;
 pub mod dirty;

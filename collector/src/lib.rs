@@ -102,6 +102,7 @@ pub async fn run(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some(1 << 20))
         .add_service(health)
         .add_service(reflection)
         .add_service(
