@@ -10,10 +10,11 @@
 //! write waits for the disk, and both users (an NBD connection's ordinary writes and the restore's
 //! writer thread) write one piece after another.
 //!
-//! Each writer submits its direct writes through Linux AIO ([`crate::aio`]) and waits for them:
-//! a write into a hole of a sparse file then holds ext4's inode lock only while it is queued,
-//! not until it is on the disk, so several writers' allocating writes overlap. A writer whose
-//! AIO context cannot be had or fails uses `pwritev`.
+//! A writer for a file whose writes allocate blocks (a sparse volume) submits its direct writes
+//! through Linux AIO ([`crate::aio`]) and waits for them: a write into a hole then holds ext4's
+//! inode lock only while it is queued, not until it is on the disk, so several writers'
+//! allocating writes overlap. A writer whose AIO context cannot be had or fails uses `pwritev`,
+//! as every writer into blocks allocated beforehand does.
 //!
 //! Durability is the caller's as before: a direct write has reached the disk's cache, not
 //! necessarily its platter, so the same fsync still ends a restore and a FLUSH still syncs the
@@ -104,11 +105,12 @@ pub struct DirectWriter {
     aio: Aio,
 }
 
-/// Whether a writer submits through AIO ([`crate::aio`]), decided by its first write.
+/// Whether a writer submits through AIO ([`crate::aio`]).
 enum Aio {
+    /// Asked for; the first write sets the context up.
     Untried,
     Ready(AioContext),
-    /// No AIO context to be had, or one failed: `pwritev` from then on.
+    /// Not asked for, no context to be had, or one failed: `pwritev`.
     Unavailable,
 }
 
@@ -147,8 +149,17 @@ impl DirectWriter {
             file,
             bounce: None,
             refused: false,
-            aio: Aio::Untried,
+            aio: Aio::Unavailable,
         })
+    }
+
+    /// This writer (and its clones) submit through AIO: for files whose writes may allocate
+    /// blocks, such as a sparse volume. Into blocks allocated beforehand, as a restore writes,
+    /// AIO gains nothing and its deferred completions cost: a restore of the ext4 image took
+    /// 3.30-3.80 s with it against 2.98-3.36 s without (three alternating pairs).
+    pub fn submitting_through_aio(mut self) -> DirectWriter {
+        self.aio = Aio::Untried;
+        self
     }
 
     /// Another writer to the same file, with a bounce buffer of its own if it needs one, for
@@ -158,7 +169,10 @@ impl DirectWriter {
             file: self.file.try_clone()?,
             bounce: None,
             refused: self.refused,
-            aio: Aio::Untried,
+            aio: match self.aio {
+                Aio::Untried | Aio::Ready(_) => Aio::Untried,
+                Aio::Unavailable => Aio::Unavailable,
+            },
         })
     }
 
@@ -353,8 +367,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("volume");
         let buffered = tideline_testkit::sized_file(&path, 1 << 20);
-        let (Some(mut direct), Ok(mut context)) = (DirectWriter::open(&path), AioContext::new())
-        else {
+        let writer = DirectWriter::open(&path).map(DirectWriter::submitting_through_aio);
+        let (Some(mut direct), Ok(mut context)) = (writer, AioContext::new()) else {
             let why = vec![format!("O_DIRECT and AIO on {}", path.display())];
             assert!(!tideline_testkit::skip_or_fail(why));
             return;

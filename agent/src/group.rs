@@ -677,7 +677,7 @@ mod tests {
         let dir = temp.path();
         let path = dir.join("volume");
         let file = tideline_testkit::sized_file(&path, VOLUME_BYTES);
-        let direct = DirectWriter::open(&path);
+        let direct = DirectWriter::open(&path).map(DirectWriter::submitting_through_aio);
         let missing = direct
             .is_none()
             .then(|| format!("O_DIRECT on {}", path.display()));

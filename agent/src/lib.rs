@@ -248,7 +248,8 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
         volumes.push(VolumeState {
             name: volume.name.clone(),
             path: volume.path.clone(),
-            direct: tideline_core::direct::DirectWriter::open(&volume.path),
+            direct: tideline_core::direct::DirectWriter::open(&volume.path)
+                .map(tideline_core::direct::DirectWriter::submitting_through_aio),
             file,
             size_bytes,
             dirty,

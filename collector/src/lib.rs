@@ -102,6 +102,10 @@ pub async fn run(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // HTTP/2 DATA frames of up to 1 MiB instead of the default 16 KiB: an agent's 8 MiB
+        // batch went out in 512 frames, each its own `writev` on the agent and `recvfrom` here.
+        // Counted over an ingest of the ext4 image: about 79k → 11k writes by the agent and
+        // 177k → 35k reads by the collector.
         .max_frame_size(Some(1 << 20))
         .add_service(health)
         .add_service(reflection)
