@@ -82,6 +82,11 @@ pub fn suits_direct(offset: u64, len: usize) -> bool {
     len >= DIRECT_MIN_BYTES && block_aligned(offset, len)
 }
 
+/// The first block boundary at or after `offset`.
+pub fn align_up(offset: u64) -> u64 {
+    offset.next_multiple_of(BLOCK_SIZE_BYTES)
+}
+
 /// True when `len` bytes at `offset` are whole blocks at a block boundary.
 fn block_aligned(offset: u64, len: usize) -> bool {
     offset.is_multiple_of(BLOCK_SIZE_BYTES) && len.is_multiple_of(BLOCK_SIZE)

@@ -32,9 +32,10 @@
 //!    group's durable seq are skipped (idempotent resend); the first new seq is durable + 1 and
 //!    the rest contiguous; times do not go backwards; volumes belong to the group; blocks lie
 //!    inside the volume; every chunk a write names is stored or in this batch.
-//! 3. Append the frames holding at least one chunk the store lacks to the current pack
-//!    (`pwrite`), then **fsync every pack written** (and the packs directory when a pack was
-//!    created).
+//! 3. Append the frames holding at least one chunk the store lacks to the current pack, in
+//!    one write from the first block boundary at or after its end (`O_DIRECT` where the
+//!    filesystem allows, the last block padded with zeros; buffered `pwrite` otherwise), then
+//!    **fsync every pack written** (and the packs directory when a pack was created).
 //! 4. Append one `Batch` entry to `catalog.log` and **fsync it**. This is the commit point.
 //! 5. Only now publish in memory (chunk index, journal, windows) and return the new durable
 //!    seq. So `missing()` stops reporting a chunk only once it is durable, and a seq is
@@ -53,8 +54,9 @@
 //!   never acknowledged: it is truncated away (`set_len` + fsync). A bad entry followed by a
 //!   valid one means acknowledged bytes changed: corruption; the store refuses to open and says
 //!   where. An entry that decodes badly or contradicts the journal is refused the same way.
-//! * Each pack is truncated to the end of the last frame the catalog references: bytes after
-//!   it belong to batches that never committed. Pack files past the last referenced one are
+//! * Each pack is truncated to the first block boundary at or after the end of the last frame
+//!   the catalog references: zeros up to there may pad the last committed batch, and bytes
+//!   after it belong to batches that never committed. Pack files past the last referenced one are
 //!   emptied. A pack shorter than the catalog says, or missing, is logged and left alone: only
 //!   reads of the frames it lost fail, and new frames go to a fresh pack.
 //! * Packs are never scanned. A damaged pack byte does not stop the collector from starting;
@@ -119,6 +121,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
+use crate::direct::{self, AlignedBuf, DirectWriter};
 use crate::frame::{self, FrameError, MAX_FRAME_BLOCKS};
 use crate::framed::{self, ScanError, ENTRY_HEADER_BYTES, MAX_ENTRY_BODY_BYTES};
 use crate::record::{Record, RecordKind, MAX_BLOCKS_PER_RECORD};
@@ -134,6 +137,10 @@ use pack::{ChunkLoc, FrameCache, LoadedFrame, Packs};
 pub const CATALOG_FILE: &str = "catalog.log";
 /// Name of the lock file inside the store directory.
 pub const LOCK_FILE: &str = "lock";
+/// The largest staging buffer for pack writes kept between batches: an agent's batch holds at
+/// most 8 MiB of blocks, compressed into less.
+const STAGING_KEPT_BYTES: usize = 16 << 20;
+
 /// Default for [`StoreConfig::pack_target_bytes`].
 pub const DEFAULT_PACK_TARGET_BYTES: u64 = 64 << 20;
 /// Default for [`StoreConfig::frame_cache_frames`].
@@ -675,6 +682,11 @@ struct Writer {
     pack: PackId,
     pack_file: Arc<File>,
     pack_len: u64,
+    /// The current pack opened for direct writes; `None` where its filesystem has no
+    /// `O_DIRECT`, or once a direct write was refused.
+    pack_direct: Option<DirectWriter>,
+    /// Where a batch's frames are laid out, aligned, for one direct write; reused.
+    staging: AlignedBuf,
     /// Set when a failed fsync (or a failed undo) left the files in an unknown state.
     poisoned: Option<String>,
 }
@@ -789,8 +801,10 @@ impl Store {
                 catalog,
                 catalog_len: end.valid_len_bytes,
                 pack,
+                pack_direct: DirectWriter::open(&packs.path(pack)),
                 pack_file,
                 pack_len,
+                staging: AlignedBuf::zeroed(0),
                 poisoned: None,
             }),
             state: RwLock::new(state),
@@ -1446,11 +1460,8 @@ impl Store {
             return Err(StoreError::Poisoned(reason));
         }
         for (pack, file, _) in &touched {
-            let len = if *pack == writer.pack {
-                writer.pack_len
-            } else {
-                file.metadata().map(|m| m.len()).unwrap_or(0)
-            };
+            // The file's length, padding included.
+            let len = file.metadata().map_or(writer.pack_len, |m| m.len());
             state.pack_lens.insert(*pack, len);
         }
         Ok(())
@@ -1464,31 +1475,17 @@ impl Store {
         touched: &mut Vec<(PackId, Arc<File>, u64)>,
     ) -> Result<Entry, WriteFailure> {
         let mut positions = Vec::with_capacity(frames.len());
-        for (bytes, block_count) in frames {
-            let len = bytes.len() as u64;
-            if writer.pack_len > 0 && writer.pack_len + len > self.pack_target_bytes {
+        let mut rest = frames;
+        while !rest.is_empty() {
+            let fitting = self.frames_fitting(writer.pack_len, rest);
+            if fitting == 0 {
                 self.start_pack(writer)?;
+                continue;
             }
-            if touched.last().map(|t| t.0) != Some(writer.pack) {
-                touched.push((writer.pack, Arc::clone(&writer.pack_file), writer.pack_len));
-            }
-            writer
-                .pack_file
-                .write_all_at(bytes, writer.pack_len)
-                .map_err(write_failed(
-                    format!(
-                        "append a frame to {}",
-                        self.packs.path(writer.pack).display()
-                    ),
-                    false,
-                ))?;
-            positions.push(FramePos {
-                pack: writer.pack,
-                offset: writer.pack_len,
-                entry_len: len as u32,
-                block_count: *block_count,
-            });
-            writer.pack_len += len;
+            let (these, later) = rest.split_at(fitting);
+            touched.push((writer.pack, Arc::clone(&writer.pack_file), writer.pack_len));
+            positions.extend(self.append_frames(writer, these)?);
+            rest = later;
         }
         for (pack, file, _) in touched.iter() {
             file.sync_data().map_err(write_failed(
@@ -1516,6 +1513,81 @@ impl Store {
         Ok(entry)
     }
 
+    /// How many of `frames`, from the first, the current pack takes, padding included: none
+    /// when it already holds data and the first would take it past `pack_target_bytes` (a
+    /// frame larger than that still gets an empty pack of its own).
+    fn frames_fitting(&self, pack_len: u64, frames: &[(Vec<u8>, u16)]) -> usize {
+        let mut end = direct::align_up(pack_len);
+        let fitting = frames
+            .iter()
+            .take_while(|(bytes, _)| {
+                end += bytes.len() as u64;
+                direct::align_up(end) <= self.pack_target_bytes
+            })
+            .count();
+        if pack_len == 0 {
+            fitting.max(1)
+        } else {
+            fitting
+        }
+    }
+
+    /// Appends `frames` to the current pack, one after another from the first block boundary
+    /// at or after its end, in one write: around the page cache where the pack's filesystem
+    /// allows, the last block padded with zeros. Packs are never scanned, so the gaps are
+    /// never read. Returns where each frame went.
+    fn append_frames(
+        &self,
+        writer: &mut Writer,
+        frames: &[(Vec<u8>, u16)],
+    ) -> Result<Vec<FramePos>, WriteFailure> {
+        let start = direct::align_up(writer.pack_len);
+        let len: usize = frames.iter().map(|(bytes, _)| bytes.len()).sum();
+        let padded = direct::align_up(len as u64) as usize;
+        if writer.staging.len() < padded {
+            writer.staging = AlignedBuf::zeroed(padded.next_power_of_two());
+        }
+        let mut positions = Vec::with_capacity(frames.len());
+        let mut at = 0;
+        for (bytes, block_count) in frames {
+            writer.staging[at..at + bytes.len()].copy_from_slice(bytes);
+            positions.push(FramePos {
+                pack: writer.pack,
+                offset: start + at as u64,
+                entry_len: bytes.len() as u32,
+                block_count: *block_count,
+            });
+            at += bytes.len();
+        }
+        writer.staging[len..padded].fill(0);
+        let action = || {
+            format!(
+                "append frames to {}",
+                self.packs.path(writer.pack).display()
+            )
+        };
+        let direct = match writer.pack_direct.as_mut() {
+            Some(direct) => direct
+                .write_pieces(&[&writer.staging[..padded]], start)
+                .map_err(write_failed(action(), false))?,
+            None => false,
+        };
+        if !direct {
+            writer.pack_direct = None;
+            writer
+                .pack_file
+                .write_all_at(&writer.staging[..len], start)
+                .map_err(write_failed(action(), false))?;
+        }
+        writer.pack_len = start + len as u64;
+        if writer.staging.len() > STAGING_KEPT_BYTES {
+            // A batch far larger than usual (a replica's, or a 32 MiB write's) does not keep
+            // its buffer.
+            writer.staging = AlignedBuf::zeroed(0);
+        }
+        Ok(positions)
+    }
+
     /// Creates the next pack file and makes it the one appended to.
     fn start_pack(&self, writer: &mut Writer) -> Result<(), WriteFailure> {
         let id = PackId(writer.pack.0 + 1);
@@ -1538,6 +1610,7 @@ impl Store {
         writer.pack = id;
         writer.pack_file = file;
         writer.pack_len = 0;
+        writer.pack_direct = DirectWriter::open(&path);
         Ok(())
     }
 
@@ -2096,23 +2169,26 @@ fn recover_packs(packs: &Packs, state: &mut State) -> Result<(PackId, Arc<File>,
         let len = std::fs::metadata(path)
             .map_err(io_error(format!("stat {}", path.display())))?
             .len();
-        let len = if len > referenced {
+        // Batches start at block boundaries: zeros up to the next one may pad the last
+        // committed batch, and what lies beyond belongs to a batch that never committed.
+        let keep = direct::align_up(referenced);
+        let len = if len > keep {
             tracing::warn!(
                 pack = %path.display(),
-                dropped_bytes = len - referenced,
+                dropped_bytes = len - keep,
                 "pack ends with frames no committed batch references (a batch whose catalog fsync never returned); truncating them"
             );
             let file = OpenOptions::new()
                 .write(true)
                 .open(path)
                 .map_err(io_error(format!("open {}", path.display())))?;
-            file.set_len(referenced)
+            file.set_len(keep)
                 .and_then(|()| file.sync_all())
                 .map_err(io_error(format!(
-                    "truncate {} to {referenced} bytes",
+                    "truncate {} to {keep} bytes",
                     path.display()
                 )))?;
-            referenced
+            keep
         } else {
             if len < referenced {
                 tracing::error!(

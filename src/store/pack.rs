@@ -8,7 +8,9 @@
 //! u16 n | n x 32-byte blake3 hash | zstd bytes (n x 4096 bytes once decompressed)
 //! ```
 //!
-//! (little-endian). The catalog locates a chunk by pack id, byte offset of the frame's entry,
+//! (little-endian). A batch's frames follow one another from a block boundary, so that they go
+//! to the disk in one direct write; zeros fill the gap before the next batch's boundary.
+//! The catalog locates a chunk by pack id, byte offset of the frame's entry,
 //! entry length and the block's index in the frame. Packs are never scanned: a chunk is only
 //! ever read through a location the catalog holds, and every block read back is checked
 //! against the hash it was asked for, so a damaged byte fails that one read, never the store.

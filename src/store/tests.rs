@@ -604,6 +604,12 @@ fn registration_rules() {
 }
 
 /// Two batches: seqs 1-3 then 4-5, with chunks in both.
+/// Where the frames written to the current pack end: the pack's file may go on with zeros
+/// to the next block boundary.
+fn frames_end(store: &Store) -> u64 {
+    store.writer.lock().unwrap().pack_len
+}
+
 fn two_batches(store: &Store) -> (Vec<u8>, Vec<u8>) {
     let (a, b) = (block(1), block(2));
     let first = [
@@ -622,6 +628,44 @@ fn two_batches(store: &Store) -> (Vec<u8>, Vec<u8>) {
         .ingest(&grp("g"), &second, &incoming(&[OwnedFrame::new(&[&b])]))
         .unwrap();
     (a, b)
+}
+
+#[test]
+fn batches_start_at_block_boundaries_whether_written_direct_or_buffered() {
+    for direct in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = setup(dir.path());
+        if !direct {
+            store.writer.lock().unwrap().pack_direct = None;
+        }
+        let (a, b) = two_batches(&store);
+        let end = frames_end(&store);
+        let pack = pack_path(dir.path(), 1);
+        let (len, stats) = (file_len(&pack), store.stats());
+        assert!(end > 4096 && !end.is_multiple_of(4096), "{end}");
+        // The direct write padded the last block; the buffered one wrote only the frames.
+        assert_eq!(
+            len,
+            if direct {
+                end.next_multiple_of(4096)
+            } else {
+                end
+            }
+        );
+        assert_eq!(stats.pack_file_bytes, len);
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(
+            file_len(&pack),
+            len,
+            "reopening keeps the padding (direct: {direct})"
+        );
+        assert_eq!(store.stats(), stats);
+        assert_eq!(
+            image(&store, "data", PointInTime::Latest),
+            reference(MIB, &[(0, &a), (1, &b)])
+        );
+    }
 }
 
 #[test]
@@ -801,6 +845,7 @@ fn a_flipped_pack_byte_fails_reads_but_not_open() {
     store
         .ingest(&grp("g"), &records, &incoming(&frames))
         .unwrap();
+    let end = frames_end(&store) as usize;
     drop(store);
 
     // The second frame starts where the first ends; flip a byte 100 bytes before its end,
@@ -808,7 +853,7 @@ fn a_flipped_pack_byte_fails_reads_but_not_open() {
     let pack = pack_path(dir.path(), 1);
     let first_frame_len = ENTRY_HEADER_BYTES as usize + 2 + 32 + frames[0].zstd.len();
     let mut bytes = std::fs::read(&pack).unwrap();
-    let at = bytes.len() - 100;
+    let at = end - 100;
     bytes[at] ^= 0x01;
     std::fs::write(&pack, &bytes).unwrap();
 
@@ -871,14 +916,14 @@ fn a_truncated_pack_fails_reads_and_new_frames_go_to_a_new_pack() {
     let dir = tempfile::tempdir().unwrap();
     let store = setup(dir.path());
     let (a, b) = two_batches(&store);
+    let end = frames_end(&store);
     drop(store);
     let pack = pack_path(dir.path(), 1);
-    let len = file_len(&pack);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&pack)
         .unwrap()
-        .set_len(len - 10)
+        .set_len(end - 10)
         .unwrap();
     let store = open(dir.path());
     assert_eq!(store.read_chunk(&ChunkHash::of(&a)).unwrap(), a);
@@ -1110,7 +1155,8 @@ fn the_same_content_elsewhere_stores_no_new_chunk_bytes() {
 fn packs_roll_over_at_the_target_size() {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig {
-        pack_target_bytes: 10_000,
+        // Two frames of a random block each, padded to a block boundary, fit; three do not.
+        pack_target_bytes: 13_000,
         frame_cache_frames: 1,
         ..StoreConfig::new(dir.path())
     };
@@ -1143,7 +1189,7 @@ fn packs_roll_over_at_the_target_size() {
         .map(|i| file_len(&pack_path(dir.path(), i)))
         .collect();
     assert!(
-        packs.iter().all(|len| *len > 4096 && *len <= 10_000),
+        packs.iter().all(|len| *len > 4096 && *len <= 13_000),
         "{packs:?}"
     );
     assert!(!pack_path(dir.path(), 4).exists());

@@ -156,11 +156,15 @@ fn packs(data_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Frames of a pack (`magic | len | crc32c | u16 n | n hashes | zstd`): (offset of the zstd
-/// bytes, their length).
+/// bytes, their length). Each batch's frames start at a block boundary, after zeros.
 fn zstd_ranges(pack: &[u8]) -> Vec<(usize, usize)> {
     let mut ranges = Vec::new();
     let mut at = 0;
     while at + 14 <= pack.len() {
+        if pack[at..at + 4] == [0; 4] {
+            at = at.next_multiple_of(4096).max(at + 1);
+            continue;
+        }
         let len = u32::from_le_bytes(pack[at + 4..at + 8].try_into().unwrap()) as usize;
         let blocks = u16::from_le_bytes(pack[at + 12..at + 14].try_into().unwrap()) as usize;
         let zstd_start = at + 12 + 2 + 32 * blocks;
