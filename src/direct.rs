@@ -82,9 +82,9 @@ pub fn suits_direct(offset: u64, len: usize) -> bool {
     len >= DIRECT_MIN_BYTES && block_aligned(offset, len)
 }
 
-/// The first block boundary at or after `offset`.
+/// The first boundary direct I/O accepts at or after `offset`.
 pub fn align_up(offset: u64) -> u64 {
-    offset.next_multiple_of(BLOCK_SIZE_BYTES)
+    offset.next_multiple_of(DIRECT_ALIGN as u64)
 }
 
 /// True when `len` bytes at `offset` are whole blocks at a block boundary.

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use crate::direct::{AlignedBuf, DIRECT_ALIGN};
+use crate::direct::{self, AlignedBuf, DIRECT_ALIGN};
 use crate::frame::{self, MAX_FRAME_BLOCKS};
 use crate::framed::{ENTRY_HEADER_BYTES, ENTRY_MAGIC};
 use crate::types::{ChunkHash, BLOCK_SIZE};
@@ -271,9 +271,8 @@ pub(crate) fn read_buffered(file: &File, offset: u64, len: usize) -> io::Result<
 /// the collector's largest cost in a restore (8.5 % of all CPU samples); a direct read lands in
 /// the buffer without one. EINVAL means the kernel refused the direct read.
 pub(crate) fn read_direct(direct: &File, offset: u64, len: usize) -> io::Result<PackWindow> {
-    let align = DIRECT_ALIGN as u64;
-    let start = offset - offset % align;
-    let end = (offset + len as u64).div_ceil(align) * align;
+    let start = offset - offset % DIRECT_ALIGN as u64;
+    let end = direct::align_up(offset + len as u64);
     let mut buf = AlignedBuf::zeroed((end - start) as usize);
     let filled = read_fully_at(direct, &mut buf, start)?;
     Ok(PackWindow {

@@ -162,7 +162,7 @@ fn zstd_ranges(pack: &[u8]) -> Vec<(usize, usize)> {
     let mut at = 0;
     while at + 14 <= pack.len() {
         if pack[at..at + 4] == [0; 4] {
-            at = at.next_multiple_of(4096).max(at + 1);
+            at = (at + 1).next_multiple_of(4096);
             continue;
         }
         let len = u32::from_le_bytes(pack[at + 4..at + 8].try_into().unwrap()) as usize;
