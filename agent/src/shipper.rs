@@ -3,8 +3,9 @@
 //! Per batch of spooled records: hash every 4 KiB block (blake3) and drop all-zero blocks, ask
 //! the collector which of the remaining chunks it lacks (`HaveQuery`), compress only those into
 //! multi-block zstd frames (spread over the cores), and send the records with the frames. The
-//! collector answers `Durable(seq)` once records and chunks are on its disk; only then is spool
-//! space released.
+//! stages overlap: while one batch is compressed the next is queried and the one after it read.
+//! The collector answers `Durable(seq)` once records and chunks are on its disk; only then is
+//! spool space released.
 //!
 //! The collector answers a query at once, while earlier batches may still be on their way to
 //! its disk; so chunks carried by this session's unacknowledged batches are not asked about
@@ -260,11 +261,13 @@ impl Session {
                 "the collector holds the group up to {durable} but the spool starts at {start}: the collector lost records it had acknowledged"
             ));
         }
-        // The next batch is read and hashed while the current one is queried, compressed
-        // and sent, so the two stages overlap on the cores.
+        // Three batches overlap: the next one is read and hashed, the current one is queried,
+        // and the one before it is compressed. Queried and compressed in turn, an ingest of
+        // the ext4 image spent 2.3 s waiting for answers to queries besides 4.6 s compressing.
         let mut next = self.prepare(self.group.spool.reader(start));
         // Last seq of each unacknowledged batch, and the chunks it carries.
         let mut in_flight: VecDeque<(Seq, HashSet<ChunkHash>)> = VecDeque::new();
+        let mut building: Option<Building> = None;
         let mut query_id = 0u64;
         let mut released = durable;
         // Highest seq the collector may acknowledge: what it had, or what this session sent.
@@ -285,14 +288,21 @@ impl Session {
                 self.status.send_modify(|s| s.durable_seq = acked);
             }
             if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
+                send_built(tx, &mut building, &mut sent_through).await?;
                 durable_rx
                     .changed()
                     .await
                     .map_err(|_| "collector stream closed".to_owned())?;
                 continue;
             }
+            if !next.is_finished() {
+                // The next batch is still being read, or waits for company: the one built
+                // meanwhile goes out now rather than after it (the recovery point at low rates).
+                send_built(tx, &mut building, &mut sent_through).await?;
+            }
             let (reader, prepared) = next.await.map_err(|e| e.to_string())??;
             let Some(batch) = prepared else {
+                send_built(tx, &mut building, &mut sent_through).await?;
                 self.idle(tx, &reader, &mut durable_rx).await?;
                 next = self.prepare(reader);
                 continue;
@@ -305,12 +315,11 @@ impl Session {
             let last_seq = batch.last_seq;
             let sent: HashSet<ChunkHash> =
                 missing.iter().map(|&i| batch.chunks[i as usize]).collect();
-            let message = tokio::task::spawn_blocking(move || build_batch(batch, &missing))
-                .await
-                .map_err(|e| e.to_string())?;
-            send(tx, Out::Batch(message)).await?;
-            sent_through = last_seq;
             in_flight.push_back((last_seq, sent));
+            // Batches go out in order: the one before this is sent before this one is built.
+            send_built(tx, &mut building, &mut sent_through).await?;
+            let build = tokio::task::spawn_blocking(move || build_batch(batch, &missing));
+            building = Some(Building { build, last_seq });
         }
     }
 
@@ -382,6 +391,26 @@ impl Session {
             .collect::<Option<Vec<u32>>>()
             .ok_or_else(|| "collector answered a have-query with an index out of range".into())
     }
+}
+
+/// A batch being compressed on the blocking pool, and the last seq it carries.
+struct Building {
+    build: tokio::task::JoinHandle<v1::Batch>,
+    last_seq: Seq,
+}
+
+/// Waits for the batch being built, if any, and sends it.
+async fn send_built(
+    tx: &mpsc::Sender<v1::AgentMessage>,
+    building: &mut Option<Building>,
+    sent_through: &mut Seq,
+) -> SessionResult {
+    if let Some(Building { build, last_seq }) = building.take() {
+        let message = build.await.map_err(|e| e.to_string())?;
+        send(tx, Out::Batch(message)).await?;
+        *sent_through = last_seq;
+    }
+    Ok(())
 }
 
 async fn send(tx: &mpsc::Sender<v1::AgentMessage>, msg: Out) -> SessionResult {
@@ -480,7 +509,9 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
         records: Vec::new(),
         last_seq: Seq(0),
         chunks: Vec::new(),
-        chunk_data: Vec::new(),
+        // Sized for a full batch up front: grown by doubling, the copies of earlier bytes
+        // cost more than copying the blocks in.
+        chunk_data: Vec::with_capacity(BATCH_MAX_BYTES),
     };
     let mut seen: HashSet<ChunkHash> = HashSet::new();
     let mut data_bytes = 0usize;

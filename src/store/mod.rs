@@ -1309,11 +1309,7 @@ impl Store {
             .frames
             .iter()
             .map(|&i| {
-                let mut entry = Vec::new();
-                framed::encode_entry(
-                    &mut entry,
-                    &pack::encode_frame_body(frames[i].hashes, frames[i].zstd_data),
-                );
+                let entry = pack::encode_frame_entry(frames[i].hashes, frames[i].zstd_data);
                 (entry, frames[i].hashes.len() as u16)
             })
             .collect();

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use crate::direct::{self, AlignedBuf, DIRECT_ALIGN};
 use crate::frame::{self, MAX_FRAME_BLOCKS};
-use crate::framed::{ENTRY_HEADER_BYTES, ENTRY_MAGIC};
+use crate::framed::{self, ENTRY_HEADER_BYTES, ENTRY_MAGIC};
 use crate::types::{ChunkHash, BLOCK_SIZE};
 
 use super::ChunkReadError;
@@ -78,8 +78,28 @@ pub(crate) fn frame_header_bytes(block_count: usize) -> usize {
     2 + 32 * block_count
 }
 
+/// Encodes a frame as the pack entry that holds it (entry header, then the body
+/// [`encode_frame_body`] describes), copying the zstd bytes once.
+pub(crate) fn encode_frame_entry(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
+    let body_len = frame_header_bytes(hashes.len()) + zstd_data.len();
+    let mut entry = Vec::with_capacity(ENTRY_HEADER_BYTES as usize + body_len);
+    framed::encode_entry_head(
+        &mut entry,
+        |out| {
+            out.extend_from_slice(&(hashes.len() as u16).to_le_bytes());
+            hashes
+                .iter()
+                .for_each(|hash| out.extend_from_slice(&hash.0));
+        },
+        zstd_data,
+    );
+    entry.extend_from_slice(zstd_data);
+    entry
+}
+
 /// Encodes a frame body: `u16 n | hashes | zstd bytes`.
-pub(crate) fn encode_frame_body(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
+#[cfg(test)]
+fn encode_frame_body(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
     let mut body = Vec::with_capacity(frame_header_bytes(hashes.len()) + zstd_data.len());
     body.extend_from_slice(&(hashes.len() as u16).to_le_bytes());
     for hash in hashes {
@@ -514,6 +534,9 @@ mod tests {
     fn frame_bodies_round_trip_and_garbage_is_an_error() {
         let hashes = [ChunkHash::of(b"a"), ChunkHash::of(b"b")];
         let body = encode_frame_body(&hashes, b"zstd");
+        let mut entry = Vec::new();
+        framed::encode_entry(&mut entry, &body);
+        assert_eq!(encode_frame_entry(&hashes, b"zstd"), entry);
         let (parsed, data) = parse_frame_body(&body).unwrap();
         assert_eq!(parsed, hashes);
         assert_eq!(data, b"zstd");
