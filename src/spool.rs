@@ -927,7 +927,7 @@ mod tests {
             origin: WriteOrigin::Client,
         };
         let spool = Spool::open(config.clone()).unwrap();
-        let count = (4 * WRITEBACK_START_BYTES >> 20) as u8;
+        let count = ((4 * WRITEBACK_START_BYTES) >> 20) as u8;
         for n in 1..=count {
             spool.append(big(n)).unwrap();
         }
