@@ -681,7 +681,10 @@ struct Writer {
     catalog_len: u64,
     pack: PackId,
     pack_file: Arc<File>,
+    /// Where the current pack's frames end.
     pack_len: u64,
+    /// The current pack file's length: past `pack_len` by the zeros that pad a direct write.
+    pack_file_len: u64,
     /// The current pack opened for direct writes; `None` where its filesystem has no
     /// `O_DIRECT`, or once a direct write was refused.
     pack_direct: Option<DirectWriter>,
@@ -689,6 +692,16 @@ struct Writer {
     staging: AlignedBuf,
     /// Set when a failed fsync (or a failed undo) left the files in an unknown state.
     poisoned: Option<String>,
+}
+
+/// A pack a batch appended to: where its frames ended and how long its file was before the
+/// batch (what an undo goes back to), and the file's length after it.
+struct Touched {
+    pack: PackId,
+    file: Arc<File>,
+    frames_end_before: u64,
+    file_len_before: u64,
+    file_len: u64,
 }
 
 /// A write-path failure, and whether the files' durable state is now unknown.
@@ -804,6 +817,7 @@ impl Store {
                 pack_direct: DirectWriter::open(&packs.path(pack)),
                 pack_file,
                 pack_len,
+                pack_file_len: pack_len,
                 staging: AlignedBuf::zeroed(0),
                 poisoned: None,
             }),
@@ -1430,7 +1444,7 @@ impl Store {
             return Err(StoreError::Poisoned(reason.clone()));
         }
         let catalog_before = writer.catalog_len;
-        let mut touched: Vec<(PackId, Arc<File>, u64)> = Vec::new();
+        let mut touched: Vec<Touched> = Vec::new();
         let entry = match self.try_write(writer, frames, make_entry, &mut touched) {
             Ok(entry) => entry,
             Err(failure) => {
@@ -1455,10 +1469,8 @@ impl Store {
             writer.poisoned = Some(reason.clone());
             return Err(StoreError::Poisoned(reason));
         }
-        for (pack, file, _) in &touched {
-            // The file's length, padding included.
-            let len = file.metadata().map_or(writer.pack_len, |m| m.len());
-            state.pack_lens.insert(*pack, len);
+        for t in &touched {
+            state.pack_lens.insert(t.pack, t.file_len);
         }
         Ok(())
     }
@@ -1468,7 +1480,7 @@ impl Store {
         writer: &mut Writer,
         frames: &[(Vec<u8>, u16)],
         make_entry: impl FnOnce(Vec<FramePos>) -> Entry,
-        touched: &mut Vec<(PackId, Arc<File>, u64)>,
+        touched: &mut Vec<Touched>,
     ) -> Result<Entry, WriteFailure> {
         let mut positions = Vec::with_capacity(frames.len());
         let mut rest = frames;
@@ -1479,13 +1491,22 @@ impl Store {
                 continue;
             }
             let (these, later) = rest.split_at(fitting);
-            touched.push((writer.pack, Arc::clone(&writer.pack_file), writer.pack_len));
+            touched.push(Touched {
+                pack: writer.pack,
+                file: Arc::clone(&writer.pack_file),
+                frames_end_before: writer.pack_len,
+                file_len_before: writer.pack_file_len,
+                file_len: writer.pack_file_len,
+            });
             positions.extend(self.append_frames(writer, these)?);
+            if let Some(t) = touched.last_mut() {
+                t.file_len = writer.pack_file_len;
+            }
             rest = later;
         }
-        for (pack, file, _) in touched.iter() {
-            file.sync_data().map_err(write_failed(
-                format!("fsync {}", self.packs.path(*pack).display()),
+        for t in touched.iter() {
+            t.file.sync_data().map_err(write_failed(
+                format!("fsync {}", self.packs.path(t.pack).display()),
                 true,
             ))?;
         }
@@ -1576,6 +1597,11 @@ impl Store {
                 .map_err(write_failed(action(), false))?;
         }
         writer.pack_len = start + len as u64;
+        writer.pack_file_len = if direct {
+            start + padded as u64
+        } else {
+            writer.pack_len
+        };
         if writer.staging.len() > STAGING_KEPT_BYTES {
             // A batch far larger than usual (a replica's, or a 32 MiB write's) does not keep
             // its buffer.
@@ -1606,24 +1632,28 @@ impl Store {
         writer.pack = id;
         writer.pack_file = file;
         writer.pack_len = 0;
+        writer.pack_file_len = 0;
         writer.pack_direct = DirectWriter::open(&path);
         Ok(())
     }
 
-    /// Truncates the files a failed batch wrote to back to where it started.
+    /// Truncates the files a failed batch wrote to back to where it started (keeping the
+    /// padding of the batch before).
     fn undo(
         &self,
         writer: &mut Writer,
         catalog_len: u64,
-        touched: &[(PackId, Arc<File>, u64)],
+        touched: &[Touched],
     ) -> Result<(), StoreError> {
-        for (pack, file, len) in touched {
-            file.set_len(*len).map_err(io_error(format!(
+        for t in touched {
+            let len = t.file_len_before;
+            t.file.set_len(len).map_err(io_error(format!(
                 "undo a failed batch: truncate {} to {len} bytes",
-                self.packs.path(*pack).display()
+                self.packs.path(t.pack).display()
             )))?;
-            if *pack == writer.pack {
-                writer.pack_len = *len;
+            if t.pack == writer.pack {
+                writer.pack_len = t.frames_end_before;
+                writer.pack_file_len = len;
             }
         }
         writer

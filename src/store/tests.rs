@@ -603,13 +603,13 @@ fn registration_rules() {
     assert_eq!(store.volumes().len(), 3);
 }
 
-/// Two batches: seqs 1-3 then 4-5, with chunks in both.
 /// Where the frames written to the current pack end: the pack's file may go on with zeros
 /// to the next block boundary.
 fn frames_end(store: &Store) -> u64 {
     store.writer.lock().unwrap().pack_len
 }
 
+/// Two batches: seqs 1-3 then 4-5, with chunks in both.
 fn two_batches(store: &Store) -> (Vec<u8>, Vec<u8>) {
     let (a, b) = (block(1), block(2));
     let first = [
@@ -666,6 +666,41 @@ fn batches_start_at_block_boundaries_whether_written_direct_or_buffered() {
             reference(MIB, &[(0, &a), (1, &b)])
         );
     }
+}
+
+#[test]
+fn a_batch_whose_catalog_append_fails_is_undone_down_to_the_padding_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = setup(dir.path());
+    let (a, b) = two_batches(&store);
+    let pack = pack_path(dir.path(), 1);
+    let (len, stats) = (file_len(&pack), store.stats());
+    assert_eq!(stats.pack_file_bytes, len);
+    // A read-only catalog handle: the frames reach the pack, the commit point never does (and
+    // the catalog's undo fails too, so the store refuses writes until reopened).
+    let catalog = std::fs::File::open(dir.path().join(CATALOG_FILE)).unwrap();
+    store.writer.lock().unwrap().catalog = catalog;
+    let c = block(3);
+    let third = [write(6, 30, "data", 2, &[Some(&c)])];
+    let frames = [OwnedFrame::new(&[&c])];
+    let err = store
+        .ingest(&grp("g"), &third, &incoming(&frames))
+        .unwrap_err();
+    assert!(err.to_string().contains("catalog.log"), "{err}");
+    assert_eq!(file_len(&pack), len, "the pack is back to where it was");
+    assert_eq!(store.stats(), stats);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(file_len(&pack), len);
+    store.ingest(&grp("g"), &third, &incoming(&frames)).unwrap();
+    assert_eq!(store.stats().pack_file_bytes, file_len(&pack));
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.stats().pack_file_bytes, file_len(&pack));
+    assert_eq!(
+        image(&store, "data", PointInTime::Latest),
+        reference(MIB, &[(0, &a), (1, &b), (2, &c)])
+    );
 }
 
 #[test]
