@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use crate::framed::{self, ENTRY_HEADER_BYTES, ENTRY_MAGIC, MAX_ENTRY_BODY_BYTES};
 use crate::record::{DecodeError, Record, RecordKind, WriteOrigin};
 use crate::types::{BlockNo, Seq, TimeNs, VolumeName, BLOCK_SIZE};
@@ -71,7 +73,9 @@ pub enum SpoolOp {
     Write {
         volume: VolumeName,
         first: BlockNo,
-        data: Vec<u8>,
+        /// Shared, not copied, between the tap, the spool and the shipper: a large write's
+        /// buffer is the one its bytes arrived in, aligned for direct I/O.
+        data: Bytes,
         origin: WriteOrigin,
     },
     /// Any record kind other than `Write`, spooled as its journal record.
@@ -232,7 +236,7 @@ fn decode_write(rest: &[u8]) -> Result<SpoolEntry, DecodeError> {
         .map_err(|_| DecodeError::BadName("not UTF-8".into()))?;
     let volume = VolumeName::new(name).map_err(|e| DecodeError::BadName(e.to_string()))?;
     let first = BlockNo(u64::from_le_bytes(word(fixed + name_len)));
-    let data = rest[data_at..].to_vec();
+    let data = Bytes::copy_from_slice(&rest[data_at..]);
     if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
         return Err(DecodeError::OutOfRange("write data length"));
     }
@@ -865,7 +869,7 @@ mod tests {
         SpoolOp::Write {
             volume: vol(),
             first: BlockNo(u64::from(n)),
-            data: vec![n; BLOCK_SIZE],
+            data: vec![n; BLOCK_SIZE].into(),
             origin: WriteOrigin::Client,
         }
     }
@@ -929,7 +933,7 @@ mod tests {
         let big = |n: u8| SpoolOp::Write {
             volume: vol(),
             first: BlockNo(u64::from(n) * 256),
-            data: vec![n; 256 * BLOCK_SIZE],
+            data: vec![n; 256 * BLOCK_SIZE].into(),
             origin: WriteOrigin::Client,
         };
         let spool = Spool::open(config.clone()).unwrap();

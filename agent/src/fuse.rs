@@ -128,12 +128,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::{BufMut, Bytes};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
     LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
     WriteFlags,
 };
+use tideline_core::direct::direct_buffer;
 
 use crate::nbd::BlockExport;
 
@@ -523,6 +525,13 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
 }
 
 /// Undoes the octal escapes (`\040` for a space, `\011`, `\012`, `\134`) of mountinfo fields.
+/// `data` in a buffer of its own, aligned for direct I/O when it is large enough to go that way.
+fn copy_for_direct_io(data: &[u8]) -> Bytes {
+    let mut buf = direct_buffer(data.len());
+    buf.put_slice(data);
+    buf.freeze()
+}
+
 fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
@@ -857,7 +866,7 @@ impl Filesystem for ExportFs {
         let data = &data[..len as usize];
         // O_SYNC includes the O_DSYNC bit.
         let fua = flags.0 & libc::O_DSYNC != 0;
-        match self.export.write(offset, data.to_vec(), fua) {
+        match self.export.write(offset, copy_for_direct_io(data), fua) {
             Ok(()) => {
                 self.changed();
                 reply.written(len as u32)

@@ -23,6 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tideline_core::dirty::{DirtyMap, Opened};
 use tideline_core::record::{RecordKind, WriteOrigin};
 use tideline_core::spool::{Spool, SpoolError, SpoolOp};
@@ -138,7 +139,7 @@ impl From<TapError> for io::Error {
 #[derive(Debug, Clone)]
 pub enum Change {
     /// The bytes, moved into the journal once written to the volume.
-    Write(Vec<u8>),
+    Write(Bytes),
     Trim(u64),
     Zero {
         len_bytes: u64,
@@ -492,7 +493,7 @@ fn records_for(
     let end_block = (offset + len).div_ceil(BLOCK_SIZE_BYTES);
     let aligned = offset.is_multiple_of(BLOCK_SIZE_BYTES) && len.is_multiple_of(BLOCK_SIZE_BYTES);
     let name = volume.name.clone();
-    let write = |first: u64, data: Vec<u8>| SpoolOp::Write {
+    let write = |first: u64, data: Bytes| SpoolOp::Write {
         volume: name.clone(),
         first: BlockNo(first),
         data,
@@ -502,7 +503,7 @@ fn records_for(
         Change::Write(data) if aligned => Ok(vec![write(first, data)]),
         Change::Write(_) => Ok(vec![write(
             first,
-            read_blocks(volume, first, end_block - first)?,
+            read_blocks(volume, first, end_block - first)?.into(),
         )]),
         Change::Trim(_) | Change::Zero { .. } => {
             // Whole blocks inside the range become a trim/zero record; partial edge blocks are
@@ -511,11 +512,14 @@ fn records_for(
             let inner_end = (offset + len) / BLOCK_SIZE_BYTES;
             let mut ops = Vec::new();
             if inner_first >= inner_end {
-                ops.push(write(first, read_blocks(volume, first, end_block - first)?));
+                ops.push(write(
+                    first,
+                    read_blocks(volume, first, end_block - first)?.into(),
+                ));
                 return Ok(ops);
             }
             if first < inner_first {
-                ops.push(write(first, read_blocks(volume, first, 1)?));
+                ops.push(write(first, read_blocks(volume, first, 1)?.into()));
             }
             let (first_inner, count) = (BlockNo(inner_first), inner_end - inner_first);
             ops.push(SpoolOp::Other(match change {
@@ -531,7 +535,7 @@ fn records_for(
                 },
             }));
             if inner_end < end_block {
-                ops.push(write(inner_end, read_blocks(volume, inner_end, 1)?));
+                ops.push(write(inner_end, read_blocks(volume, inner_end, 1)?.into()));
             }
             Ok(ops)
         }
@@ -642,7 +646,7 @@ impl Group {
             tracing::info!(group = %self.name, volume = %volume.name, "volume journal complete");
             return Ok(ResyncStep::Journalled(0));
         };
-        let data = read_blocks(volume, first, count)?;
+        let data = read_blocks(volume, first, count)?.into();
         let op = SpoolOp::Write {
             volume: volume.name.clone(),
             first: BlockNo(first),
@@ -730,9 +734,12 @@ mod tests {
                     block.min(1024 - blocks)
                 };
                 let data = fill((blocks * BLOCK_SIZE_BYTES) as usize);
-                (first * BLOCK_SIZE_BYTES, Change::Write(data))
+                (first * BLOCK_SIZE_BYTES, Change::Write(data.into()))
             }
-            6..=7 => (block * BLOCK_SIZE_BYTES + 1_000, Change::Write(fill(5_000))),
+            6..=7 => (
+                block * BLOCK_SIZE_BYTES + 1_000,
+                Change::Write(fill(5_000).into()),
+            ),
             _ => (
                 block * BLOCK_SIZE_BYTES,
                 Change::Trim(next(64) * BLOCK_SIZE_BYTES + 4096),
@@ -747,9 +754,10 @@ mod tests {
         while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
             let (at, bytes) = match entry.op {
                 SpoolOp::Write { first, data, .. } => (first.0, data),
-                SpoolOp::Other(RecordKind::Trim { first, count, .. }) => {
-                    (first.0, vec![0u8; (count * BLOCK_SIZE_BYTES) as usize])
-                }
+                SpoolOp::Other(RecordKind::Trim { first, count, .. }) => (
+                    first.0,
+                    vec![0u8; (count * BLOCK_SIZE_BYTES) as usize].into(),
+                ),
                 SpoolOp::Other(_) => continue,
             };
             let start = (at * BLOCK_SIZE_BYTES) as usize;
@@ -812,7 +820,11 @@ mod tests {
             })
         };
         group
-            .journalled(0, 300 * BLOCK_SIZE_BYTES, Change::Write(vec![2; 4096]))
+            .journalled(
+                0,
+                300 * BLOCK_SIZE_BYTES,
+                Change::Write(vec![2u8; 4096].into()),
+            )
             .unwrap();
         // Bounds a negative: the change must not finish while it is blocked.
         let early = done.recv_timeout(std::time::Duration::from_millis(300));
@@ -830,7 +842,7 @@ mod tests {
         };
         // Blocks 0..256 are being written with the lock released.
         group.lock()[0].in_flight.push((0, 256));
-        let change = Change::Write(vec![1; 4096]);
+        let change = Change::Write(vec![1u8; 4096].into());
         waits_until_released(
             &group,
             10 * BLOCK_SIZE_BYTES,
@@ -859,7 +871,7 @@ mod tests {
         let taken: Vec<_> = (0..MAX_UNLOCKED_WRITES)
             .map(|_| group.unlocked_slots[0].take())
             .collect();
-        let change = Change::Write(vec![1; 1 << 20]);
+        let change = Change::Write(vec![1u8; 1 << 20].into());
         waits_until_released(&group, 0, change, "every slot taken", || drop(taken));
         assert_eq!(
             *group.unlocked_slots[0].free.lock().unwrap(),

@@ -607,7 +607,7 @@ mod tests {
         let op = SpoolOp::Write {
             volume: VolumeName::new("v").unwrap(),
             first: BlockNo(first),
-            data: vec![fill; blocks * BLOCK_SIZE],
+            data: vec![fill; blocks * BLOCK_SIZE].into(),
             origin: WriteOrigin::Client,
         };
         group.spool.append(op).unwrap();

@@ -4,6 +4,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::group::{Change, Group};
 use crate::nbd::BlockExport;
 
@@ -55,7 +57,7 @@ impl BlockExport for VolumeExport {
         self.read_handle.read_exact_at(buf, offset_bytes)
     }
 
-    fn write(&self, offset_bytes: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+    fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> io::Result<()> {
         if offset_bytes
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > self.size_bytes)

@@ -96,7 +96,7 @@ impl BlockExport for Recording {
         Ok(())
     }
 
-    fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<()> {
+    fn write(&self, offset: u64, buf: bytes::Bytes, fua: bool) -> io::Result<()> {
         let mut data = self.data.lock().expect("data");
         let start = offset as usize;
         data[start..start + buf.len()].copy_from_slice(&buf);

@@ -85,7 +85,7 @@ impl BlockExport for FileExport {
         self.file.read_exact_at(buf, offset_bytes)
     }
 
-    fn write(&self, offset_bytes: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+    fn write(&self, offset_bytes: u64, data: bytes::Bytes, fua: bool) -> io::Result<()> {
         self.file.write_all_at(&data, offset_bytes)?;
         self.sync_if(fua)
     }
@@ -200,7 +200,7 @@ impl BlockExport for GatedExport {
         self.inner.read(offset_bytes, buf)
     }
 
-    fn write(&self, offset_bytes: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+    fn write(&self, offset_bytes: u64, data: bytes::Bytes, fua: bool) -> io::Result<()> {
         self.inner.write(offset_bytes, data, fua)
     }
 
@@ -227,7 +227,7 @@ impl BlockExport for FailingExport {
     fn read(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
         Err(io::Error::other("disk on fire"))
     }
-    fn write(&self, offset: u64, _: Vec<u8>, _: bool) -> io::Result<()> {
+    fn write(&self, offset: u64, _: bytes::Bytes, _: bool) -> io::Result<()> {
         if offset == 4096 {
             panic!("write exploded")
         }
@@ -253,7 +253,7 @@ impl BlockExport for ReadOnlyExport {
     fn read(&self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read(offset_bytes, buf)
     }
-    fn write(&self, _: u64, _: Vec<u8>, _: bool) -> io::Result<()> {
+    fn write(&self, _: u64, _: bytes::Bytes, _: bool) -> io::Result<()> {
         unreachable!("the server must refuse writes to a read-only export")
     }
     fn trim(&self, _: u64, _: u64, _: bool) -> io::Result<()> {
@@ -578,7 +578,8 @@ fn nbdinfo_lists_exports_and_reports_flags_and_map() {
     let dir = tempfile::tempdir().expect("temp dir");
     let vol = file_export(dir.path(), "vol.img", 8 * MIB);
     let other = file_export(dir.path(), "other.img", 4 * MIB);
-    vol.write(0, vec![0x42; 1 << 20], false).expect("seed data");
+    vol.write(0, vec![0x42u8; 1 << 20].into(), false)
+        .expect("seed data");
     let ro: Arc<dyn BlockExport> = Arc::new(ReadOnlyExport(other));
     let server = TestServer::start_in(dir, vec![("vol", vol), ("archive", ro)]);
 
@@ -1216,7 +1217,9 @@ fn is_disconnect(err: &io::Error) -> bool {
 fn option_haggling_structured_reads_and_block_status() {
     let dir = tempfile::tempdir().expect("temp dir");
     let export = file_export(dir.path(), "vol.img", MIB);
-    export.write(0, vec![7u8; 8192], false).expect("seed");
+    export
+        .write(0, vec![7u8; 8192].into(), false)
+        .expect("seed");
     let server = TestServer::start_in(dir, vec![("vol", export)]);
     let mut s = raw_handshake(&server.sock, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
 

@@ -13,6 +13,8 @@
 
 use std::io;
 
+use bytes::Bytes;
+
 pub mod client;
 mod handshake;
 pub mod proto;
@@ -28,8 +30,9 @@ pub trait BlockExport: Send + Sync + 'static {
     fn size_bytes(&self) -> u64;
     fn read(&self, offset_bytes: u64, buf: &mut [u8]) -> io::Result<()>;
     /// `fua`: the data is durable before this returns. The buffer is handed over, so an export
-    /// that keeps the bytes (a journal) needs no copy.
-    fn write(&self, offset_bytes: u64, data: Vec<u8>, fua: bool) -> io::Result<()>;
+    /// that keeps the bytes (a journal) needs no copy; a large one arrives aligned for direct
+    /// I/O ([`tideline_core::direct::direct_buffer`]).
+    fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> io::Result<()>;
     fn trim(&self, offset_bytes: u64, len_bytes: u64, fua: bool) -> io::Result<()>;
     /// `may_punch`: false when the client sent NO_HOLE.
     fn write_zeroes(

@@ -34,10 +34,10 @@ use super::handshake::{truncate_utf8, Session, BASE_ALLOCATION_ID};
 use super::proto::*;
 use super::server::{shutdown_requested, NbdLimits};
 use super::BlockExport;
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use std::io;
 use std::sync::Arc;
-use tideline_core::direct::suits_direct;
+use tideline_core::direct::{direct_buffer, suits_direct};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -233,7 +233,7 @@ async fn dispatch<R: AsyncRead + Unpin>(
             Ok(read) => read,
             Err(err) => return Some(Stop::Io(err)),
         },
-        _ => (Vec::new(), None),
+        _ => (Bytes::new(), None),
     };
     let op = match validate(ctx, &header) {
         Ok(op) => op,
@@ -288,18 +288,18 @@ async fn read_payload<R: AsyncRead + Unpin>(
     ctx: &Ctx,
     len: u32,
     rd: &mut R,
-) -> io::Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
+) -> io::Result<(Bytes, Option<OwnedSemaphorePermit>)> {
     let bytes = acquire_bytes(ctx, len).await;
     // Read into spare capacity: zeroing a buffer the socket is about to fill cost the reader
-    // as much as a copy of it.
-    let mut payload = Vec::with_capacity(len as usize);
+    // as much as a copy of it. The buffer never grows, so it stays aligned.
+    let mut payload = direct_buffer(len as usize);
     let mut rest = (&mut *rd).take(u64::from(len));
     while payload.len() < len as usize {
         if rest.read_buf(&mut payload).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
     }
-    Ok((payload, bytes))
+    Ok((payload.freeze(), bytes))
 }
 
 async fn acquire_bytes(ctx: &Ctx, len: u32) -> Option<OwnedSemaphorePermit> {
@@ -346,7 +346,7 @@ fn spawn_request(
     ctx: Arc<Ctx>,
     header: RequestHeader,
     op: Op,
-    payload: Vec<u8>,
+    payload: Bytes,
     budget: Budget,
     tx: mpsc::Sender<Outgoing>,
 ) {
@@ -533,7 +533,7 @@ enum Done {
 
 /// As [`execute`], on the connection's thread: a panicking export call fails its request
 /// instead of the connection, as it does on the blocking pool.
-fn execute_in_place(export: &dyn BlockExport, op: Op, payload: Vec<u8>) -> io::Result<Done> {
+fn execute_in_place(export: &dyn BlockExport, op: Op, payload: Bytes) -> io::Result<Done> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         execute(export, op, payload)
     }))
@@ -541,7 +541,7 @@ fn execute_in_place(export: &dyn BlockExport, op: Op, payload: Vec<u8>) -> io::R
 }
 
 /// Runs on the blocking pool or, for ordinary writes, on the connection's thread.
-fn execute(export: &dyn BlockExport, op: Op, payload: Vec<u8>) -> io::Result<Done> {
+fn execute(export: &dyn BlockExport, op: Op, payload: Bytes) -> io::Result<Done> {
     match op {
         Op::Read { offset, len } => {
             let mut buf = vec![0u8; len as usize];
