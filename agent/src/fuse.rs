@@ -524,7 +524,6 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
         .any(|field| unescape_mountinfo(field) == want))
 }
 
-/// Undoes the octal escapes (`\040` for a space, `\011`, `\012`, `\134`) of mountinfo fields.
 /// `data` in a buffer of its own, aligned for direct I/O when it is large enough to go that way.
 fn copy_for_direct_io(data: &[u8]) -> Bytes {
     let mut buf = direct_buffer(data.len());
@@ -532,6 +531,7 @@ fn copy_for_direct_io(data: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// Undoes the octal escapes (`\040` for a space, `\011`, `\012`, `\134`) of mountinfo fields.
 fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
