@@ -103,10 +103,8 @@ fn compress_share(chunks: &BatchChunks, share: &[u32]) -> Vec<v1::Frame> {
 /// One frame of the chunks `chunks.hashes[i]` for `i` in `group`.
 fn compress_frame(chunks: &BatchChunks, group: &[u32]) -> v1::Frame {
     let block = |i: u32| &chunks.data[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
-    let hashes = group
-        .iter()
-        .map(|&i| Bytes::copy_from_slice(&chunks.hashes[i as usize].0))
-        .collect();
+    let hashes =
+        tideline_proto::wire_hashes(group.iter().map(|&i| Some(&chunks.hashes[i as usize])));
     // Chunks the collector lacks are usually consecutive: compress them where they lie.
     let consecutive = group.windows(2).all(|w| w[1] == w[0] + 1);
     let zstd_data = match (group.first(), consecutive) {

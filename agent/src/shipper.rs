@@ -28,7 +28,6 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -379,10 +378,8 @@ impl Session {
         if asked.is_empty() {
             return Ok(Vec::new());
         }
-        let hashes = asked
-            .iter()
-            .map(|&i| Bytes::copy_from_slice(&batch.chunks[i as usize].0))
-            .collect();
+        let hashes =
+            tideline_proto::wire_hashes(asked.iter().map(|&i| Some(&batch.chunks[i as usize])));
         send(tx, Out::HaveQuery(v1::HaveQuery { query_id, hashes })).await?;
         let missing = replies.recv().await.ok_or("collector stream closed")?;
         missing

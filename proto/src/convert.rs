@@ -1,4 +1,4 @@
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tideline_core::record::{Record, RecordKind, WriteOrigin, MAX_BLOCKS_PER_RECORD};
 use tideline_core::store::{EpochStart, History, ReplicaOffer, VolumeMeta};
 use tideline_core::{
@@ -49,6 +49,29 @@ pub fn chunk_hash(
     ChunkHash::from_slice(raw)
         .map(Some)
         .ok_or_else(|| invalid(field, format!("hash must be 32 bytes, got {}", raw.len())))
+}
+
+const HASH_LEN: usize = std::mem::size_of::<ChunkHash>();
+
+/// Chunk hashes in wire form, `None` (the all-zero block) as the empty hash. They are slices of
+/// one shared buffer: a batch carries a hash per block, and one allocation (and one free) for
+/// each of them was about 2 % of the agent's CPU in an ingest.
+pub fn wire_hashes<'a>(hashes: impl IntoIterator<Item = Option<&'a ChunkHash>>) -> Vec<Bytes> {
+    let hashes: Vec<Option<&ChunkHash>> = hashes.into_iter().collect();
+    let mut all = BytesMut::with_capacity(hashes.iter().flatten().count() * HASH_LEN);
+    hashes.iter().flatten().for_each(|h| all.put_slice(&h.0));
+    let all = all.freeze();
+    let mut at = 0;
+    hashes
+        .iter()
+        .map(|h| match h {
+            Some(_) => {
+                at += HASH_LEN;
+                all.slice(at - HASH_LEN..at)
+            }
+            None => Bytes::new(),
+        })
+        .collect()
 }
 
 fn first_block(field: &'static str, offset_bytes: u64) -> Result<BlockNo, WireError> {
@@ -172,10 +195,7 @@ impl From<&Record> for v1::Record {
             } => Kind::Write(v1::WriteRecord {
                 volume: volume.to_string(),
                 offset_bytes: first.offset_bytes(),
-                block_hashes: blocks
-                    .iter()
-                    .map(|b| b.map(|h| Bytes::copy_from_slice(&h.0)).unwrap_or_default())
-                    .collect(),
+                block_hashes: wire_hashes(blocks.iter().map(Option::as_ref)),
                 resync: *origin == WriteOrigin::Resync,
             }),
             RecordKind::Trim {
@@ -388,6 +408,20 @@ mod tests {
         };
         let wire = v1::Record::from(&record);
         assert_eq!(Record::try_from(&wire).unwrap(), record);
+    }
+
+    #[test]
+    fn wire_hashes_are_each_hash_in_order_and_empty_for_a_zero_block() {
+        let hashes: Vec<Option<ChunkHash>> = (0..300u32)
+            .map(|i| (i % 7 != 3).then(|| ChunkHash::of(&i.to_le_bytes())))
+            .collect();
+        let wire = wire_hashes(hashes.iter().map(Option::as_ref));
+        let back: Vec<Option<ChunkHash>> = wire
+            .iter()
+            .map(|raw| chunk_hash("hashes", raw, true).unwrap())
+            .collect();
+        assert_eq!(back, hashes);
+        assert!(wire_hashes([]).is_empty());
     }
 
     #[test]
