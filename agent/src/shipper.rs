@@ -41,7 +41,7 @@ use crate::compress::{self, BatchChunks};
 use crate::group::Group;
 
 pub const BATCH_MAX_BYTES: usize = 8 << 20;
-pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
 /// A batch with less block data than this waits up to [`LINGER`] for more records. Every batch
 /// costs the collector a commit (two fsyncs) and both sides a query round trip; without the
 /// wait, 4 KiB random writes went out about 30 to a batch, 700 batches a second.
