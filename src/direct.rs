@@ -41,39 +41,26 @@ pub(crate) const DIRECT_ALIGN: usize = BLOCK_SIZE;
 
 /// Bytes whose first one sits where direct I/O needs it: a restore decompresses frames into
 /// these, so their runs go to the disk without a copy into a bounce buffer.
-pub struct AlignedBuf {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
+pub struct AlignedBuf(BytesMut);
 
 impl AlignedBuf {
     pub fn zeroed(len: usize) -> AlignedBuf {
-        let storage = vec![0u8; len + DIRECT_ALIGN];
-        // Should the offset be unknowable, the kernel refuses direct writes from it, and they
-        // go buffered.
-        let start = storage
-            .as_ptr()
-            .align_offset(DIRECT_ALIGN)
-            .min(DIRECT_ALIGN);
-        AlignedBuf {
-            storage,
-            start,
-            len,
-        }
+        let mut buf = aligned_bytes(len);
+        buf.resize(len, 0);
+        AlignedBuf(buf)
     }
 }
 
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.storage[self.start..self.start + self.len]
+        &self.0
     }
 }
 
 impl DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
+        &mut self.0
     }
 }
 
@@ -87,7 +74,15 @@ pub fn direct_buffer(capacity: usize) -> BytesMut {
     if capacity < DIRECT_MIN_BYTES {
         return BytesMut::with_capacity(capacity);
     }
+    aligned_bytes(capacity)
+}
+
+/// An empty buffer with room for `capacity` bytes from an aligned address; it stays aligned as
+/// long as it is not grown past that.
+fn aligned_bytes(capacity: usize) -> BytesMut {
     let mut buf = BytesMut::with_capacity(capacity + DIRECT_ALIGN);
+    // Should the offset be unknowable, the kernel refuses direct writes from the buffer, and
+    // they go buffered.
     let pad = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
     buf.put_bytes(0, pad);
     // Moves the start without moving the bytes; the room left is still `capacity`.

@@ -78,8 +78,8 @@ pub(crate) fn frame_header_bytes(block_count: usize) -> usize {
     2 + 32 * block_count
 }
 
-/// Encodes a frame as the pack entry that holds it (entry header, then the body
-/// [`encode_frame_body`] describes), copying the zstd bytes once.
+/// Encodes a frame as the pack entry that holds it: entry header, then the body
+/// `u16 n | n hashes | zstd bytes`, copying the zstd bytes once.
 pub(crate) fn encode_frame_entry(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
     let body_len = frame_header_bytes(hashes.len()) + zstd_data.len();
     let mut entry = Vec::with_capacity(ENTRY_HEADER_BYTES as usize + body_len);
@@ -95,18 +95,6 @@ pub(crate) fn encode_frame_entry(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<
     );
     entry.extend_from_slice(zstd_data);
     entry
-}
-
-/// Encodes a frame body: `u16 n | hashes | zstd bytes`.
-#[cfg(test)]
-fn encode_frame_body(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(frame_header_bytes(hashes.len()) + zstd_data.len());
-    body.extend_from_slice(&(hashes.len() as u16).to_le_bytes());
-    for hash in hashes {
-        body.extend_from_slice(&hash.0);
-    }
-    body.extend_from_slice(zstd_data);
-    body
 }
 
 /// Splits a frame body read from disk into its hashes and zstd bytes.
@@ -533,7 +521,7 @@ mod tests {
     #[test]
     fn frame_bodies_round_trip_and_garbage_is_an_error() {
         let hashes = [ChunkHash::of(b"a"), ChunkHash::of(b"b")];
-        let body = encode_frame_body(&hashes, b"zstd");
+        let body: Vec<u8> = [&[2u8, 0][..], &hashes[0].0, &hashes[1].0, b"zstd"].concat();
         let mut entry = Vec::new();
         framed::encode_entry(&mut entry, &body);
         assert_eq!(encode_frame_entry(&hashes, b"zstd"), entry);
