@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::framed::{self, ENTRY_HEADER_BYTES, ENTRY_MAGIC, MAX_ENTRY_BODY_BYTES};
 use crate::record::{DecodeError, Record, RecordKind, WriteOrigin};
@@ -166,7 +166,8 @@ impl SpoolEntry {
         }
     }
 
-    fn decode(body: &[u8]) -> Result<SpoolEntry, DecodeError> {
+    /// Decodes an entry's body; a write's block data is a slice of `body`, not a copy.
+    fn decode(body: Bytes) -> Result<SpoolEntry, DecodeError> {
         let (&tag, rest) = body
             .split_first()
             .ok_or(DecodeError::Truncated { at: 0, needed: 1 })?;
@@ -179,7 +180,7 @@ impl SpoolEntry {
                     op: SpoolOp::Other(record.kind),
                 })
             }
-            TAG_WRITE => decode_write(rest),
+            TAG_WRITE => decode_write(&body),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -204,7 +205,9 @@ impl SpoolEntry {
     }
 }
 
-fn decode_write(rest: &[u8]) -> Result<SpoolEntry, DecodeError> {
+/// Decodes a write's `body` (its tag included).
+fn decode_write(body: &Bytes) -> Result<SpoolEntry, DecodeError> {
+    let rest = &body[1..];
     let fixed = 8 + 8 + 1 + 1;
     if rest.len() < fixed {
         return Err(DecodeError::Truncated {
@@ -236,7 +239,7 @@ fn decode_write(rest: &[u8]) -> Result<SpoolEntry, DecodeError> {
         .map_err(|_| DecodeError::BadName("not UTF-8".into()))?;
     let volume = VolumeName::new(name).map_err(|e| DecodeError::BadName(e.to_string()))?;
     let first = BlockNo(u64::from_le_bytes(word(fixed + name_len)));
-    let data = Bytes::copy_from_slice(&rest[data_at..]);
+    let data = body.slice(1 + data_at..);
     if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
         return Err(DecodeError::OutOfRange("write data length"));
     }
@@ -659,7 +662,7 @@ fn recover_segment(
     let mut expected = first;
     let mut newest_time = None;
     let end = framed::scan_file(path, |_, body| {
-        let entry = SpoolEntry::decode(body).map_err(|e| e.to_string())?;
+        let entry = SpoolEntry::decode(Bytes::copy_from_slice(body)).map_err(|e| e.to_string())?;
         if entry.seq != expected {
             return Err(format!(
                 "holds {} where {} was expected",
@@ -711,23 +714,29 @@ struct ReaderSegment {
 
 /// Bytes read ahead per `pread` (an entry larger than this is read whole).
 const READ_AHEAD_BYTES: u64 = 4 << 20;
+/// Earlier windows kept for reuse while the reader works through a backlog. A batch being
+/// hashed, queried and compressed holds parts of two or three windows, and the shipper has
+/// several such batches at a time; with eight kept, new windows were still allocated often
+/// enough to show in the agent's page faults.
+const RETIRED_WINDOWS: usize = 16;
 
 /// A window of a segment read in one `pread`: below the readable length a segment never
 /// changes, so the window stays valid. Small entries (a 4 KiB write is one) took two `pread`s
-/// each before.
+/// each before. Entries are slices of the window, not copies, so a window lives on while any
+/// entry read from it does; once none does, its memory is read into again.
 #[derive(Default)]
 struct ReadAhead {
-    /// Room for the window; only the first `valid` bytes hold the segment's bytes from `start`.
-    /// It is never cleared between reads, so refilling it costs the `pread` alone.
-    buffer: Vec<u8>,
-    valid: usize,
+    /// The segment's bytes from `start`.
+    window: Bytes,
     start: u64,
+    /// Windows read before, oldest first; taken back once no entry shares them.
+    retired: VecDeque<Bytes>,
 }
 
 impl ReadAhead {
     /// `len` bytes of `file` at `at`; fails if they would reach past `readable_len`.
-    fn bytes_at(&mut self, file: &File, at: u64, len: u64, readable_len: u64) -> io::Result<&[u8]> {
-        let end = self.start + self.valid as u64;
+    fn bytes_at(&mut self, file: &File, at: u64, len: u64, readable_len: u64) -> io::Result<Bytes> {
+        let end = self.start + self.window.len() as u64;
         if at < self.start || at + len > end {
             let want = len
                 .max(READ_AHEAD_BYTES)
@@ -735,28 +744,48 @@ impl ReadAhead {
             if (want as u64) < len {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
+            let mut buffer = self.reusable_buffer(want);
             // Bytes of the window at and after `at` are kept, not read again.
             let kept = if (self.start..end).contains(&at) {
-                let from = (at - self.start) as usize;
-                self.buffer.copy_within(from..self.valid, 0);
-                self.valid - from
+                let tail = &self.window[(at - self.start) as usize..];
+                buffer[..tail.len()].copy_from_slice(tail);
+                tail.len()
             } else {
                 0
             };
-            if want > self.buffer.len() {
-                self.buffer.resize(want, 0);
-            } else if self.buffer.len() > READ_AHEAD_BYTES as usize {
-                // Grown for one large entry: back to the usual size.
-                self.buffer.truncate(want.max(READ_AHEAD_BYTES as usize));
-                self.buffer.shrink_to_fit();
-            }
+            file.read_exact_at(&mut buffer[kept..], at + kept as u64)?;
+            let old = std::mem::replace(&mut self.window, buffer.freeze());
             self.start = at;
-            self.valid = 0;
-            file.read_exact_at(&mut self.buffer[kept..want], at + kept as u64)?;
-            self.valid = want;
+            // A window grown for one large entry is let go, not kept at that size.
+            if !old.is_empty() && old.len() <= READ_AHEAD_BYTES as usize {
+                self.retired.push_back(old);
+                if self.retired.len() > RETIRED_WINDOWS {
+                    self.retired.pop_front();
+                }
+            }
         }
         let from = (at - self.start) as usize;
-        Ok(&self.buffer[from..from + len as usize])
+        Ok(self.window.slice(from..from + len as usize))
+    }
+
+    /// A buffer of exactly `len` bytes: a retired window no entry shares any more if one is
+    /// large enough (its old bytes are overwritten, not cleared), else a new one.
+    fn reusable_buffer(&mut self, len: usize) -> BytesMut {
+        for _ in 0..self.retired.len() {
+            let Some(old) = self.retired.pop_front() else {
+                break;
+            };
+            match old.try_into_mut() {
+                Ok(mut buffer) if buffer.capacity() >= len => {
+                    buffer.resize(len, 0);
+                    return buffer;
+                }
+                // Too small: let it go.
+                Ok(_) => {}
+                Err(shared) => self.retired.push_back(shared),
+            }
+        }
+        BytesMut::zeroed(len)
     }
 }
 
@@ -789,6 +818,8 @@ impl SpoolReader {
         };
         loop {
             if current.offset >= readable_len {
+                // Caught up: windows kept for a backlog are not kept while idle.
+                current.ahead.retired.clear();
                 return Ok(None);
             }
             let (entry, len) = read_entry_at(current, readable_len)?;
@@ -841,7 +872,7 @@ fn read_entry_at(
             readable_len,
         )
         .map_err(io_err(format!("read {}", shown())))?;
-    if crc32c::crc32c(body) != crc {
+    if crc32c::crc32c(&body) != crc {
         return Err(SpoolError::Scan(framed::ScanError::Corrupt {
             path: shown(),
             offset,
@@ -1035,5 +1066,43 @@ mod tests {
             .bytes_at(&file, readable - 4, 12, readable)
             .unwrap_err();
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_window_is_read_into_again_only_once_no_entry_holds_a_part_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        let window = READ_AHEAD_BYTES as usize;
+        let content: Vec<u8> = (0..(3 * window) as u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = File::open(&path).unwrap();
+        let readable = content.len() as u64;
+        let mut ahead = ReadAhead::default();
+        let held = ahead.bytes_at(&file, 100, 4096, readable).unwrap();
+        let held_window = ahead.window.as_ptr();
+        let mut windows = vec![held_window];
+        // Back and forth between the second and third windows, more often than windows are
+        // kept: the held one must never be read into.
+        for round in 0..3 * RETIRED_WINDOWS {
+            let at = if round % 2 == 0 { window } else { 2 * window } as u64;
+            let got = ahead.bytes_at(&file, at, 4096, readable).unwrap();
+            assert_eq!(got, &content[at as usize..at as usize + 4096]);
+            assert_ne!(ahead.window.as_ptr(), held_window, "round {round}");
+            windows.push(ahead.window.as_ptr());
+        }
+        assert_eq!(held, &content[100..4196]);
+        let distinct: std::collections::HashSet<_> = windows.iter().collect();
+        assert!(
+            distinct.len() <= 3,
+            "windows are reused: {} allocations",
+            distinct.len()
+        );
+        drop(held);
+        let reused = (0..=RETIRED_WINDOWS).any(|round| {
+            let at = if round % 2 == 0 { 0 } else { window } as u64;
+            ahead.bytes_at(&file, at, 4096, readable).unwrap();
+            ahead.window.as_ptr() == held_window
+        });
+        assert!(reused, "the window let go of is read into again");
     }
 }

@@ -78,9 +78,8 @@ pub struct ShipperStatus {
 struct PreparedBatch {
     records: Vec<v1::Record>,
     last_seq: Seq,
-    /// Unique chunks in first-seen order, and their bytes (one block each, concatenated).
-    chunks: Vec<ChunkHash>,
-    chunk_data: Vec<u8>,
+    /// Unique chunks in first-seen order, and where their bytes are.
+    chunks: BatchChunks,
 }
 
 /// Runs until `shutdown` flips to true, reconnecting as needed.
@@ -312,8 +311,10 @@ impl Session {
                 .query(tx, &mut replies, query_id, &batch, &in_flight)
                 .await?;
             let last_seq = batch.last_seq;
-            let sent: HashSet<ChunkHash> =
-                missing.iter().map(|&i| batch.chunks[i as usize]).collect();
+            let sent: HashSet<ChunkHash> = missing
+                .iter()
+                .map(|&i| batch.chunks.hashes()[i as usize])
+                .collect();
             in_flight.push_back((last_seq, sent));
             // Batches go out in order: the one before this is sent before this one is built.
             send_built(tx, &mut building, &mut sent_through).await?;
@@ -371,15 +372,18 @@ impl Session {
         in_flight: &VecDeque<(Seq, HashSet<ChunkHash>)>,
     ) -> Result<Vec<u32>, String> {
         let asked: Vec<u32> = (0u32..)
-            .zip(&batch.chunks)
+            .zip(batch.chunks.hashes())
             .filter(|(_, h)| !in_flight.iter().any(|(_, sent)| sent.contains(*h)))
             .map(|(i, _)| i)
             .collect();
         if asked.is_empty() {
             return Ok(Vec::new());
         }
-        let hashes =
-            tideline_proto::wire_hashes(asked.iter().map(|&i| Some(&batch.chunks[i as usize])));
+        let hashes = tideline_proto::wire_hashes(
+            asked
+                .iter()
+                .map(|&i| Some(&batch.chunks.hashes()[i as usize])),
+        );
         send(tx, Out::HaveQuery(v1::HaveQuery { query_id, hashes })).await?;
         let missing = replies.recv().await.ok_or("collector stream closed")?;
         missing
@@ -505,10 +509,7 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
     let mut batch = PreparedBatch {
         records: Vec::new(),
         last_seq: Seq(0),
-        chunks: Vec::new(),
-        // Sized for a full batch up front: grown by doubling, the copies of earlier bytes
-        // cost more than copying the blocks in.
-        chunk_data: Vec::with_capacity(BATCH_MAX_BYTES),
+        chunks: BatchChunks::default(),
     };
     let mut seen: HashSet<ChunkHash> = HashSet::new();
     let mut data_bytes = 0usize;
@@ -552,12 +553,15 @@ fn to_record(
             origin,
         } => {
             let blocks = block::chunks_of(&data);
-            for (chunk, b) in blocks.iter().zip(data.chunks(BLOCK_SIZE)) {
-                if let Some(hash) = chunk {
-                    if seen.insert(*hash) {
-                        batch.chunks.push(*hash);
-                        batch.chunk_data.extend_from_slice(b);
-                    }
+            let mut new_chunks = blocks
+                .iter()
+                .enumerate()
+                .filter_map(|(k, chunk)| chunk.filter(|hash| seen.insert(*hash)).map(|h| (k, h)))
+                .peekable();
+            if new_chunks.peek().is_some() {
+                batch.chunks.add_source(data);
+                for (k, hash) in new_chunks {
+                    batch.chunks.push(hash, k * BLOCK_SIZE);
                 }
             }
             RecordKind::Write {
@@ -578,13 +582,9 @@ fn to_record(
 /// Compresses the chunks the collector lacks into frames (spread over the cores) and builds
 /// the batch message.
 fn build_batch(batch: PreparedBatch, missing: &[u32]) -> v1::Batch {
-    let chunks = BatchChunks {
-        hashes: batch.chunks,
-        data: batch.chunk_data,
-    };
     v1::Batch {
         records: batch.records,
-        frames: compress::frames(Arc::new(chunks), missing),
+        frames: compress::frames(Arc::new(batch.chunks), missing),
     }
 }
 
@@ -623,7 +623,7 @@ mod tests {
         assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
         assert_eq!(batch.records.len(), 3);
         assert_eq!(batch.last_seq, Seq(3));
-        assert_eq!(batch.chunks.len(), 3);
+        assert_eq!(batch.chunks.hashes().len(), 3);
         assert!(prepare_batch(&group, &mut reader).unwrap().is_none());
     }
 
@@ -639,7 +639,11 @@ mod tests {
         let mut reader = group.spool.reader(Seq(1));
         let first = prepare_batch(&group, &mut reader).unwrap().unwrap();
         assert_eq!(first.records.len(), BATCH_MAX_BYTES / LINGER_MIN_BYTES);
-        assert_eq!(first.chunks.len(), 1, "every block holds the same bytes");
+        assert_eq!(
+            first.chunks.hashes().len(),
+            1,
+            "every block holds the same bytes"
+        );
         let rest = prepare_batch(&group, &mut reader).unwrap().unwrap();
         assert_eq!(rest.records.len(), 1);
         assert_eq!(rest.last_seq, Seq(writes as u64));
