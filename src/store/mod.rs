@@ -131,7 +131,7 @@ use crate::types::{
 
 use catalog::{Batch, Entry, FramePos, GroupControl, GroupRegistered, NewChunk};
 use journal::{GroupState, Marker, MarkerKind, VolumeState};
-use pack::{ChunkLoc, FrameCache, LoadedFrame, Packs};
+use pack::{ChunkLoc, FrameCache, FrameEntry, LoadedFrame, Packs};
 
 /// Name of the catalog log inside the store directory.
 pub const CATALOG_FILE: &str = "catalog.log";
@@ -1319,24 +1319,21 @@ impl Store {
             return Ok(prepared.durable);
         }
         let new_durable = prepared.records.last().map_or(prepared.durable, |r| r.seq);
-        let bodies: Vec<(Vec<u8>, u16)> = prepared
+        let bodies: Vec<FrameEntry<'_>> = prepared
             .frames
             .iter()
-            .map(|&i| {
-                let entry = pack::encode_frame_entry(frames[i].hashes, frames[i].zstd_data);
-                (entry, frames[i].hashes.len() as u16)
-            })
+            .map(|&i| FrameEntry::new(frames[i].hashes, frames[i].zstd_data))
             .collect();
         let mut batch = Batch {
             group: group.clone(),
             // Placeholders: positions are fixed-width, so they give the entry's final size.
             frames: bodies
                 .iter()
-                .map(|(_, block_count)| FramePos {
+                .map(|frame| FramePos {
                     pack: PackId(0),
                     offset: 0,
                     entry_len: 0,
-                    block_count: *block_count,
+                    block_count: frame.block_count(),
                 })
                 .collect(),
             chunks: prepared.chunks,
@@ -1437,7 +1434,7 @@ impl Store {
     fn commit(
         &self,
         writer: &mut Writer,
-        frames: &[(Vec<u8>, u16)],
+        frames: &[FrameEntry<'_>],
         make_entry: impl FnOnce(Vec<FramePos>) -> Entry,
     ) -> Result<(), StoreError> {
         if let Some(reason) = &writer.poisoned {
@@ -1478,7 +1475,7 @@ impl Store {
     fn try_write(
         &self,
         writer: &mut Writer,
-        frames: &[(Vec<u8>, u16)],
+        frames: &[FrameEntry<'_>],
         make_entry: impl FnOnce(Vec<FramePos>) -> Entry,
         touched: &mut Vec<Touched>,
     ) -> Result<Entry, WriteFailure> {
@@ -1533,12 +1530,12 @@ impl Store {
     /// How many of `frames`, from the first, the current pack takes, padding included: none
     /// when it already holds data and the first would take it past `pack_target_bytes` (a
     /// frame larger than that still gets an empty pack of its own).
-    fn frames_fitting(&self, pack_len: u64, frames: &[(Vec<u8>, u16)]) -> usize {
+    fn frames_fitting(&self, pack_len: u64, frames: &[FrameEntry<'_>]) -> usize {
         let mut end = direct::align_up(pack_len);
         let fitting = frames
             .iter()
-            .take_while(|(bytes, _)| {
-                end += bytes.len() as u64;
+            .take_while(|frame| {
+                end += frame.len() as u64;
                 direct::align_up(end) <= self.pack_target_bytes
             })
             .count();
@@ -1556,25 +1553,25 @@ impl Store {
     fn append_frames(
         &self,
         writer: &mut Writer,
-        frames: &[(Vec<u8>, u16)],
+        frames: &[FrameEntry<'_>],
     ) -> Result<Vec<FramePos>, WriteFailure> {
         let start = direct::align_up(writer.pack_len);
-        let len: usize = frames.iter().map(|(bytes, _)| bytes.len()).sum();
+        let len: usize = frames.iter().map(FrameEntry::len).sum();
         let padded = direct::align_up(len as u64) as usize;
         if writer.staging.len() < padded {
             writer.staging = AlignedBuf::zeroed(padded.next_power_of_two());
         }
         let mut positions = Vec::with_capacity(frames.len());
         let mut at = 0;
-        for (bytes, block_count) in frames {
-            writer.staging[at..at + bytes.len()].copy_from_slice(bytes);
+        for frame in frames {
+            frame.write_to(&mut writer.staging[at..]);
             positions.push(FramePos {
                 pack: writer.pack,
                 offset: start + at as u64,
-                entry_len: bytes.len() as u32,
-                block_count: *block_count,
+                entry_len: frame.len() as u32,
+                block_count: frame.block_count(),
             });
-            at += bytes.len();
+            at += frame.len();
         }
         writer.staging[len..padded].fill(0);
         let action = || {

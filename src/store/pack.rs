@@ -78,23 +78,53 @@ pub(crate) fn frame_header_bytes(block_count: usize) -> usize {
     2 + 32 * block_count
 }
 
-/// Encodes a frame as the pack entry that holds it: entry header, then the body
-/// `u16 n | n hashes | zstd bytes`, copying the zstd bytes once.
-pub(crate) fn encode_frame_entry(hashes: &[ChunkHash], zstd_data: &[u8]) -> Vec<u8> {
-    let body_len = frame_header_bytes(hashes.len()) + zstd_data.len();
-    let mut entry = Vec::with_capacity(ENTRY_HEADER_BYTES as usize + body_len);
-    framed::encode_entry_head(
-        &mut entry,
-        |out| {
-            out.extend_from_slice(&(hashes.len() as u16).to_le_bytes());
-            hashes
-                .iter()
-                .for_each(|hash| out.extend_from_slice(&hash.0));
-        },
-        zstd_data,
-    );
-    entry.extend_from_slice(zstd_data);
-    entry
+/// A frame as the pack entry that holds it: entry header, then the body
+/// `u16 n | n hashes | zstd bytes`. The zstd bytes are not copied until [`FrameEntry::write_to`]
+/// puts them straight into the pack's write buffer (a whole encoded entry first, then the
+/// buffer, copied them twice).
+pub(crate) struct FrameEntry<'a> {
+    /// Entry header, block count and hashes.
+    head: Vec<u8>,
+    zstd_data: &'a [u8],
+    block_count: u16,
+}
+
+impl<'a> FrameEntry<'a> {
+    pub(crate) fn new(hashes: &[ChunkHash], zstd_data: &'a [u8]) -> FrameEntry<'a> {
+        let mut head =
+            Vec::with_capacity(ENTRY_HEADER_BYTES as usize + frame_header_bytes(hashes.len()));
+        framed::encode_entry_head(
+            &mut head,
+            |out| {
+                out.extend_from_slice(&(hashes.len() as u16).to_le_bytes());
+                hashes
+                    .iter()
+                    .for_each(|hash| out.extend_from_slice(&hash.0));
+            },
+            zstd_data,
+        );
+        FrameEntry {
+            head,
+            zstd_data,
+            block_count: hashes.len() as u16,
+        }
+    }
+
+    /// Bytes of the whole entry, header included.
+    pub(crate) fn len(&self) -> usize {
+        self.head.len() + self.zstd_data.len()
+    }
+
+    pub(crate) fn block_count(&self) -> u16 {
+        self.block_count
+    }
+
+    /// Writes the entry at the start of `out`, which holds at least [`FrameEntry::len`] bytes.
+    pub(crate) fn write_to(&self, out: &mut [u8]) {
+        let (head, rest) = out.split_at_mut(self.head.len());
+        head.copy_from_slice(&self.head);
+        rest[..self.zstd_data.len()].copy_from_slice(self.zstd_data);
+    }
 }
 
 /// Splits a frame body read from disk into its hashes and zstd bytes.
@@ -524,7 +554,12 @@ mod tests {
         let body: Vec<u8> = [&[2u8, 0][..], &hashes[0].0, &hashes[1].0, b"zstd"].concat();
         let mut entry = Vec::new();
         framed::encode_entry(&mut entry, &body);
-        assert_eq!(encode_frame_entry(&hashes, b"zstd"), entry);
+        let frame = FrameEntry::new(&hashes, b"zstd");
+        let mut written = vec![0u8; frame.len() + 3];
+        frame.write_to(&mut written);
+        assert_eq!(frame.len(), entry.len());
+        assert_eq!(&written[..entry.len()], &entry[..]);
+        assert_eq!(frame.block_count(), 2);
         let (parsed, data) = parse_frame_body(&body).unwrap();
         assert_eq!(parsed, hashes);
         assert_eq!(data, b"zstd");
