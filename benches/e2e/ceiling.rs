@@ -6,6 +6,10 @@
 //! `1 / (1/hash + 1/compress)`; all cores multiply that. The whole pipeline also decompresses
 //! and re-hashes every byte at the collector (it verifies every block), so its ceiling is
 //! `cores / (1/hash + 1/compress + 1/open)`.
+//!
+//! The disk's own speed is measured too, with fio on a plain file beside the other scenarios'
+//! files: the tap, ingest and restore figures are bounded by it as much as by the CPU, and the
+//! disk of a shared host can be several times faster one day than the next.
 
 use std::path::Path;
 use std::process::Command;
@@ -14,9 +18,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
+use crate::fio::{self, Job, Target};
 use crate::report::Row;
 use crate::sys;
-use crate::Settings;
+use crate::{Settings, KIB, MIB};
 
 /// (criterion group, benchmark) pairs read back.
 const HASH: (&str, &str) = ("block", "blake3_4k_blocks_side_by_side");
@@ -42,6 +47,53 @@ fn rate(criterion_dir: &Path, (group, bench): (&str, &str)) -> anyhow::Result<f6
 }
 
 pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
+    let mut rows = cpu_rows(s)?;
+    rows.extend(disk_rows(s)?);
+    Ok(rows)
+}
+
+/// fio straight to a plain file with `O_DIRECT`, no Tideline and no peer in the way.
+fn disk_rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
+    let work = sys::fresh_dir(&s.work.join("disk"))?;
+    let target = Target::Device(work.join("plain.img").display().to_string());
+    let region = s.tap_region_bytes;
+    let seconds = s.tap_seconds.min(10);
+    let (mut seq_write, mut rand_write, mut seq_read) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..s.runs {
+        seq_write.push(fio::run(&Job::new("write", MIB, 16, region), &target, &work)?.mb_per_s);
+        let random = Job::new("randwrite", 4 * KIB, 16, region).seconds(seconds);
+        rand_write.push(fio::run(&random, &target, &work)?.iops);
+        seq_read.push(fio::run(&Job::new("read", MIB, 16, region), &target, &work)?.mb_per_s);
+    }
+    std::fs::remove_dir_all(&work)?;
+    let note = "fio, libaio, O_DIRECT on a plain file";
+    Ok(vec![
+        Row::new(
+            "ceiling",
+            "disk: 1 MiB sequential write QD16",
+            "MB/s",
+            &seq_write,
+        )
+        .note(note),
+        Row::new(
+            "ceiling",
+            "disk: 4 KiB random write QD16",
+            "IOPS",
+            &rand_write,
+        )
+        .note(note),
+        Row::new(
+            "ceiling",
+            "disk: 1 MiB sequential read QD16",
+            "MB/s",
+            &seq_read,
+        )
+        .note(note),
+    ])
+}
+
+/// The CPU's ceilings, from criterion's figures.
+fn cpu_rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let sample = crate::data::ext4_image(&s.cache, s.history_volume_bytes, crate::EXT4_FILL)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);

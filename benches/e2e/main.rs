@@ -38,8 +38,9 @@ use report::{Report, Row};
 
 /// Share of the realistic image's size taken by files.
 pub const EXT4_FILL: f64 = 0.6;
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
 const SCENARIOS: [&str; 6] = ["ceiling", "tap", "fuse", "ingest", "rpo", "history"];
 
 /// Sizes and durations of one benchmark run.

@@ -19,9 +19,7 @@ use crate::fio::{self, Job, Target};
 use crate::procs::{now_ns, Agent, Collector, Grpc};
 use crate::report::{Goal, Row, Stat};
 use crate::sys::{self, ProcUsage};
-use crate::Settings;
-
-const MIB: u64 = 1 << 20;
+use crate::{Settings, MIB};
 
 /// Samples `lag_ms` every 100 ms until `stop`: (seconds since the start, lag in ms).
 fn sampler(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<(f64, f64)>> {

@@ -16,10 +16,7 @@ use crate::fio::{self, Job, Target};
 use crate::procs::{Agent, Collector, QemuNbd};
 use crate::report::{Goal, Row};
 use crate::sys::{self, ProcUsage};
-use crate::Settings;
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1 << 20;
+use crate::{Settings, KIB, MIB};
 
 /// Figures of one server in one run: job label -> (IOPS, MB/s, p99 µs).
 type Figures = BTreeMap<&'static str, fio::Outcome>;
