@@ -178,6 +178,11 @@ impl HeaderReader {
         self.filled = 0;
         Ok(Some(RequestHeader::parse(&self.buf)?))
     }
+
+    /// Makes the header `next` just returned the next one again (its bytes are still in `buf`).
+    fn unread(&mut self) {
+        self.filled = RequestHeader::LEN;
+    }
 }
 
 async fn read_requests<R: AsyncRead + Unpin>(
@@ -207,6 +212,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
             }
             Err(err) => return Stop::Io(err),
         };
+        // Polling the select above is not atomic: a thread preempted between its first branch
+        // and its last can read a header sent after shutdown was signalled. That header is left
+        // to the drain, which answers it with ESHUTDOWN.
+        if *stop.borrow() {
+            headers.unread();
+            return Stop::Shutdown;
+        }
         if let Some(why) = dispatch(ctx, header, slot, rd, tx).await {
             return why;
         }
@@ -796,6 +808,36 @@ async fn drain_after_shutdown<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unread_header_is_read_again_before_the_next() {
+        let header = |cookie| RequestHeader {
+            flags: 0,
+            kind: CMD_READ,
+            cookie,
+            offset: 4096 * cookie,
+            len: 512,
+        };
+        let bytes = [header(1).encode(), header(2).encode()].concat();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut rd = &bytes[..];
+            let mut headers = HeaderReader::default();
+            let mut read = Vec::new();
+            for unread_after in [true, false, false, false] {
+                read.push(headers.next(&mut rd).await.expect("read"));
+                if unread_after {
+                    headers.unread();
+                }
+            }
+            assert_eq!(
+                read,
+                [Some(header(1)), Some(header(1)), Some(header(2)), None]
+            );
+        });
+    }
 
     #[test]
     fn descriptors_merge_clip_and_never_come_back_empty() {
