@@ -180,7 +180,7 @@ impl SpoolEntry {
                     op: SpoolOp::Other(record.kind),
                 })
             }
-            TAG_WRITE => decode_write(&body),
+            TAG_WRITE => decode_write(body.slice(1..)),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -205,9 +205,8 @@ impl SpoolEntry {
     }
 }
 
-/// Decodes a write's `body` (its tag included).
-fn decode_write(body: &Bytes) -> Result<SpoolEntry, DecodeError> {
-    let rest = &body[1..];
+/// Decodes a write's body after its tag; the block data is a slice of `rest`.
+fn decode_write(rest: Bytes) -> Result<SpoolEntry, DecodeError> {
     let fixed = 8 + 8 + 1 + 1;
     if rest.len() < fixed {
         return Err(DecodeError::Truncated {
@@ -239,7 +238,7 @@ fn decode_write(body: &Bytes) -> Result<SpoolEntry, DecodeError> {
         .map_err(|_| DecodeError::BadName("not UTF-8".into()))?;
     let volume = VolumeName::new(name).map_err(|e| DecodeError::BadName(e.to_string()))?;
     let first = BlockNo(u64::from_le_bytes(word(fixed + name_len)));
-    let data = body.slice(1 + data_at..);
+    let data = rest.slice(data_at..);
     if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
         return Err(DecodeError::OutOfRange("write data length"));
     }

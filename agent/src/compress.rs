@@ -38,19 +38,25 @@ struct ChunkPlace {
 }
 
 impl BatchChunks {
-    /// Adds a write payload the chunks pushed next come from.
-    pub fn add_source(&mut self, payload: Bytes) {
-        self.sources.push(payload);
-    }
-
-    /// Adds chunk `hash`, whose block starts at `offset` in the source added last.
-    pub fn push(&mut self, hash: ChunkHash, offset: usize) {
-        let source = self.sources.len().saturating_sub(1);
-        self.hashes.push(hash);
-        self.places.push(ChunkPlace {
-            source: source as u32,
-            offset: offset as u32,
-        });
+    /// Adds the chunks of one write: each `(offset, hash)` names a block of `payload`. The
+    /// payload is kept only if it brings at least one chunk.
+    pub fn add_write(
+        &mut self,
+        payload: Bytes,
+        chunks: impl IntoIterator<Item = (usize, ChunkHash)>,
+    ) {
+        let source = self.sources.len() as u32;
+        let before = self.hashes.len();
+        for (offset, hash) in chunks {
+            self.hashes.push(hash);
+            self.places.push(ChunkPlace {
+                source,
+                offset: offset as u32,
+            });
+        }
+        if self.hashes.len() > before {
+            self.sources.push(payload);
+        }
     }
 
     pub fn hashes(&self) -> &[ChunkHash] {
@@ -190,11 +196,14 @@ mod tests {
         let (mut block, mut write_blocks) = (0, MAX_FRAME_BLOCKS + 3);
         while block < n {
             let end = (block + write_blocks).min(n);
-            chunks.add_source(data.slice(block * BLOCK_SIZE..end * BLOCK_SIZE));
-            for (k, b) in (block..end).enumerate() {
-                let bytes = &data[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
-                chunks.push(ChunkHash::of(bytes), k * BLOCK_SIZE);
-            }
+            let write = data.slice(block * BLOCK_SIZE..end * BLOCK_SIZE);
+            let hashes: Vec<_> = write
+                .chunks(BLOCK_SIZE)
+                .map(ChunkHash::of)
+                .enumerate()
+                .map(|(k, hash)| (k * BLOCK_SIZE, hash))
+                .collect();
+            chunks.add_write(write, hashes);
             write_blocks = if block == 0 { 1 } else { write_blocks + 1 };
             block = end;
         }

@@ -553,17 +553,12 @@ fn to_record(
             origin,
         } => {
             let blocks = block::chunks_of(&data);
-            let mut new_chunks = blocks
-                .iter()
-                .enumerate()
-                .filter_map(|(k, chunk)| chunk.filter(|hash| seen.insert(*hash)).map(|h| (k, h)))
-                .peekable();
-            if new_chunks.peek().is_some() {
-                batch.chunks.add_source(data);
-                for (k, hash) in new_chunks {
-                    batch.chunks.push(hash, k * BLOCK_SIZE);
-                }
-            }
+            let new_chunks = blocks.iter().enumerate().filter_map(|(k, chunk)| {
+                chunk
+                    .filter(|hash| seen.insert(*hash))
+                    .map(|hash| (k * BLOCK_SIZE, hash))
+            });
+            batch.chunks.add_write(data, new_chunks);
             RecordKind::Write {
                 volume,
                 first,

@@ -14,7 +14,7 @@ use crate::sys;
 pub enum Target {
     /// An NBD URI, through fio's nbd ioengine (libnbd).
     Nbd(String),
-    /// A block device, with libaio and O_DIRECT.
+    /// A block device or a plain file, with libaio and O_DIRECT.
     Device(String),
 }
 
