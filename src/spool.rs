@@ -10,10 +10,19 @@
 //! * `NNNNNNNNNNNNNNNNNNNN.seg`: segments named after their first `seq`, each a sequence of
 //!   [`crate::framed`] entries holding one [`SpoolEntry`] each.
 //!
-//! Recovery on open: segments are scanned in order; a torn tail of the newest segment is
-//! truncated (those writes were never acknowledged as durable: they were neither flushed nor, as
-//! the process died mid-append, acknowledged at all); corruption anywhere else refuses to open.
-//! Records must be contiguous across segments, else opening fails naming the gap.
+//! Nothing is written to the disk on the spool's own account: entries stay in the page cache
+//! until a FLUSH (or a checkpoint) makes them durable, or the kernel writes them back on its
+//! own. Entries the collector holds before either happens are deleted with their segment and
+//! never reach the disk, so a volume's bytes are written once, not twice, while the collector
+//! keeps up. A closed segment is fdatasynced by the next [`Spool::append_durable`], before the
+//! marker it appends, so a durable marker proves that everything before it is durable too.
+//!
+//! Recovery on open: segments are scanned in order. Where they stop short (an entry cut off or
+//! damaged with nothing valid after it in its segment, or a segment whose successor does not
+//! start at the next seq) and no later segment holds a durable marker (`Flush`, `Checkpoint`),
+//! the rest is the unflushed tail a power loss left: it is cut off and the spool reports
+//! [`Spool::dropped_unflushed`], so the agent resyncs its volumes. Damage before a durable
+//! marker is corruption and refuses to open, naming the file and offset.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -34,11 +43,10 @@ use crate::types::{BlockNo, Seq, TimeNs, VolumeName, BLOCK_SIZE};
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Room kept free past the limit for small control records (gap markers, flushes).
 const CONTROL_RESERVE_BYTES: u64 = 1 << 20;
-/// Once this much of the active segment has been appended since the last time, the appending
-/// thread asks the kernel to start writing it back (without waiting). The fdatasync before a
-/// segment is closed, which holds up every append, then finds at most this much still to write
-/// instead of the whole segment.
-const WRITEBACK_START_BYTES: u64 = 8 << 20;
+/// A closed segment with this much appended after it has waited far longer for the collector
+/// than a live stream makes it wait: its writeback is started, so a flush while the collector
+/// is behind or away finds at most about this much (and the active segment) left to write.
+const WRITEBACK_LAG_BYTES: u64 = 256 << 20;
 
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -261,13 +269,32 @@ struct Segment {
     last_seq: Seq,
     path: PathBuf,
     len_bytes: u64,
+    /// A closed segment not yet fdatasynced keeps its handle here until a sync has.
+    unsynced: Option<Arc<File>>,
+    /// Writeback of this closed segment has been started (see [`WRITEBACK_LAG_BYTES`]).
+    writeback_started: bool,
+}
+
+impl Segment {
+    fn new(first_seq: Seq, path: PathBuf) -> Segment {
+        Segment {
+            first_seq,
+            last_seq: Seq(first_seq.0 - 1),
+            path,
+            len_bytes: 0,
+            unsynced: None,
+            writeback_started: false,
+        }
+    }
 }
 
 struct Inner {
     segments: VecDeque<Segment>,
     active: Arc<File>,
-    /// Offset in the active segment below which writeback has been started.
-    writeback_from: u64,
+    /// Segments created so far, and how many of them the last directory fsync covered: a
+    /// new segment's name is durable only once the directory is.
+    segments_created: u64,
+    dir_synced_through: u64,
     next_seq: Seq,
     last_time: TimeNs,
     used_bytes: u64,
@@ -279,6 +306,14 @@ struct Inner {
     waiters: usize,
 }
 
+impl Inner {
+    /// Every closed segment and every segment name is durable.
+    fn all_closed_synced(&self) -> bool {
+        self.segments.iter().all(|s| s.unsynced.is_none())
+            && self.segments_created <= self.dir_synced_through
+    }
+}
+
 /// One group's spool. Appends are serialised by an internal mutex; readers (the shipper) use
 /// [`SpoolReader`] and never block writers for longer than a length check.
 pub struct Spool {
@@ -286,21 +321,16 @@ pub struct Spool {
     spool_id: u64,
     inner: Mutex<Inner>,
     appended: Condvar,
+    dropped_unflushed: bool,
 }
 
-/// Asks the kernel to start writing `range` of `file` back, without waiting for it. Advisory:
-/// if it fails, the next fdatasync writes those bytes instead.
-fn start_writeback(file: &File, range: std::ops::Range<u64>) {
-    let (Ok(offset), Ok(len)) = (
-        libc::off64_t::try_from(range.start),
-        libc::off64_t::try_from(range.end - range.start),
-    ) else {
-        return;
-    };
+/// Asks the kernel to start writing all of `file` back, without waiting for it. Advisory: if
+/// it fails, the next fdatasync writes those bytes instead.
+fn start_writeback(file: &File) {
     // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for as
-    // long as `file` is borrowed.
+    // long as `file` is borrowed. Offset 0 and length 0 mean the whole file.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -360,42 +390,17 @@ impl Spool {
         let spool_id = load_or_create_id(&dir)?;
         let mut firsts = list_segments(&dir)?;
         firsts.sort();
-        let mut segments = VecDeque::new();
-        let mut next_seq = Seq(1);
-        let mut last_time = TimeNs(0);
-        let count = firsts.len();
-        for (i, first) in firsts.into_iter().enumerate() {
-            let path = segment_path(&dir, first);
-            if i > 0 && first != next_seq {
-                return Err(SpoolError::Gap {
-                    dir: dir.display().to_string(),
-                    segment: path.display().to_string(),
-                    expected: next_seq,
-                    found: first,
-                });
-            }
-            let (last, len_bytes, time) = recover_segment(&path, first, i + 1 == count)?;
-            if let Some(time) = time {
-                last_time = last_time.max(time);
-            }
-            next_seq = last.next();
-            segments.push_back(Segment {
-                first_seq: first,
-                last_seq: last,
-                path,
-                len_bytes,
-            });
-        }
+        let Recovered {
+            mut segments,
+            next_seq,
+            last_time,
+            dropped_unflushed,
+        } = recover_segments(&dir, &firsts)?;
         if segments.is_empty() {
             let path = segment_path(&dir, next_seq);
             File::create(&path).map_err(io_err(format!("create {}", path.display())))?;
             fsync_dir(&dir)?;
-            segments.push_back(Segment {
-                first_seq: next_seq,
-                last_seq: Seq(next_seq.0 - 1),
-                path,
-                len_bytes: 0,
-            });
+            segments.push_back(Segment::new(next_seq, path));
         }
         let active_path = &segments.back().map(|s| s.path.clone()).unwrap_or_default();
         let active = OpenOptions::new()
@@ -409,7 +414,8 @@ impl Spool {
             inner: Mutex::new(Inner {
                 segments,
                 active: Arc::new(active),
-                writeback_from: 0,
+                segments_created: 0,
+                dir_synced_through: 0,
                 next_seq,
                 last_time,
                 used_bytes,
@@ -418,7 +424,15 @@ impl Spool {
                 waiters: 0,
             }),
             appended: Condvar::new(),
+            dropped_unflushed,
         })
+    }
+
+    /// Whether opening cut off an unflushed tail a power loss left behind (see the module
+    /// documentation). Those records are gone while the volume may hold their data, so the
+    /// journal can differ from the volume anywhere written since the last flush.
+    pub fn dropped_unflushed(&self) -> bool {
+        self.dropped_unflushed
     }
 
     pub fn spool_id(&self) -> u64 {
@@ -474,6 +488,49 @@ impl Spool {
     /// [`Spool::sync`] to make it durable against power loss.
     pub fn append(&self, op: SpoolOp) -> Result<(Seq, TimeNs), SpoolError> {
         let mut inner = self.lock();
+        let lagging = self.rotate_if_needed(&mut inner)?;
+        let appended = self.append_locked(&mut inner, op);
+        let wake = inner.waiters > 0;
+        drop(inner);
+        if wake {
+            self.appended.notify_all();
+        }
+        for file in lagging {
+            start_writeback(&file);
+        }
+        appended
+    }
+
+    /// Appends a durability marker (a flush or a checkpoint) and makes it and every entry
+    /// before it durable. Closed segments are synced *before* the marker is appended, so a
+    /// marker found after a power loss proves every older segment whole: recovery tells
+    /// corruption from an unflushed tail by it.
+    pub fn append_durable(&self, op: SpoolOp) -> Result<(Seq, TimeNs), SpoolError> {
+        let appended = loop {
+            self.sync_closed()?;
+            let mut inner = self.lock();
+            // Rotate first, so the marker never lands in a segment created after this check.
+            let lagging = self.rotate_if_needed(&mut inner)?;
+            if lagging.is_empty() && inner.all_closed_synced() {
+                let appended = self.append_locked(&mut inner, op)?;
+                let wake = inner.waiters > 0;
+                drop(inner);
+                if wake {
+                    self.appended.notify_all();
+                }
+                break appended;
+            }
+            drop(inner);
+            for file in lagging {
+                start_writeback(&file);
+            }
+        };
+        self.sync()?;
+        Ok(appended)
+    }
+
+    /// Writes one entry to the active segment (which the caller has rotated if it was full).
+    fn append_locked(&self, inner: &mut Inner, op: SpoolOp) -> Result<(Seq, TimeNs), SpoolError> {
         let seq = inner.next_seq;
         let time = TimeNs::now().max(TimeNs(inner.last_time.0 + 1));
         let entry = SpoolEntry { seq, time, op };
@@ -488,7 +545,6 @@ impl Spool {
                 max_bytes: self.config.max_bytes,
             });
         }
-        self.rotate_if_needed(&mut inner)?;
         let mut head = std::mem::take(&mut inner.encode_buf);
         head.clear();
         let data = entry.block_data();
@@ -517,64 +573,95 @@ impl Spool {
         inner.next_seq = seq.next();
         inner.last_time = time;
         inner.used_bytes += written;
-        let mut active_len = 0;
         if let Some(active) = inner.segments.back_mut() {
             active.last_seq = seq;
             active.len_bytes += written;
-            active_len = active.len_bytes;
-        }
-        let writeback = (active_len >= inner.writeback_from + WRITEBACK_START_BYTES).then(|| {
-            let from = std::mem::replace(&mut inner.writeback_from, active_len);
-            (Arc::clone(&inner.active), from..active_len)
-        });
-        let wake = inner.waiters > 0;
-        drop(inner);
-        if wake {
-            self.appended.notify_all();
-        }
-        if let Some((file, range)) = writeback {
-            start_writeback(&file, range);
         }
         Ok((seq, time))
     }
 
-    fn rotate_if_needed(&self, inner: &mut Inner) -> Result<(), SpoolError> {
+    /// Closes a full active segment and starts the next. Nothing is synced here: the closed
+    /// segment keeps its handle until a flush syncs it, and the new name is made durable by
+    /// the next directory fsync. Returns the closed segments the collector is far behind on
+    /// (see [`WRITEBACK_LAG_BYTES`]), for the caller to start writing back with the lock
+    /// released.
+    fn rotate_if_needed(&self, inner: &mut Inner) -> Result<Vec<Arc<File>>, SpoolError> {
         let Some(active) = inner.segments.back() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         if active.len_bytes < self.config.segment_bytes {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        // The old segment's data must be durable before a newer segment can exist without it.
-        inner
-            .active
-            .sync_data()
-            .map_err(io_err("fsync spool segment"))?;
         let path = segment_path(&self.config.dir, inner.next_seq);
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
             .open(&path)
             .map_err(io_err(format!("create {}", path.display())))?;
-        fsync_dir(&self.config.dir)?;
-        inner.active = Arc::new(file);
-        inner.writeback_from = 0;
-        inner.segments.push_back(Segment {
-            first_seq: inner.next_seq,
-            last_seq: Seq(inner.next_seq.0 - 1),
-            path,
-            len_bytes: 0,
-        });
-        Ok(())
+        let closed = std::mem::replace(&mut inner.active, Arc::new(file));
+        inner.segments_created += 1;
+        if let Some(segment) = inner.segments.back_mut() {
+            segment.unsynced = Some(closed);
+        }
+        let mut lagging = Vec::new();
+        let mut appended_after = 0;
+        for segment in inner.segments.iter_mut().rev() {
+            if appended_after >= WRITEBACK_LAG_BYTES && !segment.writeback_started {
+                if let Some(file) = &segment.unsynced {
+                    lagging.push(Arc::clone(file));
+                    segment.writeback_started = true;
+                }
+            }
+            appended_after += segment.len_bytes;
+        }
+        inner.segments.push_back(Segment::new(inner.next_seq, path));
+        Ok(lagging)
     }
 
-    /// Makes every appended entry durable (fsync of the active segment; older segments were
-    /// fsynced when they were closed).
+    /// Makes every entry appended before this call durable: closed segments not yet synced,
+    /// oldest first, the directory if segments were created since its last fsync, then the
+    /// segment that was active when this was called.
     pub fn sync(&self) -> Result<(), SpoolError> {
-        let file = Arc::clone(&self.lock().active);
+        let active = Arc::clone(&self.lock().active);
+        self.sync_closed()?;
         // fsync outside the lock so appends continue meanwhile; whatever was appended before
         // this call is covered.
-        file.sync_data().map_err(io_err("fsync spool segment"))
+        active.sync_data().map_err(io_err("fsync spool segment"))
+    }
+
+    /// Syncs every closed segment not yet synced and, if segments were created since, the
+    /// directory; appends go on meanwhile.
+    fn sync_closed(&self) -> Result<(), SpoolError> {
+        let (closed, created) = {
+            let inner = self.lock();
+            let closed: Vec<Arc<File>> = inner
+                .segments
+                .iter()
+                .filter_map(|s| s.unsynced.clone())
+                .collect();
+            (closed, inner.segments_created)
+        };
+        for file in &closed {
+            file.sync_data().map_err(io_err("fsync spool segment"))?;
+        }
+        let dir_behind = created > self.lock().dir_synced_through;
+        if dir_behind {
+            fsync_dir(&self.config.dir)?;
+        }
+        let mut inner = self.lock();
+        for segment in inner.segments.iter_mut() {
+            let synced = segment
+                .unsynced
+                .as_ref()
+                .is_some_and(|file| closed.iter().any(|c| Arc::ptr_eq(c, file)));
+            if synced {
+                segment.unsynced = None;
+            }
+        }
+        if dir_behind {
+            inner.dir_synced_through = inner.dir_synced_through.max(created);
+        }
+        Ok(())
     }
 
     /// The collector holds everything up to `seq` durably: drop segments wholly at or below it.
@@ -651,13 +738,85 @@ fn list_segments(dir: &Path) -> Result<Vec<Seq>, SpoolError> {
     Ok(firsts)
 }
 
-/// Scans one segment, truncating a torn tail if it is the newest. Returns its last seq, its
-/// valid length and its newest time.
-fn recover_segment(
-    path: &Path,
-    first: Seq,
-    newest: bool,
-) -> Result<(Seq, u64, Option<TimeNs>), SpoolError> {
+/// What recovery found: the segments to keep and where appending resumes.
+struct Recovered {
+    segments: VecDeque<Segment>,
+    next_seq: Seq,
+    last_time: TimeNs,
+    dropped_unflushed: bool,
+}
+
+/// Scans the segments (named by their first seqs, in order) as the module documentation
+/// describes: cuts off an unflushed tail, refuses corruption, and syncs what it keeps (after a
+/// process crash it may still be only in the page cache, and no later sync would cover a
+/// segment that is already closed).
+fn recover_segments(dir: &Path, firsts: &[Seq]) -> Result<Recovered, SpoolError> {
+    let mut found = Recovered {
+        segments: VecDeque::new(),
+        next_seq: Seq(1),
+        last_time: TimeNs(0),
+        dropped_unflushed: false,
+    };
+    for (i, &first) in firsts.iter().enumerate() {
+        let path = segment_path(dir, first);
+        if i > 0 && first != found.next_seq {
+            // The previous segment stops short of this one: a tail never flushed, unless a
+            // durable marker follows (or the segments overlap, which no crash explains).
+            if first < found.next_seq || durable_marker_in(dir, &firsts[i..])? {
+                return Err(SpoolError::Gap {
+                    dir: dir.display().to_string(),
+                    segment: path.display().to_string(),
+                    expected: found.next_seq,
+                    found: first,
+                });
+            }
+            drop_unflushed_tail(dir, &firsts[i..], "a spool segment stops short of the next")?;
+            found.dropped_unflushed = true;
+            break;
+        }
+        let scanned = scan_segment(&path, first)?;
+        if let Some(time) = scanned.newest_time {
+            found.last_time = found.last_time.max(time);
+        }
+        found.next_seq = scanned.last_seq.next();
+        let mut segment = Segment::new(first, path.clone());
+        segment.last_seq = scanned.last_seq;
+        segment.len_bytes = scanned.valid_len_bytes;
+        found.segments.push_back(segment);
+        if scanned.torn_bytes > 0 {
+            let later = &firsts[i + 1..];
+            if durable_marker_in(dir, later)? {
+                return Err(SpoolError::Scan(framed::ScanError::Corrupt {
+                    path: path.display().to_string(),
+                    offset: scanned.valid_len_bytes,
+                    reason:
+                        "a damaged entry before a flush that a later segment records as durable",
+                }));
+            }
+            truncate_segment(&path, scanned.valid_len_bytes, scanned.torn_bytes)?;
+            drop_unflushed_tail(dir, later, "a spool segment ends in a torn entry")?;
+            found.dropped_unflushed = true;
+            break;
+        }
+    }
+    for segment in &found.segments {
+        File::open(&segment.path)
+            .and_then(|f| f.sync_data())
+            .map_err(io_err(format!("fsync {}", segment.path.display())))?;
+    }
+    Ok(found)
+}
+
+/// One segment's valid entries: its last seq, their length, the newest time, and the length of
+/// whatever follows them (a torn entry, or zeros a power loss left).
+struct ScannedSegment {
+    last_seq: Seq,
+    valid_len_bytes: u64,
+    torn_bytes: u64,
+    newest_time: Option<TimeNs>,
+}
+
+fn scan_segment(path: &Path, first: Seq) -> Result<ScannedSegment, SpoolError> {
     let mut expected = first;
     let mut newest_time = None;
     let end = framed::scan_file(path, |_, body| {
@@ -672,29 +831,68 @@ fn recover_segment(
         newest_time = Some(entry.time);
         Ok(())
     })?;
-    if end.torn_bytes > 0 {
-        let shown = path.display().to_string();
-        if !newest {
-            return Err(SpoolError::Scan(framed::ScanError::Corrupt {
-                path: shown,
-                offset: end.valid_len_bytes,
-                reason: "an older segment ends in a damaged entry",
-            }));
+    Ok(ScannedSegment {
+        last_seq: Seq(expected.0 - 1),
+        valid_len_bytes: end.valid_len_bytes,
+        torn_bytes: end.torn_bytes,
+        newest_time,
+    })
+}
+
+/// Whether any of these segments holds a valid flush or checkpoint record (entries after
+/// damage are not looked at).
+fn durable_marker_in(dir: &Path, firsts: &[Seq]) -> Result<bool, SpoolError> {
+    const FOUND: &str = "durable marker found";
+    for &first in firsts {
+        let path = segment_path(dir, first);
+        let scanned = framed::scan_file(&path, |_, body| {
+            match SpoolEntry::decode(Bytes::copy_from_slice(body)).map(|e| e.op) {
+                Ok(SpoolOp::Other(RecordKind::Flush | RecordKind::Checkpoint { .. })) => {
+                    Err(FOUND.to_owned())
+                }
+                _ => Ok(()),
+            }
+        });
+        match scanned {
+            Err(framed::ScanError::Entry { message, .. }) if message == FOUND => return Ok(true),
+            Err(framed::ScanError::Io { path, source }) => {
+                return Err(io_err(format!("read {path}"))(source))
+            }
+            Ok(_) | Err(_) => {}
         }
-        tracing::warn!(
-            segment = %shown,
-            torn_bytes = end.torn_bytes,
-            "truncating torn tail of spool segment (entries never acknowledged as durable)"
-        );
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_err(format!("open {shown}")))?;
-        file.set_len(end.valid_len_bytes)
-            .and_then(|_| file.sync_all())
-            .map_err(io_err(format!("truncate {shown}")))?;
     }
-    Ok((Seq(expected.0 - 1), end.valid_len_bytes, newest_time))
+    Ok(false)
+}
+
+fn truncate_segment(path: &Path, valid_len: u64, torn_bytes: u64) -> Result<(), SpoolError> {
+    let shown = path.display().to_string();
+    tracing::warn!(
+        segment = %shown,
+        torn_bytes,
+        "truncating the torn tail of a spool segment (entries never flushed)"
+    );
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(format!("open {shown}")))?;
+    file.set_len(valid_len)
+        .and_then(|_| file.sync_all())
+        .map_err(io_err(format!("truncate {shown}")))
+}
+
+/// Removes segments after the point where the spool stops short, newest first (a crash
+/// midway leaves the same situation for the next open to finish).
+fn drop_unflushed_tail(dir: &Path, firsts: &[Seq], why: &str) -> Result<(), SpoolError> {
+    for &first in firsts.iter().rev() {
+        let path = segment_path(dir, first);
+        tracing::warn!(segment = %path.display(), reason = why,
+            "removing a spool segment after the point where the spool stops short (entries never flushed)");
+        fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
+    }
+    if !firsts.is_empty() {
+        fsync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Reads spool entries in `seq` order, for the shipper. Holds its own file handle, so segment
@@ -952,35 +1150,109 @@ mod tests {
         assert!(times.windows(2).all(|w| w[0] < w[1]));
     }
 
-    #[test]
-    fn writeback_started_along_the_way_changes_nothing_readers_or_a_reopen_see() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = SpoolConfig {
-            dir: dir.path().to_owned(),
-            max_bytes: 1 << 30,
-            segment_bytes: 3 * WRITEBACK_START_BYTES / 2,
-        };
-        let big = |n: u8| SpoolOp::Write {
+    fn big(n: u8) -> SpoolOp {
+        SpoolOp::Write {
             volume: vol(),
             first: BlockNo(u64::from(n) * 256),
             data: vec![n; 256 * BLOCK_SIZE].into(),
             origin: WriteOrigin::Client,
+        }
+    }
+
+    /// A spool of 1 MiB writes in 2 MiB segments: `count` writes, none synced.
+    fn unsynced_segments(dir: &Path, count: u8) -> SpoolConfig {
+        let config = SpoolConfig {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 30,
+            segment_bytes: 2 << 20,
         };
         let spool = Spool::open(config.clone()).unwrap();
-        let count = ((4 * WRITEBACK_START_BYTES) >> 20) as u8;
         for n in 1..=count {
             spool.append(big(n)).unwrap();
         }
-        spool.sync().unwrap();
-        let expected: Vec<SpoolOp> = (1..=count).map(big).collect();
-        let ops = |spool: &Spool| -> Vec<SpoolOp> {
-            read_all(spool, Seq(1)).into_iter().map(|e| e.op).collect()
-        };
+        config
+    }
+
+    fn ops(spool: &Spool) -> Vec<SpoolOp> {
+        read_all(spool, spool.first_seq().unwrap())
+            .into_iter()
+            .map(|e| e.op)
+            .collect()
+    }
+
+    #[test]
+    fn segments_closed_without_a_sync_read_back_whole_and_a_durable_append_syncs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = unsynced_segments(dir.path(), 12);
+        let spool = Spool::open(config.clone()).unwrap();
+        assert!(!spool.dropped_unflushed());
+        for n in 13..=15 {
+            spool.append(big(n)).unwrap();
+        }
+        assert!(!spool.lock().all_closed_synced(), "rotation syncs nothing");
+        let (seq, _) = spool
+            .append_durable(SpoolOp::Other(RecordKind::Flush))
+            .unwrap();
+        assert_eq!(seq, Seq(16));
+        assert!(spool.lock().all_closed_synced());
+        let mut expected: Vec<SpoolOp> = (1..=15).map(big).collect();
+        expected.push(SpoolOp::Other(RecordKind::Flush));
         assert_eq!(ops(&spool), expected);
-        assert!(list_segments(dir.path()).unwrap().len() >= 3, "rotated");
+        assert!(list_segments(dir.path()).unwrap().len() >= 6, "rotated");
         drop(spool);
         let spool = Spool::open(config).unwrap();
         assert_eq!(ops(&spool), expected);
+        assert!(!spool.dropped_unflushed());
+    }
+
+    /// Cuts segment `index` (in seq order) to `len(its length)` bytes, as a power loss could.
+    fn cut_segment(dir: &Path, index: usize, len: impl Fn(u64) -> u64) {
+        let mut firsts = list_segments(dir).unwrap();
+        firsts.sort();
+        let path = segment_path(dir, firsts[index]);
+        let now = fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len(now))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_older_segment_cut_short_with_no_flush_after_it_is_an_unflushed_tail() {
+        // Segment 1 holds writes 3 and 4: cut inside write 4 (a torn entry) or before write 3
+        // (a tail missing at an entry boundary).
+        for (cut, kept) in [(1_500_000, 3), (0, 2)] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = unsynced_segments(dir.path(), 8);
+            cut_segment(dir.path(), 1, |_| cut);
+            let spool = Spool::open(config).unwrap();
+            assert!(spool.dropped_unflushed());
+            assert_eq!(spool.last_seq(), Seq(kept));
+            assert_eq!(spool.append(big(9)).unwrap().0, Seq(kept + 1));
+            let mut expected: Vec<SpoolOp> = (1..=kept as u8).map(big).collect();
+            expected.push(big(9));
+            assert_eq!(ops(&spool), expected);
+        }
+    }
+
+    #[test]
+    fn damage_before_a_durable_flush_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = unsynced_segments(dir.path(), 6);
+        let spool = Spool::open(config.clone()).unwrap();
+        spool
+            .append_durable(SpoolOp::Other(RecordKind::Flush))
+            .unwrap();
+        drop(spool);
+        cut_segment(dir.path(), 1, |len| len - 100);
+        let err = Spool::open(config.clone()).err().unwrap().to_string();
+        assert!(err.contains("damaged entry before a flush"), "{err}");
+        assert!(err.contains(".seg"), "names the file: {err}");
+        cut_segment(dir.path(), 1, |_| 0);
+        let err = Spool::open(config).err().unwrap().to_string();
+        assert!(err.contains("records are missing"), "{err}");
     }
 
     #[test]
@@ -995,6 +1267,7 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&seg).unwrap();
         file.set_len(len - 100).unwrap();
         let spool = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+        assert!(spool.dropped_unflushed());
         assert_eq!(spool.last_seq(), Seq(1));
         assert_eq!(spool.append(write(9)).unwrap().0, Seq(2));
         assert_eq!(read_all(&spool, Seq(1)).len(), 2);

@@ -95,10 +95,8 @@ fn record(
         name: name.clone(),
         app_consistent,
     };
-    let appended = group
+    group
         .spool
-        .append(SpoolOp::Other(kind))
-        .map_err(|e| e.to_string())?;
-    group.spool.sync().map_err(|e| e.to_string())?;
-    Ok(appended)
+        .append_durable(SpoolOp::Other(kind))
+        .map_err(|e| e.to_string())
 }

@@ -356,8 +356,8 @@ impl Group {
             context: "fsync backing volume",
             source,
         })?;
-        self.spool.append(SpoolOp::Other(RecordKind::Flush))?;
-        self.spool.sync()?;
+        self.spool
+            .append_durable(SpoolOp::Other(RecordKind::Flush))?;
         Ok(())
     }
 }
@@ -554,14 +554,21 @@ pub fn open_dirty_map(
     let blocks = size_bytes / BLOCK_SIZE_BYTES;
     let (mut map, opened) = DirtyMap::open(&path, blocks)?;
     if opened == Opened::Created {
-        for (start, end) in allocated_extents(file, size_bytes)? {
-            let first = start / BLOCK_SIZE_BYTES;
-            map.mark(first, end.div_ceil(BLOCK_SIZE_BYTES) - first);
-        }
+        mark_allocated(&mut map, file, size_bytes)?;
         map.set_resync_pending(true);
         map.flush()?;
     }
     Ok(map)
+}
+
+/// Marks every allocated block of the volume dirty: a resync then journals all of them as the
+/// volume holds them.
+pub fn mark_allocated(map: &mut DirtyMap, file: &File, size_bytes: u64) -> io::Result<()> {
+    for (start, end) in allocated_extents(file, size_bytes)? {
+        let first = start / BLOCK_SIZE_BYTES;
+        map.mark(first, end.div_ceil(BLOCK_SIZE_BYTES) - first);
+    }
+    Ok(())
 }
 
 /// Allocated byte ranges of a file, found with SEEK_DATA / SEEK_HOLE. Block devices (and file

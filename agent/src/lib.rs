@@ -229,12 +229,26 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
             );
         }
         let mut dirty = group::open_dirty_map(&dir, &volume.name, &file, size_bytes)?;
-        if !dirty.resync_pending() && dirty.dirty_blocks() > 0 {
+        let gap = if spool.dropped_unflushed() {
+            // A power loss took spooled records the volume may hold: the journal can differ
+            // from the volume in any block written since the last flush, and nothing says
+            // which, so every allocated block is journalled again as the volume holds it.
+            tracing::warn!(group = %spec.name, volume = %volume.name,
+                "the spool lost records that were never flushed (power loss); resyncing the whole volume");
+            group::mark_allocated(&mut dirty, &file, size_bytes)
+                .with_context(|| format!("find allocated extents of {}", volume.path.display()))?;
+            true
+        } else if !dirty.resync_pending() && dirty.dirty_blocks() > 0 {
             // Write-intent marks left by a change that was applied but never journalled (the
             // agent died in between): the journal has a gap for this volume until a resync
             // has journalled those blocks as the volume now holds them.
             tracing::warn!(group = %spec.name, volume = %volume.name, blocks = dirty.dirty_blocks(),
                 "the agent stopped between changing the volume and journalling the change; resyncing the blocks involved");
+            true
+        } else {
+            false
+        };
+        if gap {
             spool
                 .append(SpoolOp::Other(RecordKind::Gap {
                     volume: volume.name.clone(),

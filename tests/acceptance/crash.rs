@@ -277,3 +277,68 @@ fn spool_behind_the_collector_is_refused_loudly() {
     let after = rig.restore_latest("after.img");
     harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
 }
+
+/// A power loss can cut off spooled records that were never flushed while the volume kept
+/// their data (large writes go to the volume with `O_DIRECT`). Simulated here: the agent dies
+/// and its newest spool segment loses its last entries. The flushed records must survive with
+/// their times, and the journal must come to equal the volume again (the agent resyncs the
+/// whole volume, since nothing says which blocks the lost records held).
+#[test]
+fn power_loss_cutting_the_spools_unflushed_tail_resyncs_the_volume() {
+    if !harness::require_tools(&["qemu-io"]) {
+        return;
+    }
+    const SIZE: u64 = 32 * MIB;
+    let mut rig = Rig::new("powercut", SIZE);
+    let reference = rig.path("reference.img");
+    harness::sparse_file(&reference, SIZE);
+    let reference_s = reference.to_str().unwrap().to_owned();
+    let first = flushed(&["write -P 0x11 0 4M"]);
+    harness::qemu_io(&rig.uri(), &first);
+    harness::qemu_io(&reference_s, &first);
+    rig.wait_now();
+
+    // With the collector down, a flushed write and then an unflushed one stay in the spool.
+    rig.collector.kill9();
+    let second = flushed(&["write -P 0x22 8M 4M"]);
+    harness::qemu_io(&rig.uri(), &second);
+    harness::qemu_io(&reference_s, &second);
+    let flushed_at = harness::now_rfc3339();
+    harness::qemu_io(&rig.uri(), &["write -P 0x33 16M 4M"]);
+    rig.agent.kill9();
+
+    // The power loss: the unflushed write's entry, the spool's last, is cut in half.
+    let group_spool = rig.agent.spool_dir.join("powercut");
+    let newest = std::fs::read_dir(&group_spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a spool segment");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap();
+    let len = file.metadata().unwrap().len();
+    assert!(
+        len > 4 * MIB,
+        "the unflushed write is in the newest segment"
+    );
+    file.set_len(len - 2 * MIB).unwrap();
+    drop(file);
+
+    rig.collector.restart();
+    rig.agent.restart();
+    rig.collector.wait_complete(&rig.volume);
+    rig.wait_now();
+    assert!(
+        rig.agent.log_text().contains("resyncing the whole volume"),
+        "the agent says why it resyncs:\n{}",
+        rig.agent.log_text()
+    );
+    let restored = rig.path("flushed.img");
+    harness::restore(&rig.url(), &rig.volume, Some(&flushed_at), &restored);
+    harness::assert_same_image(&restored, &reference, "the flushed moment, from the spool");
+    let latest = rig.restore_latest("latest.img");
+    harness::assert_same_image(&latest, &rig.volume_path, "latest vs the agent's volume");
+}
