@@ -6,6 +6,21 @@ use std::time::Instant;
 
 use crate::harness::{self, Rig, MIB};
 
+/// A 32 MiB volume under protection, and a sparse reference image of the same size beside it
+/// that the tests write the same commands to.
+fn rig_and_reference(volume: &str) -> (Rig, std::path::PathBuf) {
+    const SIZE: u64 = 32 * MIB;
+    let rig = Rig::new(volume, SIZE);
+    let reference = rig.path("reference.img");
+    harness::sparse_file(&reference, SIZE);
+    (rig, reference)
+}
+
+/// Runs qemu-io commands on the reference image.
+fn write_reference(reference: &std::path::Path, commands: &[&str]) {
+    harness::qemu_io(reference.to_str().unwrap(), commands);
+}
+
 /// qemu-io commands plus a final flush.
 fn flushed<'a>(commands: &[&'a str]) -> Vec<&'a str> {
     let mut all = commands.to_vec();
@@ -18,15 +33,11 @@ fn agent_killed_after_flushed_write_restores_it_from_its_spool() {
     if !harness::require_tools(&["qemu-io", "qemu-img"]) {
         return;
     }
-    const SIZE: u64 = 32 * MIB;
-    let mut rig = Rig::new("crashagent", SIZE);
-    let reference = rig.path("reference.img");
-    harness::sparse_file(&reference, SIZE);
-    let reference_s = reference.to_str().unwrap().to_owned();
+    let (mut rig, reference) = rig_and_reference("crashagent");
 
     let first = flushed(&["write -P 0x5a 0 1M"]);
     harness::qemu_io(&rig.uri(), &first);
-    harness::qemu_io(&reference_s, &first);
+    write_reference(&reference, &first);
     rig.wait_now();
 
     // 1. With the collector down, the flushed write lives only in the agent's spool (and in its
@@ -36,7 +47,7 @@ fn agent_killed_after_flushed_write_restores_it_from_its_spool() {
     harness::qemu_io(&rig.uri(), &second);
     let acknowledged = harness::now_rfc3339();
     rig.agent.kill9();
-    harness::qemu_io(&reference_s, &second);
+    write_reference(&reference, &second);
     rig.collector.restart();
     rig.agent.restart();
     rig.wait_now();
@@ -54,7 +65,7 @@ fn agent_killed_after_flushed_write_restores_it_from_its_spool() {
     let third = flushed(&["write -P 0x77 10M 5M", "discard 3M 1M", "write -z 100 5000"]);
     harness::qemu_io(&rig.uri(), &third);
     rig.agent.kill9();
-    harness::qemu_io(&reference_s, &third);
+    write_reference(&reference, &third);
     rig.agent.restart();
     rig.wait_now();
     let restored = rig.restore_latest("restored-2.img");
@@ -288,21 +299,17 @@ fn power_loss_cutting_the_spools_unflushed_tail_resyncs_the_volume() {
     if !harness::require_tools(&["qemu-io"]) {
         return;
     }
-    const SIZE: u64 = 32 * MIB;
-    let mut rig = Rig::new("powercut", SIZE);
-    let reference = rig.path("reference.img");
-    harness::sparse_file(&reference, SIZE);
-    let reference_s = reference.to_str().unwrap().to_owned();
+    let (mut rig, reference) = rig_and_reference("powercut");
     let first = flushed(&["write -P 0x11 0 4M"]);
     harness::qemu_io(&rig.uri(), &first);
-    harness::qemu_io(&reference_s, &first);
+    write_reference(&reference, &first);
     rig.wait_now();
 
     // With the collector down, a flushed write and then an unflushed one stay in the spool.
     rig.collector.kill9();
     let second = flushed(&["write -P 0x22 8M 4M"]);
     harness::qemu_io(&rig.uri(), &second);
-    harness::qemu_io(&reference_s, &second);
+    write_reference(&reference, &second);
     let flushed_at = harness::now_rfc3339();
     harness::qemu_io(&rig.uri(), &["write -P 0x33 16M 4M"]);
     rig.agent.kill9();
