@@ -492,6 +492,13 @@ impl Spool {
         let mut inner = self.lock();
         let lagging = self.rotate_if_needed(&mut inner)?;
         let appended = self.append_locked(&mut inner, op);
+        self.after_append(inner, lagging);
+        appended
+    }
+
+    /// Releases the lock, wakes the shipper if it waits, and starts the writeback a rotation
+    /// asked for.
+    fn after_append(&self, inner: MutexGuard<'_, Inner>, lagging: Vec<Arc<File>>) {
         let wake = inner.waiters > 0;
         drop(inner);
         if wake {
@@ -500,7 +507,6 @@ impl Spool {
         for file in lagging {
             start_writeback(&file);
         }
-        appended
     }
 
     /// Appends a durability marker (a flush or a checkpoint) and makes it and every entry
@@ -513,19 +519,12 @@ impl Spool {
             let mut inner = self.lock();
             // Rotate first, so the marker never lands in a segment created after this check.
             let lagging = self.rotate_if_needed(&mut inner)?;
-            if lagging.is_empty() && inner.all_closed_synced() {
+            if inner.all_closed_synced() {
                 let appended = self.append_locked(&mut inner, op)?;
-                let wake = inner.waiters > 0;
-                drop(inner);
-                if wake {
-                    self.appended.notify_all();
-                }
+                self.after_append(inner, lagging);
                 break appended;
             }
-            drop(inner);
-            for file in lagging {
-                start_writeback(&file);
-            }
+            self.after_append(inner, lagging);
         };
         self.sync()?;
         Ok(appended)
