@@ -633,19 +633,19 @@ impl Spool {
     /// Syncs every closed segment not yet synced and, if segments were created since, the
     /// directory; appends go on meanwhile.
     fn sync_closed(&self) -> Result<(), SpoolError> {
-        let (closed, created) = {
+        let (closed, created, dir_behind) = {
             let inner = self.lock();
             let closed: Vec<Arc<File>> = inner
                 .segments
                 .iter()
                 .filter_map(|s| s.unsynced.clone())
                 .collect();
-            (closed, inner.segments_created)
+            let created = inner.segments_created;
+            (closed, created, created > inner.dir_synced_through)
         };
         for file in &closed {
             file.sync_data().map_err(io_err("fsync spool segment"))?;
         }
-        let dir_behind = created > self.lock().dir_synced_through;
         if dir_behind {
             fsync_dir(&self.config.dir)?;
         }
@@ -843,23 +843,28 @@ fn scan_segment(path: &Path, first: Seq) -> Result<ScannedSegment, SpoolError> {
 /// Whether any of these segments holds a valid flush or checkpoint record (entries after
 /// damage are not looked at).
 fn durable_marker_in(dir: &Path, firsts: &[Seq]) -> Result<bool, SpoolError> {
-    const FOUND: &str = "durable marker found";
     for &first in firsts {
-        let path = segment_path(dir, first);
-        let scanned = framed::scan_file(&path, |_, body| {
-            match SpoolEntry::decode(Bytes::copy_from_slice(body)).map(|e| e.op) {
-                Ok(SpoolOp::Other(RecordKind::Flush | RecordKind::Checkpoint { .. })) => {
-                    Err(FOUND.to_owned())
-                }
-                _ => Ok(()),
+        let mut found = false;
+        let scanned = framed::scan_file(&segment_path(dir, first), |_, body| {
+            let op = SpoolEntry::decode(Bytes::copy_from_slice(body)).map(|e| e.op);
+            found = matches!(
+                op,
+                Ok(SpoolOp::Other(
+                    RecordKind::Flush | RecordKind::Checkpoint { .. }
+                ))
+            );
+            // Stops the scan at the first marker.
+            if found {
+                Err(String::new())
+            } else {
+                Ok(())
             }
         });
-        match scanned {
-            Err(framed::ScanError::Entry { message, .. }) if message == FOUND => return Ok(true),
-            Err(framed::ScanError::Io { path, source }) => {
-                return Err(io_err(format!("read {path}"))(source))
-            }
-            Ok(_) | Err(_) => {}
+        if found {
+            return Ok(true);
+        }
+        if let Err(framed::ScanError::Io { path, source }) = scanned {
+            return Err(io_err(format!("read {path}"))(source));
         }
     }
     Ok(false)

@@ -21,6 +21,12 @@ fn write_reference(reference: &std::path::Path, commands: &[&str]) {
     harness::qemu_io(reference.to_str().unwrap(), commands);
 }
 
+/// Runs qemu-io commands on the agent's export, then on the reference image.
+fn write_both(rig: &Rig, reference: &std::path::Path, commands: &[&str]) {
+    harness::qemu_io(&rig.uri(), commands);
+    write_reference(reference, commands);
+}
+
 /// qemu-io commands plus a final flush.
 fn flushed<'a>(commands: &[&'a str]) -> Vec<&'a str> {
     let mut all = commands.to_vec();
@@ -36,8 +42,7 @@ fn agent_killed_after_flushed_write_restores_it_from_its_spool() {
     let (mut rig, reference) = rig_and_reference("crashagent");
 
     let first = flushed(&["write -P 0x5a 0 1M"]);
-    harness::qemu_io(&rig.uri(), &first);
-    write_reference(&reference, &first);
+    write_both(&rig, &reference, &first);
     rig.wait_now();
 
     // 1. With the collector down, the flushed write lives only in the agent's spool (and in its
@@ -301,15 +306,13 @@ fn power_loss_cutting_the_spools_unflushed_tail_resyncs_the_volume() {
     }
     let (mut rig, reference) = rig_and_reference("powercut");
     let first = flushed(&["write -P 0x11 0 4M"]);
-    harness::qemu_io(&rig.uri(), &first);
-    write_reference(&reference, &first);
+    write_both(&rig, &reference, &first);
     rig.wait_now();
 
     // With the collector down, a flushed write and then an unflushed one stay in the spool.
     rig.collector.kill9();
     let second = flushed(&["write -P 0x22 8M 4M"]);
-    harness::qemu_io(&rig.uri(), &second);
-    write_reference(&reference, &second);
+    write_both(&rig, &reference, &second);
     let flushed_at = harness::now_rfc3339();
     harness::qemu_io(&rig.uri(), &["write -P 0x33 16M 4M"]);
     rig.agent.kill9();
