@@ -324,6 +324,8 @@ pub struct Spool {
     inner: Mutex<Inner>,
     appended: Condvar,
     dropped_unflushed: bool,
+    /// The newest seq the spool held when it was opened.
+    last_seq_at_open: Seq,
 }
 
 /// Asks the kernel to start writing all of `file` back, without waiting for it. Advisory: if
@@ -427,6 +429,7 @@ impl Spool {
             }),
             appended: Condvar::new(),
             dropped_unflushed,
+            last_seq_at_open: Seq(next_seq.0 - 1),
         })
     }
 
@@ -435,6 +438,12 @@ impl Spool {
     /// journal can differ from the volume anywhere written since the last flush.
     pub fn dropped_unflushed(&self) -> bool {
         self.dropped_unflushed
+    }
+
+    /// The newest seq the spool held when it was opened: with what the shipper sent since, the
+    /// newest the collector can hold. A collector ahead of it holds records the spool lost.
+    pub fn last_seq_at_open(&self) -> Seq {
+        self.last_seq_at_open
     }
 
     pub fn spool_id(&self) -> u64 {
@@ -1141,6 +1150,13 @@ mod tests {
         let spool = Spool::open(small(dir.path())).unwrap();
         assert_eq!(spool.spool_id(), id);
         assert_eq!(spool.last_seq(), Seq(11));
+        assert_eq!(spool.last_seq_at_open(), Seq(11));
+        spool.append(write(12)).unwrap();
+        assert_eq!(
+            spool.last_seq_at_open(),
+            Seq(11),
+            "what the spool held when opened"
+        );
         let entries = read_all(&spool, Seq(4));
         assert_eq!(entries.first().unwrap().seq, Seq(4));
         assert_eq!(entries.first().unwrap().op, write(4));
@@ -1148,7 +1164,7 @@ mod tests {
         spool.release_through(Seq(7)).unwrap();
         assert!(spool.used_bytes() < before);
         assert!(spool.first_seq().unwrap() <= Seq(8));
-        assert_eq!(read_all(&spool, Seq(8)).len(), 4);
+        assert_eq!(read_all(&spool, Seq(8)).len(), 5);
         let times: Vec<_> = read_all(&spool, spool.first_seq().unwrap())
             .iter()
             .map(|e| e.time)

@@ -25,6 +25,7 @@
 //! with [`crate::EXIT_FENCED`].
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,8 +93,10 @@ pub async fn run(
 ) {
     let mut backoff = BACKOFF_MIN;
     let fenced: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let sent_high = Arc::new(AtomicU64::new(group.spool.last_seq_at_open().0));
     loop {
         let session = Session {
+            sent_high: sent_high.clone(),
             group: group.clone(),
             volumes: volumes.clone(),
             config: config.clone(),
@@ -146,6 +149,9 @@ struct Session {
     config: ShipperConfig,
     status: watch::Sender<ShipperStatus>,
     fenced: Arc<std::sync::Mutex<Option<String>>>,
+    /// The newest seq the collector can hold: the spool's newest when it was opened, or the
+    /// newest any session of this process sent.
+    sent_high: Arc<AtomicU64>,
 }
 
 /// Remembers a refusal that says the group is fenced.
@@ -199,12 +205,15 @@ impl Session {
                 return Err(format!("collector refused the group: {}", s.message()));
             }
         };
-        let spooled = self.group.spool.last_seq();
-        if durable > spooled {
+        // Compared with what the spool held when it was opened, not with what it holds now:
+        // records appended since (a resync after a power loss, new writes) may already reach
+        // past the collector's seq, and the collector would skip them as resends.
+        let may_hold = Seq(self.sent_high.load(Ordering::Acquire));
+        if durable > may_hold {
             // Releasing would drop records never shipped, and the collector would skip the
-            // seqs this spool hands out next as resends: refuse, loudly, and keep everything.
+            // seqs this spool hands out as resends: refuse, loudly, and keep everything.
             return Err(format!(
-                "the collector says it holds this group through seq {durable}, but this agent's spool ends at seq {spooled}: the spool lost records it had already shipped (a host crash before their fsync?) or belongs to another timeline; nothing is released. Protect the volumes with a fresh --spool-dir (they are baselined again)"
+                "the collector says it holds this group through seq {durable}, but this agent's spool ends at seq {may_hold} (as opened, or as sent since): the spool lost records it had already shipped (a host crash before their fsync?) or belongs to another timeline; nothing is released and nothing is sent, and the collector's copy of the group stays restorable. This spool cannot continue the group's journal (the collector refuses another spool for it too): to protect the volumes again, give them and their group new names in the agent's configuration; they are journalled again from a full baseline"
             ));
         }
         tracing::info!(group = %self.group.name, durable = durable.0, "journal stream open");
@@ -286,7 +295,7 @@ impl Session {
                 self.status.send_modify(|s| s.durable_seq = acked);
             }
             if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
-                send_built(tx, &mut building, &mut sent_through).await?;
+                send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
                 durable_rx
                     .changed()
                     .await
@@ -296,11 +305,11 @@ impl Session {
             if !next.is_finished() {
                 // The next batch is still being read, or waits for company: the one built
                 // meanwhile goes out now rather than after it (the recovery point at low rates).
-                send_built(tx, &mut building, &mut sent_through).await?;
+                send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
             }
             let (reader, prepared) = next.await.map_err(|e| e.to_string())??;
             let Some(batch) = prepared else {
-                send_built(tx, &mut building, &mut sent_through).await?;
+                send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
                 self.idle(tx, &reader, &mut durable_rx).await?;
                 next = self.prepare(reader);
                 continue;
@@ -317,7 +326,7 @@ impl Session {
                 .collect();
             in_flight.push_back((last_seq, sent));
             // Batches go out in order: the one before this is sent before this one is built.
-            send_built(tx, &mut building, &mut sent_through).await?;
+            send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
             let build = tokio::task::spawn_blocking(move || build_batch(batch, &missing));
             building = Some(Building { build, last_seq });
         }
@@ -405,9 +414,13 @@ async fn send_built(
     tx: &mpsc::Sender<v1::AgentMessage>,
     building: &mut Option<Building>,
     sent_through: &mut Seq,
+    sent_high: &AtomicU64,
 ) -> SessionResult {
     if let Some(Building { build, last_seq }) = building.take() {
         let message = build.await.map_err(|e| e.to_string())?;
+        // Raised before the send: once handed over, the batch may reach the collector even if
+        // this session then fails.
+        sent_high.fetch_max(last_seq.0, Ordering::AcqRel);
         send(tx, Out::Batch(message)).await?;
         *sent_through = last_seq;
     }

@@ -258,8 +258,50 @@ fn spool_behind_the_collector_is_refused_loudly() {
 
     // Power loss, simulated: the agent dies and its spool loses its tail.
     rig.agent.kill9();
+    empty_every_spool_segment(&rig, "spoollost");
+    rig.agent.restart();
+    wait_for_the_refusal(&rig);
+    // Nothing the collector holds was disturbed.
+    let after = rig.restore_latest("after.img");
+    harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
+}
+
+/// The same loss, but the agent comes back while the collector is away: the whole-volume
+/// resync the loss calls for and new writes take the spool past the collector's seq before the
+/// two meet. Compared with the spool as it is then, the collector would look behind, and it
+/// would skip the new records up to its seq as resends (the gap marker among them). The agent
+/// must compare with what its spool held when opened, and refuse.
+#[test]
+fn spool_behind_the_collector_is_refused_after_new_records_pass_its_seq() {
+    const SIZE: u64 = 8 * MIB;
+    let mut rig = Rig::new("spoolpast", SIZE);
+    let mut client = rig.agent.nbd("spoolpast");
+    for i in 0..4u64 {
+        client.write(i * MIB, &[0x42; MIB as usize], true).unwrap();
+    }
+    client.disconnect().unwrap();
+    rig.wait_now();
+    let before = rig.restore_latest("before.img");
+
+    rig.agent.kill9();
+    rig.collector.kill9();
+    empty_every_spool_segment(&rig, "spoolpast");
+    rig.agent.restart();
+    let mut client = rig.agent.nbd("spoolpast");
+    for i in 0..8u64 {
+        client.write(i * MIB, &[0x77; MIB as usize], true).unwrap();
+    }
+    client.disconnect().unwrap();
+    rig.collector.restart();
+    wait_for_the_refusal(&rig);
+    let after = rig.restore_latest("after.img");
+    harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
+}
+
+/// A power loss that took every record of the group's spool, those the collector holds too.
+fn empty_every_spool_segment(rig: &Rig, group: &str) {
     // One spool directory per group; a volume outside any group is a group of its own.
-    let group_spool = rig.agent.spool_dir.join("spoollost");
+    let group_spool = rig.agent.spool_dir.join(group);
     let segments: Vec<_> = std::fs::read_dir(&group_spool)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -278,7 +320,9 @@ fn spool_behind_the_collector_is_refused_loudly() {
             .set_len(0)
             .unwrap();
     }
-    rig.agent.restart();
+}
+
+fn wait_for_the_refusal(rig: &Rig) {
     harness::wait_for(
         "the agent to refuse a collector that is ahead of its spool",
         harness::STARTUP_TIMEOUT,
@@ -289,9 +333,6 @@ fn spool_behind_the_collector_is_refused_loudly() {
                 .then_some(())
         },
     );
-    // Nothing the collector holds was disturbed.
-    let after = rig.restore_latest("after.img");
-    harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
 }
 
 /// A power loss can cut off spooled records that were never flushed while the volume kept
