@@ -30,6 +30,7 @@ use std::io::{self, IoSlice, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -49,6 +50,20 @@ const CONTROL_RESERVE_BYTES: u64 = 1 << 20;
 /// write. It also paces writers that outrun the shipper: at 256 MiB, flat-out writes through
 /// the tap settled at a lag of 1.2-1.8 s; at 64 MiB, 64-216 ms, with more written per second.
 const WRITEBACK_LAG_BYTES: u64 = 64 << 20;
+
+/// The spool's id, in hexadecimal.
+const ID_FILE: &str = "spool.id";
+/// A succession the collector has not yet accepted: the predecessor's id and `resume_after`.
+const SUCCESSION_FILE: &str = "spool.succession";
+
+/// A spool that lost records the collector already holds (a power loss took them from the
+/// page cache) continues the group's journal under a new id: its records after `resume_after`
+/// follow the collector's newest. Pending until the collector has accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Succession {
+    pub predecessor: u64,
+    pub resume_after: Seq,
+}
 
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -320,7 +335,8 @@ impl Inner {
 /// [`SpoolReader`] and never block writers for longer than a length check.
 pub struct Spool {
     config: SpoolConfig,
-    spool_id: u64,
+    spool_id: AtomicU64,
+    succession: Mutex<Option<Succession>>,
     inner: Mutex<Inner>,
     appended: Condvar,
     dropped_unflushed: bool,
@@ -349,7 +365,7 @@ fn fsync_dir(dir: &Path) -> Result<(), SpoolError> {
 }
 
 fn load_or_create_id(dir: &Path) -> Result<u64, SpoolError> {
-    let path = dir.join("spool.id");
+    let path = dir.join(ID_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => u64::from_str_radix(text.trim(), 16).map_err(|_| SpoolError::Io {
             context: format!("read {}", path.display()),
@@ -357,19 +373,53 @@ fn load_or_create_id(dir: &Path) -> Result<u64, SpoolError> {
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let id = random_u64();
-            let tmp = dir.join("spool.id.tmp");
-            let write = || -> io::Result<()> {
-                let mut f = File::create(&tmp)?;
-                writeln!(f, "{id:016x}")?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)
-            };
-            write().map_err(io_err(format!("write {}", path.display())))?;
-            fsync_dir(dir)?;
+            write_small_file(dir, ID_FILE, &format!("{id:016x}\n"))?;
             Ok(id)
         }
         Err(e) => Err(io_err(format!("read {}", path.display()))(e)),
     }
+}
+
+/// Replaces `dir/name` with `text` so that a crash leaves the old or the new content: a
+/// temporary file, fsync, rename, fsync of the directory.
+fn write_small_file(dir: &Path, name: &str, text: &str) -> Result<(), SpoolError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    };
+    write().map_err(io_err(format!("write {}", path.display())))?;
+    fsync_dir(dir)
+}
+
+/// The pending succession in `dir`, if any (see [`Succession`]).
+fn load_succession(dir: &Path) -> Result<Option<Succession>, SpoolError> {
+    let path = dir.join(SUCCESSION_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(format!("read {}", path.display()))(e)),
+    };
+    let bad = || SpoolError::Io {
+        context: format!("read {}", path.display()),
+        source: io::Error::new(
+            io::ErrorKind::InvalidData,
+            "expected a hexadecimal spool id and a seq",
+        ),
+    };
+    let mut words = text.split_whitespace();
+    let predecessor = words
+        .next()
+        .and_then(|w| u64::from_str_radix(w, 16).ok())
+        .ok_or_else(bad)?;
+    let resume_after = words.next().and_then(|w| w.parse().ok()).ok_or_else(bad)?;
+    Ok(Some(Succession {
+        predecessor,
+        resume_after: Seq(resume_after),
+    }))
 }
 
 fn random_u64() -> u64 {
@@ -391,7 +441,13 @@ impl Spool {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir)
             .map_err(io_err(format!("create spool directory {}", dir.display())))?;
-        let spool_id = load_or_create_id(&dir)?;
+        let mut spool_id = load_or_create_id(&dir)?;
+        let succession = load_succession(&dir)?;
+        if succession.is_some_and(|s| s.predecessor == spool_id) {
+            // The succession was recorded and the new id was not: take one now.
+            spool_id = random_u64();
+            write_small_file(&dir, ID_FILE, &format!("{spool_id:016x}\n"))?;
+        }
         let mut firsts = list_segments(&dir)?;
         firsts.sort();
         let Recovered {
@@ -414,7 +470,8 @@ impl Spool {
         let used_bytes = segments.iter().map(|s| s.len_bytes).sum();
         Ok(Spool {
             config,
-            spool_id,
+            spool_id: AtomicU64::new(spool_id),
+            succession: Mutex::new(succession),
             inner: Mutex::new(Inner {
                 segments,
                 active: Arc::new(active),
@@ -447,7 +504,46 @@ impl Spool {
     }
 
     pub fn spool_id(&self) -> u64 {
-        self.spool_id
+        self.spool_id.load(Ordering::Acquire)
+    }
+
+    /// The succession the collector has yet to accept, if any.
+    pub fn succession(&self) -> Option<Succession> {
+        *self.succession.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Continues the journal as a successor of this spool, after `resume_after` (see
+    /// [`Succession`]): records the succession, then takes a new id, each durably. The records
+    /// after `resume_after` must be durable before this is called: the collector will wait
+    /// for them.
+    pub fn succeed(&self, resume_after: Seq) -> Result<Succession, SpoolError> {
+        let dir = &self.config.dir;
+        let mut pending = self.succession.lock().unwrap_or_else(|p| p.into_inner());
+        let succession = Succession {
+            predecessor: self.spool_id(),
+            resume_after,
+        };
+        write_small_file(
+            dir,
+            SUCCESSION_FILE,
+            &format!("{:016x} {}\n", succession.predecessor, resume_after.0),
+        )?;
+        let id = random_u64();
+        write_small_file(dir, ID_FILE, &format!("{id:016x}\n"))?;
+        self.spool_id.store(id, Ordering::Release);
+        *pending = Some(succession);
+        Ok(succession)
+    }
+
+    /// The collector accepted this spool's id: no succession is pending any more.
+    pub fn succession_accepted(&self) -> Result<(), SpoolError> {
+        let mut pending = self.succession.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.take().is_some() {
+            let path = self.config.dir.join(SUCCESSION_FILE);
+            fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
+            fsync_dir(&self.config.dir)?;
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -1170,6 +1266,52 @@ mod tests {
             .map(|e| e.time)
             .collect();
         assert!(times.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn a_succession_is_offered_across_reopens_until_the_collector_accepts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        let old = spool.spool_id();
+        let succession = spool.succeed(Seq(4)).unwrap();
+        assert_eq!(
+            succession,
+            Succession {
+                predecessor: old,
+                resume_after: Seq(4)
+            }
+        );
+        let new = spool.spool_id();
+        assert_ne!(new, old);
+        drop(spool);
+
+        let spool = Spool::open(small(dir.path())).unwrap();
+        assert_eq!(
+            (spool.spool_id(), spool.succession()),
+            (new, Some(succession))
+        );
+        spool.succession_accepted().unwrap();
+        drop(spool);
+        let spool = Spool::open(small(dir.path())).unwrap();
+        assert_eq!((spool.spool_id(), spool.succession()), (new, None));
+        drop(spool);
+
+        // A crash after the succession was written and before the new id was: one is taken.
+        fs::write(dir.path().join(SUCCESSION_FILE), format!("{new:016x} 9\n")).unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        assert_ne!(spool.spool_id(), new);
+        assert_eq!(
+            spool.succession(),
+            Some(Succession {
+                predecessor: new,
+                resume_after: Seq(9)
+            })
+        );
+        drop(spool);
+
+        fs::write(dir.path().join(SUCCESSION_FILE), "not a succession").unwrap();
+        let err = Spool::open(small(dir.path())).err().unwrap();
+        assert!(err.to_string().contains("spool.succession"), "{err}");
     }
 
     fn big(n: u8) -> SpoolOp {

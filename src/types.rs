@@ -18,6 +18,40 @@ impl Seq {
     }
 }
 
+/// A spool numbers its records from 1; the group's journal numbers them from where the spool
+/// joined it: journal seq = spool seq + base. The base is a two's-complement offset, negative
+/// for a successor spool whose records outnumber the journal's (see
+/// [`crate::spool::Succession`]); journal seqs stay below 2^63.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SeqBase(pub u64);
+
+impl SeqBase {
+    pub const ZERO: SeqBase = SeqBase(0);
+
+    /// The base that puts spool seq `spool` at journal seq `journal`.
+    pub fn placing(spool: Seq, journal: Seq) -> SeqBase {
+        SeqBase(journal.0.wrapping_sub(spool.0))
+    }
+
+    fn offset(self) -> i128 {
+        i128::from(self.0 as i64)
+    }
+
+    /// The journal seq of spool seq `spool`; `None` outside the journal's range.
+    pub fn journal_seq(self, spool: u64) -> Option<Seq> {
+        let journal = i128::from(spool) + self.offset();
+        u64::try_from(journal)
+            .ok()
+            .filter(|&j| j < 1 << 63)
+            .map(Seq)
+    }
+
+    /// The spool seq of journal seq `journal` (0 for a journal seq before the spool joined).
+    pub fn spool_seq(self, journal: Seq) -> u64 {
+        u64::try_from((i128::from(journal.0) - self.offset()).max(0)).unwrap_or(u64::MAX)
+    }
+}
+
 impl fmt::Display for Seq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "seq {}", self.0)

@@ -26,8 +26,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use bytes::Bytes;
 use tideline_core::dirty::{DirtyMap, Opened};
 use tideline_core::record::{RecordKind, WriteOrigin};
-use tideline_core::spool::{Spool, SpoolError, SpoolOp};
-use tideline_core::{BlockNo, GroupName, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
+use tideline_core::spool::{Spool, SpoolError, SpoolOp, Succession};
+use tideline_core::{BlockNo, GroupName, Seq, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
 
 use tideline_core::direct::{suits_direct, DirectWriter};
 
@@ -359,6 +359,34 @@ impl Group {
         self.spool
             .append_durable(SpoolOp::Other(RecordKind::Flush))?;
         Ok(())
+    }
+}
+
+impl Group {
+    /// The collector holds records this group's spool lost (a power loss took them from the
+    /// page cache after they were shipped), so the spool's seqs would collide with the
+    /// collector's. Journals a gap for every volume and marks each whole for a resync, durably,
+    /// then continues the journal as a successor spool after the seq before the first gap.
+    /// Records spooled between the loss and that gap are not shipped: the resync journals their
+    /// blocks as the volume holds them, after the gap.
+    pub fn continue_after_loss(&self) -> Result<Succession, TapError> {
+        let mut volumes = self.lock();
+        let mut resume_after = None;
+        for volume in volumes.iter_mut() {
+            let (gap, _) = self.spool.append_durable(SpoolOp::Other(RecordKind::Gap {
+                volume: volume.name.clone(),
+            }))?;
+            resume_after.get_or_insert(Seq(gap.0 - 1));
+            mark_allocated(&mut volume.dirty, &volume.file, volume.size_bytes)
+                .map_err(io_error(volume, "find allocated extents"))?;
+            volume.dirty.set_resync_pending(true);
+            volume
+                .dirty
+                .flush()
+                .map_err(io_error(volume, "flush dirty map"))?;
+        }
+        let resume_after = resume_after.unwrap_or_else(|| self.spool.last_seq());
+        Ok(self.spool.succeed(resume_after)?)
     }
 }
 

@@ -185,6 +185,10 @@ impl Session {
             group: self.group.name.to_string(),
             volumes: self.volumes.clone(),
             spool_id: self.group.spool.spool_id(),
+            succeeds: self.group.spool.succession().map(|s| v1::Succession {
+                predecessor_spool_id: s.predecessor,
+                resume_after: s.resume_after.0,
+            }),
         };
         send(&tx, Out::Hello(hello)).await?;
         let mut inbound = client
@@ -211,10 +215,16 @@ impl Session {
         let may_hold = Seq(self.sent_high.load(Ordering::Acquire));
         if durable > may_hold {
             // Releasing would drop records never shipped, and the collector would skip the
-            // seqs this spool hands out as resends: refuse, loudly, and keep everything.
-            return Err(format!(
-                "the collector says it holds this group through seq {durable}, but this agent's spool ends at seq {may_hold} (as opened, or as sent since): the spool lost records it had already shipped (a host crash before their fsync?) or belongs to another timeline; nothing is released and nothing is sent, and the collector's copy of the group stays restorable. This spool cannot continue the group's journal (the collector refuses another spool for it too): to protect the volumes again, give them and their group new names in the agent's configuration; they are journalled again from a full baseline"
-            ));
+            // seqs this spool hands out as resends: continue as a successor spool instead.
+            return Err(self.continue_after_loss(durable, may_hold).await);
+        }
+        if self.group.spool.succession().is_some() {
+            let group = self.group.clone();
+            tokio::task::spawn_blocking(move || group.spool.succession_accepted())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            tracing::info!(group = %self.group.name, "the collector accepted this spool as the successor of the one that lost records");
         }
         tracing::info!(group = %self.group.name, durable = durable.0, "journal stream open");
         self.release(durable).await?;
@@ -248,6 +258,31 @@ impl Session {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
+    }
+
+    /// The collector holds this group through `durable`, past anything this spool held or sent
+    /// (`may_hold`): a power loss took spooled records that were already shipped. Journals a
+    /// gap and a whole resync of every volume, and records a succession that the next session
+    /// offers; what to say about it.
+    async fn continue_after_loss(&self, durable: Seq, may_hold: Seq) -> String {
+        let group = self.group.clone();
+        let continued = tokio::task::spawn_blocking(move || group.continue_after_loss()).await;
+        match continued {
+            Ok(Ok(succession)) => {
+                self.sent_high
+                    .fetch_max(succession.resume_after.0, Ordering::AcqRel);
+                let message = format!(
+                    "the collector holds this group through {durable}, but this agent's spool ends at {may_hold}: a power loss took spooled records the collector already had. Journalled a gap and a whole resync of every volume; the spool continues the group's journal after {} (the collector is asked to accept it as the successor of spool {:016x})",
+                    succession.resume_after, succession.predecessor
+                );
+                tracing::error!(group = %self.group.name, "{message}");
+                message
+            }
+            Ok(Err(e)) => format!(
+                "the collector holds this group through {durable}, but this agent's spool ends at {may_hold} (a power loss took records already shipped), and continuing after it failed: {e}; nothing is released"
+            ),
+            Err(e) => e.to_string(),
+        }
     }
 
     /// Sends batches forever, releasing spool space as acknowledgements arrive.

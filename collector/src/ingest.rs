@@ -21,8 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tideline_core::record::Record;
-use tideline_core::store::{IncomingFrame, Store, StoreError, VolumeMeta};
-use tideline_core::{GroupName, Seq, TimeNs, BLOCK_SIZE_BYTES};
+use tideline_core::store::{IncomingFrame, Store, StoreError, Succession, VolumeMeta};
+use tideline_core::{GroupName, Seq, SeqBase, TimeNs, BLOCK_SIZE_BYTES};
 use tideline_proto::v1::{self, agent_message::Msg as In, collector_message::Msg as Out};
 use tideline_proto::{volume_name, WireFrame};
 
@@ -69,7 +69,15 @@ pub fn store_status(e: StoreError) -> Status {
     }
 }
 
-fn parse_hello(hello: v1::Hello) -> Result<(GroupName, Vec<VolumeMeta>, u64), Status> {
+/// What a Hello registers.
+struct Hello {
+    group: GroupName,
+    volumes: Vec<VolumeMeta>,
+    spool_id: u64,
+    succeeds: Option<Succession>,
+}
+
+fn parse_hello(hello: v1::Hello) -> Result<Hello, Status> {
     let group = GroupName::new(hello.group.as_str())
         .map_err(|e| Status::invalid_argument(format!("hello.group: {e}")))?;
     if hello.volumes.is_empty() {
@@ -91,7 +99,16 @@ fn parse_hello(hello: v1::Hello) -> Result<(GroupName, Vec<VolumeMeta>, u64), St
             size_bytes: v.size_bytes,
         });
     }
-    Ok((group, volumes, hello.spool_id))
+    let succeeds = hello.succeeds.map(|s| Succession {
+        predecessor: s.predecessor_spool_id,
+        resume_after: Seq(s.resume_after),
+    });
+    Ok(Hello {
+        group,
+        volumes,
+        spool_id: hello.spool_id,
+        succeeds,
+    })
 }
 
 #[tonic::async_trait]
@@ -115,26 +132,32 @@ impl v1::ingest_server::Ingest for IngestService {
             ));
         };
         let agent = hello.agent_id.clone();
-        let (group, volumes, spool_id) = parse_hello(hello)?;
+        let Hello {
+            group,
+            volumes,
+            spool_id,
+            succeeds,
+        } = parse_hello(hello)?;
         if self.live.is_draining(&group) {
             return Err(draining_status(&group));
         }
         let store = self.store.clone();
         let g = group.clone();
-        let registration =
-            tokio::task::spawn_blocking(move || store.register_agent(&g, spool_id, &volumes))
-                .await
-                .map_err(blocking_status)?
-                .map_err(|e| {
-                    tracing::warn!(%group, %agent, error = %e, "journal stream refused");
-                    store_status(e)
-                })?;
+        let registration = tokio::task::spawn_blocking(move || {
+            store.register_agent(&g, spool_id, succeeds, &volumes)
+        })
+        .await
+        .map_err(blocking_status)?
+        .map_err(|e| {
+            tracing::warn!(%group, %agent, error = %e, "journal stream refused");
+            store_status(e)
+        })?;
         let (durable, seq_base) = (registration.durable, registration.seq_base);
         tracing::info!(%group, %agent, durable = durable.0, seq_base = seq_base.0, "journal stream opened");
         let (tx, rx) = mpsc::channel(16);
         let _ = tx
             .send(reply(Out::Welcome(v1::Welcome {
-                durable_seq: durable.0.saturating_sub(seq_base.0),
+                durable_seq: seq_base.spool_seq(durable),
             })))
             .await;
         let stream_id = self.live.attach(&group, tx.clone());
@@ -178,8 +201,8 @@ struct JournalStream {
     store: Arc<Store>,
     live: Arc<Live>,
     group: GroupName,
-    /// Journal seq = seq_base + the agent spool's seq.
-    seq_base: Seq,
+    /// Journal seq = the agent spool's seq + seq_base.
+    seq_base: SeqBase,
     replies: Replies,
     batches: mpsc::Sender<Pending>,
 }
@@ -220,12 +243,10 @@ impl OrderedStream for JournalStream {
             In::CheckpointDone(done) => {
                 // The agent numbers records in its spool; the journal's seq adds the base.
                 let answer = if done.error.is_empty() {
-                    let seq = done.seq.checked_add(self.seq_base.0).ok_or_else(|| {
-                        Status::invalid_argument(
-                            "checkpoint_done.seq: too large for the group's journal",
-                        )
+                    let seq = self.seq_base.journal_seq(done.seq).ok_or_else(|| {
+                        Status::invalid_argument("checkpoint_done.seq: outside the group's journal")
                     })?;
-                    Ok((Seq(seq), TimeNs(done.time_ns)))
+                    Ok((seq, TimeNs(done.time_ns)))
                 } else {
                     Err(done.error)
                 };
@@ -236,7 +257,7 @@ impl OrderedStream for JournalStream {
             In::Heartbeat(hb) => {
                 self.live.heartbeat(
                     &self.group,
-                    Seq(hb.last_seq.saturating_add(self.seq_base.0)),
+                    self.seq_base.journal_seq(hb.last_seq).unwrap_or(Seq::ZERO),
                     TimeNs(hb.time_ns),
                 );
                 Ok(())
@@ -251,15 +272,14 @@ impl JournalStream {
         if self.live.is_draining(&self.group) {
             return Err(draining_status(&self.group));
         }
-        let base = self.seq_base.0;
         let records = batch
             .records
             .iter()
             .map(|wire| {
                 let mut record = Record::try_from(wire)?;
-                record.seq = Seq(record.seq.0.checked_add(base).ok_or_else(|| {
-                    Status::invalid_argument("record.seq: too large for the group's journal")
-                })?);
+                record.seq = self.seq_base.journal_seq(record.seq.0).ok_or_else(|| {
+                    Status::invalid_argument("record.seq: outside the group's journal")
+                })?;
                 Ok(record)
             })
             .collect::<Result<Vec<_>, Status>>()?;
@@ -289,7 +309,7 @@ struct Writer {
     store: Arc<Store>,
     live: Arc<Live>,
     group: GroupName,
-    seq_base: Seq,
+    seq_base: SeqBase,
     replies: Replies,
 }
 
@@ -329,7 +349,7 @@ impl Writer {
         self.live.durable(&self.group, durable, newest_time);
         self.replies
             .send(reply(Out::Durable(v1::Durable {
-                seq: durable.0.saturating_sub(self.seq_base.0),
+                seq: self.seq_base.spool_seq(durable),
             })))
             .await
             .map_err(|_| Status::cancelled("agent went away"))

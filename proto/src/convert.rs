@@ -2,8 +2,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tideline_core::record::{Record, RecordKind, WriteOrigin, MAX_BLOCKS_PER_RECORD};
 use tideline_core::store::{EpochStart, History, ReplicaOffer, VolumeMeta};
 use tideline_core::{
-    BlockNo, CheckpointName, ChunkHash, Epoch, GroupName, Seq, SiteName, TimeNs, VolumeName,
-    BLOCK_SIZE_BYTES,
+    BlockNo, CheckpointName, ChunkHash, Epoch, GroupName, Seq, SeqBase, SiteName, TimeNs,
+    VolumeName, BLOCK_SIZE_BYTES,
 };
 
 use crate::v1;
@@ -351,7 +351,7 @@ impl TryFrom<v1::ReplicaHello> for ReplicaHello {
             offer: ReplicaOffer {
                 history,
                 spool_id: hello.spool_id,
-                seq_base: Seq(hello.seq_base),
+                seq_base: SeqBase(hello.seq_base),
                 spool_epoch: Epoch(hello.spool_epoch),
                 volumes: volume_metas(&hello.volumes)?,
             },
@@ -432,7 +432,7 @@ mod tests {
             offer: ReplicaOffer {
                 history: History::default().with(Epoch(2), Seq(9)),
                 spool_id: 7,
-                seq_base: Seq(9),
+                seq_base: SeqBase(9),
                 spool_epoch: Epoch(2),
                 volumes: vec![VolumeMeta {
                     name: VolumeName::new("v").unwrap(),

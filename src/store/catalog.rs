@@ -28,7 +28,7 @@
 //! Decoding checks every length and reference, so bytes from disk never cause a panic.
 
 use crate::record::Record;
-use crate::types::{ChunkHash, GroupName, VolumeName};
+use crate::types::{ChunkHash, GroupName, SeqBase, VolumeName};
 
 use super::epoch::{EpochStart, GroupRole, History};
 use super::pack::PackId;
@@ -47,7 +47,7 @@ pub(crate) struct GroupRegistered {
     pub group: GroupName,
     pub spool_id: u64,
     /// Journal seq of the spool's seq 0.
-    pub seq_base: Seq,
+    pub seq_base: SeqBase,
     /// Epoch in which the spool took over the group.
     pub spool_epoch: Epoch,
     pub volumes: Vec<VolumeMeta>,
@@ -137,7 +137,7 @@ impl Entry {
             Entry::GroupRegistered(g) => {
                 // Version 1 while the new fields hold their defaults, so stores that never
                 // failed over stay byte-identical to older ones.
-                let v1 = g.seq_base == Seq::ZERO && g.spool_epoch == Epoch::FIRST;
+                let v1 = g.seq_base == SeqBase::ZERO && g.spool_epoch == Epoch::FIRST;
                 let version = if v1 { VERSION_1 } else { VERSION_2 };
                 out.extend_from_slice(&[TAG_GROUP_REGISTERED, version]);
                 put_name(&mut out, g.group.as_str());
@@ -212,9 +212,9 @@ impl Entry {
             let group = r.group()?;
             let spool_id = r.u64()?;
             let (seq_base, spool_epoch) = if version == VERSION_2 {
-                (Seq(r.u64()?), Epoch(r.u64()?))
+                (SeqBase(r.u64()?), Epoch(r.u64()?))
             } else {
-                (Seq::ZERO, Epoch::FIRST)
+                (SeqBase::ZERO, Epoch::FIRST)
             };
             let n = r.count(1 + 8)?;
             let mut volumes = Vec::with_capacity(n);
@@ -380,7 +380,7 @@ mod tests {
             Entry::GroupRegistered(GroupRegistered {
                 group: GroupName::new("g1").unwrap(),
                 spool_id: 0xdead_beef,
-                seq_base: Seq(17),
+                seq_base: SeqBase(17),
                 spool_epoch: Epoch(2),
                 volumes: vec![
                     VolumeMeta {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::record::{BlockChange, Record};
-use crate::types::{BlockNo, ChunkHash, Epoch, GroupName, Seq, TimeNs, VolumeName};
+use crate::types::{BlockNo, ChunkHash, Epoch, GroupName, Seq, SeqBase, TimeNs, VolumeName};
 
 use super::epoch::{Abandoned, GroupRole, History};
 use super::PointInTime;
@@ -20,7 +20,7 @@ pub(crate) struct GroupState {
     pub spool_id: u64,
     /// Journal seq = `seq_base` + the agent spool's own seq (non-zero once a new spool took over
     /// the group after a failover).
-    pub seq_base: Seq,
+    pub seq_base: SeqBase,
     /// The epoch in which the current spool was registered: a new spool may take over the
     /// group only in a later epoch.
     pub spool_epoch: Epoch,
@@ -40,7 +40,7 @@ impl GroupState {
     pub fn new(spool_id: u64) -> GroupState {
         GroupState {
             spool_id,
-            seq_base: Seq::ZERO,
+            seq_base: SeqBase::ZERO,
             spool_epoch: Epoch::FIRST,
             retired_spools: Vec::new(),
             role: GroupRole::Primary,

@@ -125,8 +125,10 @@ use crate::direct::{self, AlignedBuf, DirectWriter};
 use crate::frame::{self, FrameError, MAX_FRAME_BLOCKS};
 use crate::framed::{self, ScanError, ENTRY_HEADER_BYTES, MAX_ENTRY_BODY_BYTES};
 use crate::record::{Record, RecordKind, MAX_BLOCKS_PER_RECORD};
+pub use crate::spool::Succession;
 use crate::types::{
-    BlockNo, ChunkHash, Epoch, GroupName, Seq, TimeNs, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+    BlockNo, ChunkHash, Epoch, GroupName, Seq, SeqBase, TimeNs, VolumeName, BLOCK_SIZE,
+    BLOCK_SIZE_BYTES,
 };
 
 use catalog::{Batch, Entry, FramePos, GroupControl, GroupRegistered, NewChunk};
@@ -196,7 +198,7 @@ pub struct AgentRegistration {
     /// The group's durable seq (journal seq, not spool seq).
     pub durable: Seq,
     /// Journal seq = `seq_base` + spool seq.
-    pub seq_base: Seq,
+    pub seq_base: SeqBase,
 }
 
 /// What the primary site says about a group when it starts replicating it.
@@ -204,7 +206,7 @@ pub struct AgentRegistration {
 pub struct ReplicaOffer {
     pub history: History,
     pub spool_id: u64,
-    pub seq_base: Seq,
+    pub seq_base: SeqBase,
     pub spool_epoch: Epoch,
     pub volumes: Vec<VolumeMeta>,
 }
@@ -219,7 +221,7 @@ pub struct GroupInfo {
     pub durable_seq: Seq,
     pub newest_record_time: Option<TimeNs>,
     pub spool_id: u64,
-    pub seq_base: Seq,
+    pub seq_base: SeqBase,
     pub spool_epoch: Epoch,
     pub volumes: Vec<VolumeMeta>,
     /// Fork seq and record count of the timeline this site set aside, if any.
@@ -846,7 +848,7 @@ impl Store {
         spool_id: u64,
         volumes: &[VolumeMeta],
     ) -> Result<Seq, StoreError> {
-        self.register_agent(group, spool_id, volumes)
+        self.register_agent(group, spool_id, None, volumes)
             .map(|r| r.durable)
     }
 
@@ -854,11 +856,14 @@ impl Store {
     /// A spool other than the registered one takes over a group with history only in a later
     /// epoch than the registered spool's (after a failover), and never a spool that fed the
     /// group before; its seqs are then offset by the group's durable seq
-    /// ([`AgentRegistration::seq_base`]).
+    /// ([`AgentRegistration::seq_base`]). A spool that `succeeds` the registered one (it lost
+    /// records this site holds, see [`Succession`]) takes over too: its seqs after
+    /// `resume_after` follow the durable seq.
     pub fn register_agent(
         &self,
         group: &GroupName,
         spool_id: u64,
+        succeeds: Option<Succession>,
         volumes: &[VolumeMeta],
     ) -> Result<AgentRegistration, StoreError> {
         check_volume_list(group, volumes)?;
@@ -871,7 +876,7 @@ impl Store {
                     GroupRegistered {
                         group: group.clone(),
                         spool_id,
-                        seq_base: Seq::ZERO,
+                        seq_base: SeqBase::ZERO,
                         spool_epoch: Epoch::FIRST,
                         volumes: volumes.to_vec(),
                     },
@@ -895,6 +900,7 @@ impl Store {
                         }
                     }
                     let durable = g.durable();
+                    let succession = succeeds.filter(|s| s.predecessor == g.spool_id);
                     let (seq_base, spool_epoch) = if g.spool_id == spool_id {
                         (g.seq_base, g.spool_epoch)
                     } else if g.retired_spools.contains(&spool_id) {
@@ -902,10 +908,17 @@ impl Store {
                             group: group.clone(),
                             spool_id,
                         });
+                    } else if let Some(succession) = succession {
+                        // Its records after `resume_after` follow the newest durable one.
+                        let base = SeqBase::placing(succession.resume_after, durable);
+                        tracing::warn!(%group, predecessor = format_args!("{:016x}", succession.predecessor),
+                            resume_after = succession.resume_after.0, durable = durable.0,
+                            "a spool that lost records this site holds continues the group's journal");
+                        (base, g.spool_epoch)
                     } else if durable == Seq::ZERO {
-                        (Seq::ZERO, g.epoch())
+                        (SeqBase::ZERO, g.epoch())
                     } else if g.spool_epoch < g.epoch() {
-                        (durable, g.epoch())
+                        (SeqBase::placing(Seq::ZERO, durable), g.epoch())
                     } else {
                         return Err(StoreError::SpoolMismatch {
                             group: group.clone(),

@@ -603,6 +603,74 @@ fn registration_rules() {
     assert_eq!(store.volumes().len(), 3);
 }
 
+/// A spool that lost records the store holds continues the group's journal as a successor of
+/// the registered spool, whether its own seqs are below the store's or above them; the
+/// predecessor is retired, and the registration survives a reopen.
+#[test]
+fn a_successor_spool_continues_the_journal_after_its_resume_point() {
+    for resume_after in [1u64, 2, 9] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = setup(dir.path());
+        let g = grp("g");
+        store
+            .ingest(
+                &g,
+                &[complete(1, 1, "data"), rec(2, 2, RecordKind::Flush)],
+                &[],
+            )
+            .unwrap();
+        let succession = Succession {
+            predecessor: 7,
+            resume_after: Seq(resume_after),
+        };
+        let stranger = Succession {
+            predecessor: 5,
+            ..succession
+        };
+        assert!(matches!(
+            store.register_agent(&g, 8, Some(stranger), &[meta("data", MIB)]),
+            Err(StoreError::SpoolMismatch { .. })
+        ));
+        let reg = store
+            .register_agent(&g, 8, Some(succession), &[meta("data", MIB)])
+            .unwrap();
+        assert_eq!(reg.durable, Seq(2));
+        assert_eq!(reg.seq_base.spool_seq(reg.durable), resume_after);
+        assert_eq!(reg.seq_base.journal_seq(resume_after + 1), Some(Seq(3)));
+        store
+            .ingest(&g, &[rec(3, 3, RecordKind::Flush)], &[])
+            .unwrap();
+        assert!(matches!(
+            store.register_agent(&g, 7, None, &[meta("data", MIB)]),
+            Err(StoreError::RetiredSpool { .. })
+        ));
+        drop(store);
+        let store = open(dir.path());
+        let again = store
+            .register_agent(&g, 8, Some(succession), &[meta("data", MIB)])
+            .unwrap();
+        assert_eq!(
+            again.seq_base, reg.seq_base,
+            "an accepted succession is not applied twice"
+        );
+        assert_eq!(again.seq_base.spool_seq(again.durable), resume_after + 1);
+    }
+}
+
+#[test]
+fn a_seq_base_places_spool_seqs_on_either_side_of_the_journals() {
+    let below = SeqBase::placing(Seq(3), Seq(10));
+    assert_eq!(below.journal_seq(4), Some(Seq(11)));
+    assert_eq!(below.spool_seq(Seq(10)), 3);
+    let above = SeqBase::placing(Seq(10), Seq(3));
+    assert_eq!(above.journal_seq(11), Some(Seq(4)));
+    assert_eq!(above.spool_seq(Seq(3)), 10);
+    assert_eq!(above.journal_seq(2), None, "before the journal's start");
+    assert_eq!(above.spool_seq(Seq(0)), 7);
+    assert_eq!(SeqBase::ZERO.journal_seq(u64::MAX), None, "past 2^63");
+    assert_eq!(below.spool_seq(Seq(1)), 0);
+}
+
 /// Where the frames written to the current pack end: the pack's file may go on with zeros
 /// to the next block boundary.
 fn frames_end(store: &Store) -> u64 {
@@ -2053,8 +2121,10 @@ fn failover_fences_the_old_primary_and_failback_diffs_only_changed_blocks() {
     ));
 
     // A new spool protects the volume at B; its records continue after seq 2.
-    let reg = b.register_agent(&g, 99, &[meta("v", 16 * 4096)]).unwrap();
-    assert_eq!(reg.seq_base, Seq(2));
+    let reg = b
+        .register_agent(&g, 99, None, &[meta("v", 16 * 4096)])
+        .unwrap();
+    assert_eq!(reg.seq_base, SeqBase(2));
     b.ingest(
         &g,
         &[write(3, 20, "v", 1, &[Some(&p4)])],

@@ -278,6 +278,7 @@ fn grpc_chunk_not_matching_its_hash_is_refused_and_nothing_stored() {
                 size_bytes: MIB,
             }],
             spool_id: 42,
+            succeeds: None,
         })))
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! Crashes: kill -9 of the agent right after a flushed write, and of the collector while the
 //! agent streams; after restarts every acknowledged write must be restorable.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -243,36 +244,47 @@ fn agent_killed_mid_write_leaves_journal_equal_to_volume() {
 }
 
 /// A host crash can cost the spool records it had already shipped (they were read from the
-/// page cache before their fsync). The collector then holds seqs the spool would hand out again
-/// for new writes: the agent must refuse to stream, say why, and release nothing, instead of
-/// letting the collector skip the new writes as resends.
+/// page cache before any fsync). The collector then holds seqs the spool would hand out again
+/// for new writes, and would skip those as resends. The agent must notice, journal a gap and a
+/// whole resync, and continue the group's journal as a successor spool: every moment before
+/// the loss stays restorable, and the journal comes to equal the volume again, also across a
+/// later restart.
 #[test]
-fn spool_behind_the_collector_is_refused_loudly() {
+fn a_spool_that_lost_shipped_records_continues_the_journal_as_its_successor() {
     const SIZE: u64 = 8 * MIB;
     let mut rig = Rig::new("spoollost", SIZE);
     let mut client = rig.agent.nbd("spoollost");
     client.write(0, &[0x42; MIB as usize], true).unwrap();
     client.disconnect().unwrap();
     rig.wait_now();
-    let before = rig.restore_latest("before.img");
+    let (before, before_at) = (rig.restore_latest("before.img"), harness::now_rfc3339());
 
-    // Power loss, simulated: the agent dies and its spool loses its tail.
+    // Power loss, simulated: the agent dies and its spool loses every record.
     rig.agent.kill9();
     empty_every_spool_segment(&rig, "spoollost");
     rig.agent.restart();
-    wait_for_the_refusal(&rig);
-    // Nothing the collector holds was disturbed.
-    let after = rig.restore_latest("after.img");
-    harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
+    wait_for_the_succession(&rig);
+    let mut client = rig.agent.nbd("spoollost");
+    client.write(2 * MIB, &[0x77; MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    assert_journal_equals_volume(&rig, "after.img");
+    assert_moment_kept(&rig, &before_at, &before);
+
+    // A restart afterwards streams on as the successor the collector accepted.
+    rig.agent.restart();
+    let mut client = rig.agent.nbd("spoollost");
+    client.write(4 * MIB, &[0x55; MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    assert_journal_equals_volume(&rig, "restarted.img");
 }
 
 /// The same loss, but the agent comes back while the collector is away: the whole-volume
 /// resync the loss calls for and new writes take the spool past the collector's seq before the
 /// two meet. Compared with the spool as it is then, the collector would look behind, and it
 /// would skip the new records up to its seq as resends (the gap marker among them). The agent
-/// must compare with what its spool held when opened, and refuse.
+/// must compare with what its spool held when opened, and continue as a successor.
 #[test]
-fn spool_behind_the_collector_is_refused_after_new_records_pass_its_seq() {
+fn a_spool_that_lost_shipped_records_continues_after_new_records_pass_the_collectors_seq() {
     const SIZE: u64 = 8 * MIB;
     let mut rig = Rig::new("spoolpast", SIZE);
     let mut client = rig.agent.nbd("spoolpast");
@@ -281,7 +293,7 @@ fn spool_behind_the_collector_is_refused_after_new_records_pass_its_seq() {
     }
     client.disconnect().unwrap();
     rig.wait_now();
-    let before = rig.restore_latest("before.img");
+    let (before, before_at) = (rig.restore_latest("before.img"), harness::now_rfc3339());
 
     rig.agent.kill9();
     rig.collector.kill9();
@@ -293,9 +305,9 @@ fn spool_behind_the_collector_is_refused_after_new_records_pass_its_seq() {
     }
     client.disconnect().unwrap();
     rig.collector.restart();
-    wait_for_the_refusal(&rig);
-    let after = rig.restore_latest("after.img");
-    harness::assert_same_image(&after, &before, "the collector's copy after the refusal");
+    wait_for_the_succession(&rig);
+    assert_journal_equals_volume(&rig, "after.img");
+    assert_moment_kept(&rig, &before_at, &before);
 }
 
 /// A power loss that took every record of the group's spool, those the collector holds too.
@@ -322,17 +334,48 @@ fn empty_every_spool_segment(rig: &Rig, group: &str) {
     }
 }
 
-fn wait_for_the_refusal(rig: &Rig) {
+fn wait_for_the_succession(rig: &Rig) {
     harness::wait_for(
-        "the agent to refuse a collector that is ahead of its spool",
+        "the agent to continue after a collector that is ahead of its spool",
         harness::STARTUP_TIMEOUT,
         || {
             rig.agent
                 .log_text()
-                .contains("but this agent's spool ends at seq")
+                .contains("the spool continues the group's journal after seq")
                 .then_some(())
         },
     );
+}
+
+/// Once the resync is complete, the collector's latest image is the agent's volume. Until the
+/// resync's `Complete` record arrives the latest point lies in the gap, and restoring it is
+/// refused; waiting for durability first makes sure the gap has arrived.
+fn assert_journal_equals_volume(rig: &Rig, name: &str) {
+    rig.wait_now();
+    let out = rig.path(name);
+    let out_s = out.to_str().expect("UTF-8 path");
+    harness::wait_for(
+        "the resync after the loss to complete (the latest point restorable)",
+        harness::STARTUP_TIMEOUT,
+        || {
+            let args = [
+                "restore",
+                "--volume",
+                &rig.volume,
+                "--out",
+                out_s,
+                "--latest",
+            ];
+            harness::tideline(&rig.url(), &args).success().then_some(())
+        },
+    );
+    harness::assert_same_image(&out, &rig.volume_path, "the collector's latest image");
+}
+
+fn assert_moment_kept(rig: &Rig, at: &str, reference: &Path) {
+    let out = rig.path("moment-before-the-loss.img");
+    harness::restore(&rig.url(), &rig.volume, Some(at), &out);
+    harness::assert_same_image(&out, reference, "the moment before the power loss");
 }
 
 /// A power loss can cut off spooled records that were never flushed while the volume kept
