@@ -214,6 +214,14 @@ fn environment(s: &Settings) -> Vec<(String, String)> {
                 "full".into()
             },
         ),
+        (
+            "sections".into(),
+            if s.only.is_empty() {
+                format!("all ({})", SCENARIOS.join(", "))
+            } else {
+                format!("only {} (the others were not run)", s.only.join(", "))
+            },
+        ),
         ("runs per figure".into(), s.runs.to_string()),
         ("started".into(), time),
         ("commit".into(), commit),
