@@ -30,7 +30,6 @@ use std::io::{self, IoSlice, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -335,13 +334,19 @@ impl Inner {
 /// [`SpoolReader`] and never block writers for longer than a length check.
 pub struct Spool {
     config: SpoolConfig,
-    spool_id: AtomicU64,
-    succession: Mutex<Option<Succession>>,
+    identity: Mutex<Identity>,
     inner: Mutex<Inner>,
     appended: Condvar,
     dropped_unflushed: bool,
     /// The newest seq the spool held when it was opened.
     last_seq_at_open: Seq,
+}
+
+/// The spool's id, and the succession the collector has yet to accept (they change together).
+#[derive(Clone, Copy)]
+struct Identity {
+    spool_id: u64,
+    pending: Option<Succession>,
 }
 
 /// Asks the kernel to start writing all of `file` back, without waiting for it. Advisory: if
@@ -371,13 +376,16 @@ fn load_or_create_id(dir: &Path) -> Result<u64, SpoolError> {
             context: format!("read {}", path.display()),
             source: io::Error::new(io::ErrorKind::InvalidData, "not a hexadecimal spool id"),
         }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let id = random_u64();
-            write_small_file(dir, ID_FILE, &format!("{id:016x}\n"))?;
-            Ok(id)
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => write_new_id(dir),
         Err(e) => Err(io_err(format!("read {}", path.display()))(e)),
     }
+}
+
+/// Takes a new random spool id and stores it durably.
+fn write_new_id(dir: &Path) -> Result<u64, SpoolError> {
+    let id = random_u64();
+    write_small_file(dir, ID_FILE, &format!("{id:016x}\n"))?;
+    Ok(id)
 }
 
 /// Replaces `dir/name` with `text` so that a crash leaves the old or the new content: a
@@ -445,8 +453,7 @@ impl Spool {
         let succession = load_succession(&dir)?;
         if succession.is_some_and(|s| s.predecessor == spool_id) {
             // The succession was recorded and the new id was not: take one now.
-            spool_id = random_u64();
-            write_small_file(&dir, ID_FILE, &format!("{spool_id:016x}\n"))?;
+            spool_id = write_new_id(&dir)?;
         }
         let mut firsts = list_segments(&dir)?;
         firsts.sort();
@@ -470,8 +477,10 @@ impl Spool {
         let used_bytes = segments.iter().map(|s| s.len_bytes).sum();
         Ok(Spool {
             config,
-            spool_id: AtomicU64::new(spool_id),
-            succession: Mutex::new(succession),
+            identity: Mutex::new(Identity {
+                spool_id,
+                pending: succession,
+            }),
             inner: Mutex::new(Inner {
                 segments,
                 active: Arc::new(active),
@@ -503,13 +512,17 @@ impl Spool {
         self.last_seq_at_open
     }
 
+    fn identity(&self) -> MutexGuard<'_, Identity> {
+        self.identity.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn spool_id(&self) -> u64 {
-        self.spool_id.load(Ordering::Acquire)
+        self.identity().spool_id
     }
 
     /// The succession the collector has yet to accept, if any.
     pub fn succession(&self) -> Option<Succession> {
-        *self.succession.lock().unwrap_or_else(|p| p.into_inner())
+        self.identity().pending
     }
 
     /// Continues the journal as a successor of this spool, after `resume_after` (see
@@ -518,9 +531,9 @@ impl Spool {
     /// for them.
     pub fn succeed(&self, resume_after: Seq) -> Result<Succession, SpoolError> {
         let dir = &self.config.dir;
-        let mut pending = self.succession.lock().unwrap_or_else(|p| p.into_inner());
+        let mut identity = self.identity();
         let succession = Succession {
-            predecessor: self.spool_id(),
+            predecessor: identity.spool_id,
             resume_after,
         };
         write_small_file(
@@ -528,17 +541,17 @@ impl Spool {
             SUCCESSION_FILE,
             &format!("{:016x} {}\n", succession.predecessor, resume_after.0),
         )?;
-        let id = random_u64();
-        write_small_file(dir, ID_FILE, &format!("{id:016x}\n"))?;
-        self.spool_id.store(id, Ordering::Release);
-        *pending = Some(succession);
+        *identity = Identity {
+            spool_id: write_new_id(dir)?,
+            pending: Some(succession),
+        };
         Ok(succession)
     }
 
     /// The collector accepted this spool's id: no succession is pending any more.
     pub fn succession_accepted(&self) -> Result<(), SpoolError> {
-        let mut pending = self.succession.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.take().is_some() {
+        let mut identity = self.identity();
+        if identity.pending.take().is_some() {
             let path = self.config.dir.join(SUCCESSION_FILE);
             fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
             fsync_dir(&self.config.dir)?;

@@ -377,13 +377,8 @@ impl Group {
                 volume: volume.name.clone(),
             }))?;
             resume_after.get_or_insert(Seq(gap.0 - 1));
-            mark_allocated(&mut volume.dirty, &volume.file, volume.size_bytes)
-                .map_err(io_error(volume, "find allocated extents"))?;
-            volume.dirty.set_resync_pending(true);
-            volume
-                .dirty
-                .flush()
-                .map_err(io_error(volume, "flush dirty map"))?;
+            resync_whole(&mut volume.dirty, &volume.file, volume.size_bytes)
+                .map_err(io_error(volume, "mark the volume for a resync"))?;
         }
         let resume_after = resume_after.unwrap_or_else(|| self.spool.last_seq());
         Ok(self.spool.succeed(resume_after)?)
@@ -582,11 +577,16 @@ pub fn open_dirty_map(
     let blocks = size_bytes / BLOCK_SIZE_BYTES;
     let (mut map, opened) = DirtyMap::open(&path, blocks)?;
     if opened == Opened::Created {
-        mark_allocated(&mut map, file, size_bytes)?;
-        map.set_resync_pending(true);
-        map.flush()?;
+        resync_whole(&mut map, file, size_bytes)?;
     }
     Ok(map)
+}
+
+/// Marks every allocated block of the volume for a resync and makes the marks durable.
+fn resync_whole(map: &mut DirtyMap, file: &File, size_bytes: u64) -> io::Result<()> {
+    mark_allocated(map, file, size_bytes)?;
+    map.set_resync_pending(true);
+    map.flush()
 }
 
 /// Marks every allocated block of the volume dirty: a resync then journals all of them as the
