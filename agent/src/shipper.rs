@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use bytes::Bytes;
 use tideline_core::record::{Record, RecordKind};
 use tideline_core::spool::{SpoolEntry, SpoolOp, SpoolReader};
 use tideline_core::{block, ChunkHash, Seq, BLOCK_SIZE};
@@ -199,10 +200,10 @@ impl Session {
                 format!("open journal stream: {}", s.message())
             })?
             .into_inner();
-        let durable = match inbound.message().await {
+        let (durable, durable_record) = match inbound.message().await {
             Ok(Some(v1::CollectorMessage {
                 msg: Some(In::Welcome(w)),
-            })) => Seq(w.durable_seq),
+            })) => (Seq(w.durable_seq), w.durable_record),
             Ok(_) => return Err("collector did not answer Hello with Welcome".into()),
             Err(s) => {
                 note_fenced(&self.fenced, &s);
@@ -216,7 +217,14 @@ impl Session {
         if durable > may_hold {
             // Releasing would drop records never shipped, and the collector would skip the
             // seqs this spool hands out as resends: continue as a successor spool instead.
-            return Err(self.continue_after_loss(durable, may_hold).await);
+            let why = format!("the collector holds this group through {durable}, but this agent's spool ends at {may_hold}");
+            return Err(self.continue_after_loss(why).await);
+        }
+        // The count of seqs does not tell across restarts: records made durable after a loss
+        // (a client's flush while the collector was away) take the spool past the collector's
+        // seq again. The collector's newest record does tell.
+        if let Some(why) = self.spool_differs_at(durable, durable_record).await? {
+            return Err(self.continue_after_loss(why).await);
         }
         if self.group.spool.succession().is_some() {
             let group = self.group.clone();
@@ -260,11 +268,48 @@ impl Session {
             .map_err(|e| e.to_string())
     }
 
-    /// The collector holds this group through `durable`, past anything this spool held or sent
-    /// (`may_hold`): a power loss took spooled records that were already shipped. Journals a
-    /// gap and a whole resync of every volume, and records a succession that the next session
-    /// offers; what to say about it.
-    async fn continue_after_loss(&self, durable: Seq, may_hold: Seq) -> String {
+    /// Compares the collector's record at its durable seq (when this spool sent it) with the
+    /// spool's own record at that seq; says how they differ, if they do.
+    async fn spool_differs_at(
+        &self,
+        durable: Seq,
+        theirs: Option<v1::Record>,
+    ) -> Result<Option<String>, String> {
+        let Some(theirs) = theirs else {
+            return Ok(None);
+        };
+        let theirs = Record::try_from(&theirs)
+            .map_err(|e| format!("the collector's Welcome carries a malformed record: {e}"))?;
+        if theirs.seq != durable {
+            return Err(format!(
+                "the collector's Welcome names {durable} as durable but carries the record of {}",
+                theirs.seq
+            ));
+        }
+        let group = self.group.clone();
+        let ours = tokio::task::spawn_blocking(move || {
+            group.spool.reader(durable).next_entry(&group.spool)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("read {durable} from the spool: {e}"))?;
+        // Not in the spool: released once the collector acknowledged it, nothing to compare.
+        let Some(ours) = ours.map(|entry| record_of(entry).0) else {
+            return Ok(None);
+        };
+        Ok((ours != theirs).then(|| {
+            format!(
+                "the collector's record at {durable} (time {} ns) is not this spool's (time {} ns)",
+                theirs.time.0, ours.time.0
+            )
+        }))
+    }
+
+    /// The collector holds records this spool no longer has (`why` says how that showed): a
+    /// power loss took spooled records that were already shipped. Journals a gap and a whole
+    /// resync of every volume, and records a succession that the next session offers; what to
+    /// say about it.
+    async fn continue_after_loss(&self, why: String) -> String {
         let group = self.group.clone();
         let continued = tokio::task::spawn_blocking(move || group.continue_after_loss()).await;
         match continued {
@@ -272,14 +317,14 @@ impl Session {
                 self.sent_high
                     .fetch_max(succession.resume_after.0, Ordering::AcqRel);
                 let message = format!(
-                    "the collector holds this group through {durable}, but this agent's spool ends at {may_hold}: a power loss took spooled records the collector already had. Journalled a gap and a whole resync of every volume; the spool continues the group's journal after {} (the collector is asked to accept it as the successor of spool {:016x})",
+                    "{why}: a power loss took spooled records the collector already had. Journalled a gap and a whole resync of every volume; the spool continues the group's journal after {} (the collector is asked to accept it as the successor of spool {:016x})",
                     succession.resume_after, succession.predecessor
                 );
                 tracing::error!(group = %self.group.name, "{message}");
                 message
             }
             Ok(Err(e)) => format!(
-                "the collector holds this group through {durable}, but this agent's spool ends at {may_hold} (a power loss took records already shipped), and continuing after it failed: {e}; nothing is released"
+                "{why} (a power loss took records already shipped), and continuing after it failed: {e}; nothing is released"
             ),
             Err(e) => e.to_string(),
         }
@@ -587,13 +632,10 @@ fn entry_data_len(entry: &SpoolEntry) -> usize {
     }
 }
 
-fn to_record(
-    entry: SpoolEntry,
-    seen: &mut HashSet<ChunkHash>,
-    batch: &mut PreparedBatch,
-) -> Record {
-    let kind = match entry.op {
-        SpoolOp::Other(kind) => kind,
+/// The record a spooled entry journals, and the data of a write.
+fn record_of(entry: SpoolEntry) -> (Record, Option<Bytes>) {
+    let (kind, data) = match entry.op {
+        SpoolOp::Other(kind) => (kind, None),
         SpoolOp::Write {
             volume,
             first,
@@ -601,25 +643,39 @@ fn to_record(
             origin,
         } => {
             let blocks = block::chunks_of(&data);
-            let new_chunks = blocks.iter().enumerate().filter_map(|(k, chunk)| {
-                chunk
-                    .filter(|hash| seen.insert(*hash))
-                    .map(|hash| (k * BLOCK_SIZE, hash))
-            });
-            batch.chunks.add_write(data, new_chunks);
-            RecordKind::Write {
+            let kind = RecordKind::Write {
                 volume,
                 first,
                 blocks,
                 origin,
-            }
+            };
+            (kind, Some(data))
         }
     };
-    Record {
+    let record = Record {
         seq: entry.seq,
         time: entry.time,
         kind,
+    };
+    (record, data)
+}
+
+/// The record of a spooled entry; a write's blocks not yet in the batch join its chunks.
+fn to_record(
+    entry: SpoolEntry,
+    seen: &mut HashSet<ChunkHash>,
+    batch: &mut PreparedBatch,
+) -> Record {
+    let (record, data) = record_of(entry);
+    if let (Some(data), RecordKind::Write { blocks, .. }) = (data, &record.kind) {
+        let new_chunks = blocks.iter().enumerate().filter_map(|(k, chunk)| {
+            chunk
+                .filter(|hash| seen.insert(*hash))
+                .map(|hash| (k * BLOCK_SIZE, hash))
+        });
+        batch.chunks.add_write(data, new_chunks);
     }
+    record
 }
 
 /// Compresses the chunks the collector lacks into frames (spread over the cores) and builds

@@ -153,11 +153,16 @@ impl v1::ingest_server::Ingest for IngestService {
             store_status(e)
         })?;
         let (durable, seq_base) = (registration.durable, registration.seq_base);
+        let durable_record = registration.durable_record.map(|mut record| {
+            record.seq = Seq(seq_base.spool_seq(record.seq));
+            v1::Record::from(&record)
+        });
         tracing::info!(%group, %agent, durable = durable.0, seq_base = seq_base.0, "journal stream opened");
         let (tx, rx) = mpsc::channel(16);
         let _ = tx
             .send(reply(Out::Welcome(v1::Welcome {
                 durable_seq: seq_base.spool_seq(durable),
+                durable_record,
             })))
             .await;
         let stream_id = self.live.attach(&group, tx.clone());

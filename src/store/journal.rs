@@ -26,6 +26,9 @@ pub(crate) struct GroupState {
     pub spool_epoch: Epoch,
     /// Spools that fed the group before the current one: never accepted again.
     pub retired_spools: Vec<u64>,
+    /// The durable seq when the current spool was registered: the records after it are the
+    /// ones this spool sent (kept in memory only; replay sets it again).
+    pub spool_since: Seq,
     pub role: GroupRole,
     pub history: History,
     /// What this site set aside when it last joined a newer timeline.
@@ -43,6 +46,7 @@ impl GroupState {
             seq_base: SeqBase::ZERO,
             spool_epoch: Epoch::FIRST,
             retired_spools: Vec::new(),
+            spool_since: Seq::ZERO,
             role: GroupRole::Primary,
             history: History::default(),
             abandoned: None,
@@ -57,6 +61,11 @@ impl GroupState {
 
     pub fn durable(&self) -> Seq {
         self.records.last().map_or(Seq::ZERO, |r| r.seq)
+    }
+
+    /// The record with `seq`, if the journal holds it and the current spool sent it.
+    pub fn record_of_current_spool(&self, seq: Seq) -> Option<&Record> {
+        (seq > self.spool_since).then(|| self.record(seq)).flatten()
     }
 
     /// The record with `seq`, if the journal holds it.

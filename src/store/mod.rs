@@ -193,12 +193,16 @@ pub struct VolumeMeta {
 }
 
 /// What [`Store::register_agent`] answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRegistration {
     /// The group's durable seq (journal seq, not spool seq).
     pub durable: Seq,
     /// Journal seq = `seq_base` + spool seq.
     pub seq_base: SeqBase,
+    /// The record at `durable` when the registering spool sent it (journal seq). The agent
+    /// compares it with its spool's record at that seq: a power loss can take shipped records
+    /// from the spool and new writes reuse their seqs, which no count of seqs reveals.
+    pub durable_record: Option<Record>,
 }
 
 /// What the primary site says about a group when it starts replicating it.
@@ -426,6 +430,13 @@ pub enum StoreError {
         expected: Seq,
         got: Seq,
     },
+    #[error("group {group}, {seq}: the agent resent it with other contents than this site holds (time {resent_time} ns, the stored one's {stored_time} ns): its spool lost records that were shipped (a power loss) and gave their seqs to new writes; nothing from the batch was stored. Reconnect the agent: it compares its spool with this site's and continues as a successor spool")]
+    ResendDiffers {
+        group: GroupName,
+        seq: Seq,
+        stored_time: i64,
+        resent_time: i64,
+    },
     #[error("group {group}, {seq}: time {time} ns is before the previous record's {previous} ns; record times must not go backwards (the agent makes its clock monotonic)")]
     TimeWentBackwards {
         group: GroupName,
@@ -548,6 +559,7 @@ impl State {
                 group.retired_spools.push(group.spool_id);
             }
             group.spool_id = reg.spool_id;
+            group.spool_since = group.durable();
         }
         group.seq_base = reg.seq_base;
         group.spool_epoch = reg.spool_epoch;
@@ -932,7 +944,11 @@ impl Store {
                         || g.spool_epoch != spool_epoch
                         || new_volume;
                     if !changed {
-                        return Ok(AgentRegistration { durable, seq_base });
+                        return Ok(AgentRegistration {
+                            durable,
+                            seq_base,
+                            durable_record: g.record_of_current_spool(durable).cloned(),
+                        });
                     }
                     (
                         GroupRegistered {
@@ -950,7 +966,18 @@ impl Store {
         let seq_base = registration.seq_base;
         self.commit(&mut writer, &[], |_| Entry::GroupRegistered(registration))?;
         tracing::info!(%group, spool_id, seq_base = seq_base.0, volumes = volumes.len(), "group registered");
-        Ok(AgentRegistration { durable, seq_base })
+        // A spool registered just now sent nothing yet, and one already registered sent the
+        // same records as before: only a new volume changed.
+        let durable_record = self
+            .read_state()
+            .groups
+            .get(group)
+            .and_then(|g| g.record_of_current_spool(durable).cloned());
+        Ok(AgentRegistration {
+            durable,
+            seq_base,
+            durable_record,
+        })
     }
 
     /// Registers `group` as a replica of the primary site that offers it, joining the offered
@@ -1391,6 +1418,7 @@ impl Store {
         let mut new_records = Vec::new();
         for record in records {
             if record.seq <= durable {
+                check_resend(group, journal, record)?;
                 continue; // already durable: an idempotent resend
             }
             if record.seq != expected {
@@ -2023,6 +2051,21 @@ fn check_record(
 enum Source {
     Agent,
     Replica(Epoch),
+}
+
+/// A record resent with a seq the journal holds must be the record stored there: a spool that
+/// lost records to a power loss hands their seqs to new writes, and skipping those as resends
+/// would lose them.
+fn check_resend(group: &GroupName, g: &GroupState, resent: &Record) -> Result<(), StoreError> {
+    match g.record_of_current_spool(resent.seq) {
+        Some(stored) if stored != resent => Err(StoreError::ResendDiffers {
+            group: group.clone(),
+            seq: resent.seq,
+            stored_time: stored.time.0,
+            resent_time: resent.time.0,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn check_source(group: &GroupName, g: &GroupState, source: Source) -> Result<(), StoreError> {

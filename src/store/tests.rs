@@ -637,6 +637,16 @@ fn a_successor_spool_continues_the_journal_after_its_resume_point() {
         assert_eq!(reg.durable, Seq(2));
         assert_eq!(reg.seq_base.spool_seq(reg.durable), resume_after);
         assert_eq!(reg.seq_base.journal_seq(resume_after + 1), Some(Seq(3)));
+        assert_eq!(
+            reg.durable_record, None,
+            "the durable record is the predecessor's: nothing for the successor to compare"
+        );
+        drop(store);
+        let store = open(dir.path());
+        let reg = store
+            .register_agent(&g, 8, Some(succession), &[meta("data", MIB)])
+            .unwrap();
+        assert_eq!(reg.durable_record, None, "nor after a reopen");
         store
             .ingest(&g, &[rec(3, 3, RecordKind::Flush)], &[])
             .unwrap();
@@ -654,7 +664,60 @@ fn a_successor_spool_continues_the_journal_after_its_resume_point() {
             "an accepted succession is not applied twice"
         );
         assert_eq!(again.seq_base.spool_seq(again.durable), resume_after + 1);
+        assert_eq!(again.durable_record, Some(rec(3, 3, RecordKind::Flush)));
     }
+}
+
+/// A power loss can take shipped records from an agent's spool; new writes then get their
+/// seqs. The collector names its newest record when the spool sent it, so the agent can tell,
+/// and refuses a resend that is not the record it holds.
+#[test]
+fn a_registration_names_the_newest_record_and_a_resend_must_match_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = setup(dir.path());
+    let g = grp("g");
+    let a = block(1);
+    let frames = [OwnedFrame::new(&[&a])];
+    let records = vec![complete(1, 1, "data"), write(2, 2, "data", 0, &[Some(&a)])];
+    store.ingest(&g, &records, &incoming(&frames)).unwrap();
+    let reg = store
+        .register_agent(&g, 7, None, &[meta("data", MIB)])
+        .unwrap();
+    assert_eq!(reg.durable_record.as_ref(), Some(&records[1]));
+
+    let catalog = dir.path().join(CATALOG_FILE);
+    let catalog_len = file_len(&catalog);
+    let mut new_write = write(2, 5, "data", 0, &[Some(&a)]);
+    let refused = store.ingest(&g, &[new_write.clone()], &incoming(&frames));
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::ResendDiffers {
+                seq: Seq(2),
+                stored_time: 2,
+                resent_time: 5,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let message = refused.unwrap_err().to_string();
+    assert!(message.contains("power loss"), "{message}");
+    new_write.time = TimeNs(2);
+    new_write.kind = RecordKind::Flush;
+    assert!(matches!(
+        store.ingest(&g, &[new_write], &[]),
+        Err(StoreError::ResendDiffers { .. })
+    ));
+    assert_eq!(
+        file_len(&catalog),
+        catalog_len,
+        "a refused resend writes nothing"
+    );
+    assert_eq!(
+        store.ingest(&g, &records, &incoming(&frames)).unwrap(),
+        Seq(2)
+    );
 }
 
 #[test]

@@ -310,6 +310,45 @@ fn a_spool_that_lost_shipped_records_continues_after_new_records_pass_the_collec
     assert_moment_kept(&rig, &before_at, &before);
 }
 
+/// The loss again, but the records written after it are made durable (the client flushes)
+/// while the collector is away, and the agent restarts once more before the two meet: its
+/// spool then reaches past the collector's seq from the moment it opens, and no count of seqs
+/// shows the loss. The collector names its newest record; the agent must find that its own
+/// record at that seq differs, and continue as a successor.
+#[test]
+fn a_spool_that_lost_shipped_records_and_restarted_past_the_collectors_seq_continues() {
+    const SIZE: u64 = 8 * MIB;
+    let mut rig = Rig::new("spoolagain", SIZE);
+    let mut client = rig.agent.nbd("spoolagain");
+    for i in 0..4u64 {
+        client.write(i * MIB, &[0x42; MIB as usize], true).unwrap();
+    }
+    client.disconnect().unwrap();
+    rig.wait_now();
+    let (before, before_at) = (rig.restore_latest("before.img"), harness::now_rfc3339());
+
+    rig.agent.kill9();
+    rig.collector.kill9();
+    empty_every_spool_segment(&rig, "spoolagain");
+    rig.agent.restart();
+    let mut client = rig.agent.nbd("spoolagain");
+    for i in 0..8u64 {
+        client.write(i * MIB, &[0x77; MIB as usize], true).unwrap();
+    }
+    client.disconnect().unwrap();
+    rig.agent.kill9();
+    rig.agent.restart();
+    rig.collector.restart();
+    wait_for_the_succession(&rig);
+    assert!(
+        rig.agent.log_text().contains("is not this spool's"),
+        "the loss was not found by comparing records: {}",
+        rig.agent.log_text()
+    );
+    assert_journal_equals_volume(&rig, "after.img");
+    assert_moment_kept(&rig, &before_at, &before);
+}
+
 /// A power loss that took every record of the group's spool, those the collector holds too.
 fn empty_every_spool_segment(rig: &Rig, group: &str) {
     // One spool directory per group; a volume outside any group is a group of its own.
