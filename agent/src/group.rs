@@ -373,10 +373,12 @@ impl Group {
         let mut volumes = self.lock();
         let mut resume_after = None;
         for volume in volumes.iter_mut() {
-            let (gap, _) = self.spool.append_durable(SpoolOp::Other(RecordKind::Gap {
+            let (gap, _) = self.spool.append(SpoolOp::Other(RecordKind::Gap {
                 volume: volume.name.clone(),
             }))?;
             resume_after.get_or_insert(Seq(gap.0 - 1));
+            self.spool
+                .append_durable(trim_whole(&volume.name, volume.size_bytes))?;
             resync_whole(&mut volume.dirty, &volume.file, volume.size_bytes)
                 .map_err(io_error(volume, "mark the volume for a resync"))?;
         }
@@ -565,21 +567,34 @@ fn records_for(
     }
 }
 
-/// Opens a volume's dirty map; a volume never protected before gets its allocated extents
-/// marked for a baseline.
+/// Opens a volume's dirty map; a volume never protected before (or whose map was moved aside
+/// to force a full resync) gets its allocated extents marked for a baseline, and says so.
 pub fn open_dirty_map(
     spool_dir: &std::path::Path,
     volume: &VolumeName,
     file: &File,
     size_bytes: u64,
-) -> anyhow::Result<DirtyMap> {
+) -> anyhow::Result<(DirtyMap, Opened)> {
     let path = spool_dir.join(format!("{volume}.dirty"));
     let blocks = size_bytes / BLOCK_SIZE_BYTES;
     let (mut map, opened) = DirtyMap::open(&path, blocks)?;
     if opened == Opened::Created {
         resync_whole(&mut map, file, size_bytes)?;
     }
-    Ok(map)
+    Ok((map, opened))
+}
+
+/// A trim of the whole volume, journalled right after the gap of a resync of every allocated
+/// block. A power loss can take trims the collector never received; their blocks are holes in
+/// the volume now, which the resync does not read, so without this the journal would keep
+/// their old content for good. After it, the resync's writes make the journal equal the
+/// volume again (holes read as zeros); the moments in between lie in the gap.
+pub fn trim_whole(volume: &VolumeName, size_bytes: u64) -> SpoolOp {
+    SpoolOp::Other(RecordKind::Trim {
+        volume: volume.clone(),
+        first: BlockNo(0),
+        count: size_bytes / BLOCK_SIZE_BYTES,
+    })
 }
 
 /// Marks every allocated block of the volume for a resync and makes the marks durable.
@@ -726,7 +741,7 @@ mod tests {
         let spool_dir = dir.join("spool");
         let spool = Spool::open(SpoolConfig::new(&spool_dir, 256 << 20)).unwrap();
         let name = VolumeName::new("v").unwrap();
-        let dirty = open_dirty_map(&spool_dir, &name, &file, VOLUME_BYTES).unwrap();
+        let (dirty, _) = open_dirty_map(&spool_dir, &name, &file, VOLUME_BYTES).unwrap();
         let volume = VolumeState {
             name,
             path,

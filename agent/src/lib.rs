@@ -228,8 +228,14 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
                 volume.path.display()
             );
         }
-        let mut dirty = group::open_dirty_map(&dir, &volume.name, &file, size_bytes)?;
-        let gap = if spool.dropped_unflushed() {
+        let (mut dirty, opened) = group::open_dirty_map(&dir, &volume.name, &file, size_bytes)?;
+        let lost_tail = spool.dropped_unflushed();
+        // A baseline can land on a journal the collector already holds for this volume (a
+        // fresh spool after a failover, a dirty map moved aside to force a full resync): like
+        // a whole resync it starts with a gap and a trim of the whole volume, so blocks the
+        // volume no longer holds do not keep their old content in the journal.
+        let baseline = opened == tideline_core::dirty::Opened::Created;
+        let gap = if lost_tail {
             // A power loss took spooled records the volume may hold: the journal can differ
             // from the volume in any block written since the last flush, and nothing says
             // which, so every allocated block is journalled again as the volume holds it.
@@ -237,6 +243,8 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
                 "the spool lost records that were never flushed (power loss); resyncing the whole volume");
             group::mark_allocated(&mut dirty, &file, size_bytes)
                 .with_context(|| format!("find allocated extents of {}", volume.path.display()))?;
+            true
+        } else if baseline {
             true
         } else if !dirty.resync_pending() && dirty.dirty_blocks() > 0 {
             // Write-intent marks left by a change that was applied but never journalled (the
@@ -254,6 +262,11 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
                     volume: volume.name.clone(),
                 }))
                 .with_context(|| format!("journal a gap for volume {}", volume.name))?;
+            if lost_tail || baseline {
+                spool
+                    .append(group::trim_whole(&volume.name, size_bytes))
+                    .with_context(|| format!("journal the resync of volume {}", volume.name))?;
+            }
             dirty.set_resync_pending(true);
             dirty
                 .flush()

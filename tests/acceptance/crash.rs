@@ -349,6 +349,88 @@ fn a_spool_that_lost_shipped_records_and_restarted_past_the_collectors_seq_conti
     assert_moment_kept(&rig, &before_at, &before);
 }
 
+/// A power loss can take a trim the collector never received. The resync after the loss reads
+/// the volume's allocated blocks; the trimmed blocks are holes, so they must be accounted for
+/// as well, or the journal keeps their old content for good.
+#[test]
+fn a_trim_lost_with_the_spool_leaves_no_old_data_in_the_journal() {
+    const SIZE: u64 = 8 * MIB;
+    let mut rig = Rig::new("losttrim", SIZE);
+    let mut client = rig.agent.nbd("losttrim");
+    client.write(0, &[0x42; 2 * MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+
+    rig.collector.kill9();
+    let mut client = rig.agent.nbd("losttrim");
+    client.trim(0, MIB as u32).unwrap();
+    client.flush().unwrap();
+    client.disconnect().unwrap();
+    assert_eq!(
+        harness::allocated_bytes(&rig.volume_path),
+        MIB,
+        "the trim punched a hole in the volume"
+    );
+    rig.agent.kill9();
+    empty_every_spool_segment(&rig, "losttrim");
+    rig.collector.restart();
+    rig.agent.restart();
+    wait_for_the_succession(&rig);
+    assert_journal_equals_volume(&rig, "after.img");
+}
+
+/// Moving a volume's dirty map aside forces a full resync (a baseline), for instance after the
+/// volume was changed while the agent was stopped. The baseline reads the allocated blocks; a
+/// block the volume no longer holds (a hole) must not keep its old content in the journal.
+#[test]
+fn a_baseline_over_an_existing_journal_leaves_no_old_data_in_holes() {
+    const SIZE: u64 = 8 * MIB;
+    let mut rig = Rig::new("rebase", SIZE);
+    let mut client = rig.agent.nbd("rebase");
+    client.write(0, &[0x42; 2 * MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+    let status = rig.agent.terminate();
+    assert!(status.success(), "agent exit after SIGTERM: {status}");
+
+    // Changed while unprotected: the first MiB is a hole now.
+    let volume = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rig.volume_path)
+        .unwrap();
+    // SAFETY: plain syscall on a descriptor `volume` keeps open; no memory is passed.
+    let punched = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&volume),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            MIB as i64,
+        )
+    };
+    assert_eq!(
+        punched,
+        0,
+        "punch a hole: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(volume);
+    let map = rig.agent.spool_dir.join("rebase").join("rebase.dirty");
+    std::fs::rename(&map, map.with_extension("dirty.aside")).unwrap();
+
+    rig.agent.restart();
+    rig.collector.wait_complete(&rig.volume);
+    assert_journal_equals_volume(&rig, "after.img");
+}
+
+fn newest_segment(group_spool: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(group_spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a spool segment")
+}
+
 /// A power loss that took every record of the group's spool, those the collector holds too.
 fn empty_every_spool_segment(rig: &Rig, group: &str) {
     // One spool directory per group; a volume outside any group is a group of its own.
@@ -418,10 +500,12 @@ fn assert_moment_kept(rig: &Rig, at: &str, reference: &Path) {
 }
 
 /// A power loss can cut off spooled records that were never flushed while the volume kept
-/// their data (large writes go to the volume with `O_DIRECT`). Simulated here: the agent dies
-/// and its newest spool segment loses its last entries. The flushed records must survive with
-/// their times, and the journal must come to equal the volume again (the agent resyncs the
-/// whole volume, since nothing says which blocks the lost records held).
+/// their changes (large writes go to the volume with `O_DIRECT`, a trim punches a hole at
+/// once). Simulated here: the agent dies and its newest spool segment loses everything after
+/// the last flush: an unflushed trim of blocks the collector holds, and an unflushed write.
+/// The flushed records must survive with their times, and the journal must come to equal the
+/// volume again (the agent resyncs the whole volume, since nothing says which blocks the lost
+/// records held; the trimmed blocks, holes now, must lose their old content too).
 #[test]
 fn power_loss_cutting_the_spools_unflushed_tail_resyncs_the_volume() {
     if !harness::require_tools(&["qemu-io"]) {
@@ -432,32 +516,34 @@ fn power_loss_cutting_the_spools_unflushed_tail_resyncs_the_volume() {
     write_both(&rig, &reference, &first);
     rig.wait_now();
 
-    // With the collector down, a flushed write and then an unflushed one stay in the spool.
+    // With the collector down, a flushed write and then unflushed changes stay in the spool.
     rig.collector.kill9();
     let second = flushed(&["write -P 0x22 8M 4M"]);
     write_both(&rig, &reference, &second);
     let flushed_at = harness::now_rfc3339();
+    let group_spool = rig.agent.spool_dir.join("powercut");
+    let newest = newest_segment(&group_spool);
+    let flushed_len = std::fs::metadata(&newest).unwrap().len();
+    harness::qemu_io(&rig.uri(), &["discard 0 4M"]);
     harness::qemu_io(&rig.uri(), &["write -P 0x33 16M 4M"]);
     rig.agent.kill9();
+    assert_eq!(
+        newest_segment(&group_spool),
+        newest,
+        "the unflushed changes are in the segment that holds the flush"
+    );
 
-    // The power loss: the unflushed write's entry, the spool's last, is cut in half.
-    let group_spool = rig.agent.spool_dir.join("powercut");
-    let newest = std::fs::read_dir(&group_spool)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .max()
-        .expect("a spool segment");
+    // The power loss: the spool keeps the flushed records and a torn piece of the trim's entry.
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&newest)
         .unwrap();
     let len = file.metadata().unwrap().len();
     assert!(
-        len > 4 * MIB,
+        len > flushed_len + 4 * MIB,
         "the unflushed write is in the newest segment"
     );
-    file.set_len(len - 2 * MIB).unwrap();
+    file.set_len(flushed_len + 16).unwrap();
     drop(file);
 
     rig.collector.restart();
