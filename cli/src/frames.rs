@@ -7,21 +7,25 @@
 //! core while the stream is read, and writer threads write them; a few frames wait at most.
 //!
 //! The collector first lists the image's non-zero block ranges ([`v1::DataExtents`]), and
-//! [`allocate`] allocates them. Writes that allocate a file's blocks queue on its inode one at
-//! a time (ext4 holds the inode lock until such a direct write completes), so with one writer
-//! the disk's latency for each write set the pace of the whole restore. Writes into allocated
-//! blocks share the lock: several writers then keep the disk busy.
+//! [`DataBytes`] adds them up, so a filesystem too small fails before anything is written.
+//!
+//! One writer thread writes through the page cache into the sparse image; the filesystem
+//! allocates at writeback (ext4's delayed allocation), in large extents, and a writeback thread
+//! keeps the disk busy meanwhile. Direct writes into blocks allocated ahead (`fallocate`) were
+//! slower on the machine this is measured on: such blocks are unwritten extents, every write
+//! converts its part in the filesystem's journal, and 8 writers restoring a 4 GiB ext4 image
+//! took 5.9-7.5 s against 4.8-5.9 s this way, in alternating runs (fio, 2.5 GB in 256 KiB
+//! random writes up to a final fsync: 484-571 MB/s into allocated blocks at queue depth 8,
+//! 713-750 MB/s through the page cache into a sparse file).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tideline_core::block;
-use tideline_core::direct::{AlignedBuf, DirectWriter, DIRECT_MIN_BYTES};
 use tideline_core::frame::{self, MAX_FRAME_BLOCKS};
 use tideline_core::store::{ChunkReadError, StoreError};
 use tideline_core::{ChunkHash, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
@@ -29,59 +33,30 @@ use tideline_proto::v1;
 
 /// Frames each worker may have waiting.
 const QUEUED_PER_WORKER: usize = 2;
-/// Checked frames a writer takes at once: their runs are written in image order, runs that meet
-/// in one write (frames hold blocks in the order they were journalled, so the runs of one
-/// stretch of the volume are often spread over neighbouring frames). With one writer, taking
-/// up to 32 frames cut a restore of an ext4 image from 19.6k writes to 13k and its time by
-/// about a tenth; with eight writers into allocated blocks, 1, 4 and 8 frames measured the
-/// same within the noise, so a writer holds at most 4 frames.
-const WRITE_GATHER_FRAMES: usize = 4;
-/// Writer threads when the image's blocks were allocated up front and its filesystem takes
-/// direct I/O (one otherwise). Each waits for the disk most of the time, so more writers keep
-/// more writes in flight: restoring a 4 GiB ext4 image took a median 3.5 s with 2, 3.1 s with
-/// 4, 2.8-3.0 s with 8 and 2.7 s with 12 on the 2-core machine this is measured on; 12 against
-/// 8 in six alternating pairs later was within the noise (medians 3.46 and 3.56 s).
-const WRITERS_INTO_ALLOCATED: usize = 8;
+/// Checked frames waiting for the writer.
+const QUEUED_FOR_WRITER: usize = 4;
 /// Written bytes after which the image's dirty pages are handed to the disk.
 const WRITEBACK_STEP_BYTES: u64 = 64 << 20;
 
 /// Writes frames into an image: checker threads, one per core, decompress and check frames,
-/// and writer threads write them.
+/// and a writer thread writes them.
 pub struct FrameWriter {
     tx: tokio::sync::mpsc::Sender<v1::RestoreFrame>,
     checkers: Vec<JoinHandle<anyhow::Result<()>>>,
-    writers: Vec<JoinHandle<anyhow::Result<u64>>>,
+    writer: JoinHandle<anyhow::Result<u64>>,
     failed: Arc<AtomicBool>,
 }
 
 impl FrameWriter {
-    /// Starts the threads for an image of `size_bytes` of `volume` in `file`, found at `path`;
-    /// `allocated` when [`allocate`] allocated its blocks. Into blocks that still need
-    /// allocating, or without direct I/O, one thread writes: with several, they took turns on
-    /// the image's inode lock and the waiting one spun in the kernel (4.6 to 12.5 % of a
-    /// restore's CPU samples).
-    pub fn start(
-        file: File,
-        path: &Path,
-        size_bytes: u64,
-        volume: VolumeName,
-        allocated: bool,
-    ) -> anyhow::Result<FrameWriter> {
+    /// Starts the threads for an image of `size_bytes` of `volume` in `file`.
+    pub fn start(file: File, size_bytes: u64, volume: VolumeName) -> FrameWriter {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let image = ImageWriter::new(file, path, allocated);
-        // Buffered writes take the inode lock for themselves however the blocks were allocated.
-        let writer_count = if allocated && image.direct.is_some() {
-            WRITERS_INTO_ALLOCATED
-        } else {
-            1
-        };
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_PER_WORKER * threads);
         let rx = Arc::new(Mutex::new(rx));
-        let (checked_tx, checked_rx) = crossbeam_channel::bounded(WRITE_GATHER_FRAMES);
-        // Every buffer is in a checker, queued, or held by a writer: the queues bound them.
-        let (spare_tx, spare_rx) = crossbeam_channel::bounded::<AlignedBuf>(
-            threads + (writer_count + 1) * WRITE_GATHER_FRAMES,
-        );
+        let (checked_tx, checked_rx) = crossbeam_channel::bounded(QUEUED_FOR_WRITER);
+        // Every buffer is in a checker, queued, or held by the writer: the queues bound them.
+        let (spare_tx, spare_rx) =
+            crossbeam_channel::bounded::<Box<[u8]>>(threads + QUEUED_FOR_WRITER + 1);
         let failed = Arc::new(AtomicBool::new(false));
         let checkers = (0..threads)
             .map(|_| {
@@ -90,24 +65,17 @@ impl FrameWriter {
                 std::thread::spawn(move || check_frames(queues, size_bytes, &volume, &failed))
             })
             .collect();
-        let mut images = vec![image];
-        for _ in 1..writer_count {
-            images.push(images[0].try_clone()?);
-        }
-        let writers = images
-            .into_iter()
-            .map(|image| {
-                let (checked_rx, spare_tx) = (checked_rx.clone(), spare_tx.clone());
-                let failed = failed.clone();
-                std::thread::spawn(move || write_frames(image, &checked_rx, &spare_tx, &failed))
-            })
-            .collect();
-        Ok(FrameWriter {
+        let image = ImageWriter::new(file);
+        let writer = {
+            let failed = failed.clone();
+            std::thread::spawn(move || write_frames(image, &checked_rx, &spare_tx, &failed))
+        };
+        FrameWriter {
             tx,
             checkers,
-            writers,
+            writer,
             failed,
-        })
+        }
     }
 
     /// Queues a frame; false once a thread failed (then [`FrameWriter::finish`] says why).
@@ -121,7 +89,7 @@ impl FrameWriter {
         let FrameWriter {
             tx,
             checkers,
-            writers,
+            writer,
             ..
         } = self;
         drop(tx);
@@ -132,58 +100,65 @@ impl FrameWriter {
                     first_error.get_or_insert(e);
                 }
             }
-            // The checkers are gone, so the writers' queue has closed.
-            let mut written = 0;
-            for writer in writers {
-                match join(writer) {
-                    Ok(bytes) => written += bytes,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                }
+            // The checkers are gone, so the writer's queue has closed.
+            let written = join(writer);
+            match (first_error, written) {
+                (Some(e), _) | (None, Err(e)) => Err(e),
+                (None, Ok(written)) => Ok(written),
             }
-            first_error.map_or(Ok(written), Err)
         })
         .await?
     }
 }
 
-/// Allocates the image's block ranges the collector listed, in `file` of `size_bytes`; false
-/// when its filesystem cannot allocate ahead (the writes then allocate as they go). Running out
-/// of space fails here, before anything is written.
-pub fn allocate(file: &File, ranges: &v1::DataExtents, size_bytes: u64) -> anyhow::Result<bool> {
-    use std::os::fd::AsRawFd;
-    if ranges.start_block.len() != ranges.block_count.len() {
-        bail!("collector sent block ranges whose lists differ in length");
-    }
-    let blocks_in_image = size_bytes.div_ceil(BLOCK_SIZE_BYTES);
-    for (&start, &count) in ranges.start_block.iter().zip(&ranges.block_count) {
-        if count == 0 || start >= blocks_in_image || count > blocks_in_image - start {
-            bail!("collector sent {count} blocks from block {start}, outside the image");
+/// The data bytes of an image, added up from the block ranges the collector lists.
+#[derive(Default)]
+pub struct DataBytes(u64);
+
+impl DataBytes {
+    /// Adds `ranges` of an image of `size_bytes`, refusing ranges outside it.
+    pub fn add(&mut self, ranges: &v1::DataExtents, size_bytes: u64) -> anyhow::Result<()> {
+        if ranges.start_block.len() != ranges.block_count.len() {
+            bail!("collector sent block ranges whose lists differ in length");
         }
-        let offset = start * BLOCK_SIZE_BYTES;
-        let len = (count * BLOCK_SIZE_BYTES).min(size_bytes - offset);
-        // SAFETY: plain syscall on a descriptor `file` keeps open; no memory is passed.
-        let done = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as i64, len as i64) };
-        if done != 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) => return Ok(false),
-                Some(libc::ENOSPC) => bail!(
-                    "no space for the restored image's data ({e}, allocating {len} bytes at offset {offset}); nothing was written: free space there or restore to another filesystem"
-                ),
-                _ => bail!("allocate {len} bytes at offset {offset} of the restored image: {e}"),
+        let blocks_in_image = size_bytes.div_ceil(BLOCK_SIZE_BYTES);
+        for (&start, &count) in ranges.start_block.iter().zip(&ranges.block_count) {
+            if count == 0 || start >= blocks_in_image || count > blocks_in_image - start {
+                bail!("collector sent {count} blocks from block {start}, outside the image");
             }
+            let offset = start * BLOCK_SIZE_BYTES;
+            self.0 += (count * BLOCK_SIZE_BYTES).min(size_bytes - offset);
         }
+        Ok(())
     }
-    Ok(true)
+
+    /// Fails, before anything is written, when the filesystem holding `file` has less room
+    /// than the data needs.
+    pub fn check_room(&self, file: &File) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fstatvfs fills the zeroed struct it is given; the descriptor stays open.
+        let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut stats) } != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!("find the free space for the restored image: {e}");
+        }
+        let available = stats.f_bavail.saturating_mul(stats.f_frsize);
+        if self.0 > available {
+            bail!(
+                "no space for the restored image's data ({} bytes, {available} available); nothing was written: free space there or restore to another filesystem",
+                self.0
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Where a checker takes frames from, hands checked ones to, and finds spare buffers.
 type CheckerQueues = (
     Arc<Mutex<tokio::sync::mpsc::Receiver<v1::RestoreFrame>>>,
     crossbeam_channel::Sender<Checked>,
-    crossbeam_channel::Receiver<AlignedBuf>,
+    crossbeam_channel::Receiver<Box<[u8]>>,
 );
 
 /// A checker thread: decompresses and checks frames until the stream ends or a frame fails.
@@ -212,25 +187,20 @@ fn check_frames(
     }
 }
 
-/// A writer thread: writes checked frames, up to [`WRITE_GATHER_FRAMES`] at a time, until the
-/// checkers are done; the bytes it wrote.
+/// The writer thread: writes checked frames until the checkers are done; the bytes it wrote.
 fn write_frames(
     mut image: ImageWriter,
     checked_rx: &crossbeam_channel::Receiver<Checked>,
-    spare_tx: &crossbeam_channel::Sender<AlignedBuf>,
+    spare_tx: &crossbeam_channel::Sender<Box<[u8]>>,
     failed: &AtomicBool,
 ) -> anyhow::Result<u64> {
     let mut written = 0;
-    while let Ok(first) = checked_rx.recv() {
-        let mut gathered = vec![first];
-        gathered.extend(checked_rx.try_iter().take(WRITE_GATHER_FRAMES - 1));
-        written += image.write(&gathered).inspect_err(|_| {
+    while let Ok(checked) = checked_rx.recv() {
+        written += image.write(&checked).inspect_err(|_| {
             failed.store(true, Ordering::Relaxed);
         })?;
-        for checked in gathered {
-            // Reused, its pages stay mapped: a fresh buffer faults them in again.
-            let _ = spare_tx.try_send(checked.data);
-        }
+        // Reused, its pages stay mapped: a fresh buffer faults them in again.
+        let _ = spare_tx.try_send(checked.data);
     }
     Ok(written)
 }
@@ -319,14 +289,13 @@ fn placements(frame: &v1::RestoreFrame, size_bytes: u64) -> anyhow::Result<Vec<P
 
 /// A frame's blocks, decompressed and checked, and where they go.
 struct Checked {
-    /// Aligned, so the runs go to the disk straight from here ([`DirectWriter::write`]).
-    data: AlignedBuf,
+    data: Box<[u8]>,
     runs: Vec<Run>,
 }
 
 /// A buffer for the largest frame.
-fn frame_buffer() -> AlignedBuf {
-    AlignedBuf::zeroed(MAX_FRAME_BLOCKS * BLOCK_SIZE)
+fn frame_buffer() -> Box<[u8]> {
+    vec![0; MAX_FRAME_BLOCKS * BLOCK_SIZE].into_boxed_slice()
 }
 
 /// `len` bytes of [`Checked::data`] from `start`, to be written at `offset` of the image.
@@ -342,7 +311,7 @@ fn check_frame(
     size_bytes: u64,
     volume: &VolumeName,
     frame: &v1::RestoreFrame,
-    mut buffer: AlignedBuf,
+    mut buffer: Box<[u8]>,
 ) -> anyhow::Result<Checked> {
     let placed = placements(frame, size_bytes)?;
     let corrupt = |block: u64, reason: String| StoreError::CorruptBlock {
@@ -399,80 +368,32 @@ fn check_frame(
     Ok(Checked { data: buffer, runs })
 }
 
-/// The image as a writer thread sees it: runs of at least
-/// [`tideline_core::direct::DIRECT_MIN_BYTES`] go around the page cache (the copy into fresh
-/// page-cache pages was 15 % of a restore's CPU samples), smaller ones through it; into
-/// allocated blocks every whole-block run goes around it, as such writes do not wait for each
-/// other. A direct write waiting for the disk holds up only its writer; the checkers go on.
+/// The image as the writer thread sees it: the file, and the writeback thread to nudge.
 struct ImageWriter {
     file: Arc<File>,
-    direct: Option<DirectWriter>,
     writeback: Writeback,
-    /// Smallest run that goes direct: any whole block into allocated blocks.
-    direct_min_bytes: usize,
 }
 
 impl ImageWriter {
-    fn new(file: File, path: &Path, allocated: bool) -> ImageWriter {
+    fn new(file: File) -> ImageWriter {
         let file = Arc::new(file);
         ImageWriter {
-            direct: DirectWriter::open(path),
             writeback: Writeback::start(file.clone()),
             file,
-            direct_min_bytes: if allocated {
-                BLOCK_SIZE
-            } else {
-                DIRECT_MIN_BYTES
-            },
         }
     }
 
-    /// Another writer of the same image, with a direct writer of its own.
-    fn try_clone(&self) -> anyhow::Result<ImageWriter> {
-        let direct = match &self.direct {
-            Some(direct) => Some(direct.try_clone().context("open restored image again")?),
-            None => None,
-        };
-        Ok(ImageWriter {
-            file: self.file.clone(),
-            direct,
-            writeback: self.writeback.clone(),
-            direct_min_bytes: self.direct_min_bytes,
-        })
-    }
-
-    /// Writes the runs of `frames` in image order, runs that meet in one write; returns the
-    /// bytes written.
-    fn write(&mut self, frames: &[Checked]) -> anyhow::Result<u64> {
-        let mut runs: Vec<(&Run, &[u8])> = frames
-            .iter()
-            .flat_map(|f| {
-                f.runs
-                    .iter()
-                    .map(|r| (r, &f.data[r.start..r.start + r.len]))
-            })
-            .collect();
-        runs.sort_by_key(|(run, _)| run.offset);
+    /// Writes the runs of a checked frame; returns the bytes written.
+    fn write(&mut self, checked: &Checked) -> anyhow::Result<u64> {
         let mut written = 0;
-        for extent in runs.chunk_by(|(a, _), (b, _)| a.offset + a.len as u64 == b.offset) {
-            let offset = extent[0].0.offset;
-            let pieces: Vec<&[u8]> = extent.iter().map(|(_, data)| *data).collect();
-            let len = pieces.iter().map(|p| p.len()).sum::<usize>();
-            let fail = |e| anyhow::anyhow!("write restored image at offset {offset}: {e}");
-            let direct = match &mut self.direct {
-                Some(direct) if direct.takes_at_least(offset, len, self.direct_min_bytes) => {
-                    direct.write_pieces(&pieces, offset).map_err(fail)?
-                }
-                _ => false,
-            };
-            if !direct {
-                for (run, data) in extent {
-                    self.file.write_all_at(data, run.offset).map_err(fail)?;
-                }
-                self.writeback.wrote(len as u64);
-            }
-            written += len as u64;
+        for run in &checked.runs {
+            let data = &checked.data[run.start..run.start + run.len];
+            self.file.write_all_at(data, run.offset).map_err(|e| {
+                anyhow::anyhow!("write restored image at offset {}: {e}", run.offset)
+            })?;
+            written += run.len as u64;
         }
+        self.writeback.wrote(written);
         Ok(written)
     }
 }
@@ -488,9 +409,7 @@ mod tests {
         frame: &v1::RestoreFrame,
     ) -> anyhow::Result<u64> {
         let checked = check_frame(size_bytes, volume, frame, frame_buffer())?;
-        let file = file.try_clone()?;
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
-        ImageWriter::new(file, Path::new(&path), false).write(&[checked])
+        ImageWriter::new(file.try_clone()?).write(&checked)
     }
 
     fn frame_of(
@@ -540,131 +459,53 @@ mod tests {
         assert_eq!(file.metadata().unwrap().len(), size);
     }
 
-    #[test]
-    fn long_runs_go_around_the_page_cache_and_land_byte_identical() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        let size = 1 << 20;
-        file.set_len(size).unwrap();
-        let blocks: Vec<Vec<u8>> = (0..40u8).map(|i| block(i + 1)).collect();
-        // Blocks 0-31 (128 KiB, one run) to volume blocks 100-131; 32-39 to 200-207 (32 KiB).
-        let placed: Vec<(u32, u64)> = (0..40u32)
-            .map(|i| {
-                (
-                    i,
-                    if i < 32 {
-                        100 + u64::from(i)
-                    } else {
-                        168 + u64::from(i)
-                    },
-                )
-            })
-            .collect();
-        let frame = frame_of(&blocks, &placed, None);
-        let volume = VolumeName::new("v").unwrap();
-        let checked = check_frame(size, &volume, &frame, frame_buffer()).unwrap();
-        let mut image = ImageWriter::new(file.try_clone().unwrap(), &path, false);
-        let missing = image
-            .direct
-            .is_none()
-            .then(|| format!("O_DIRECT on {}", path.display()));
-        if !tideline_testkit::skip_or_fail(missing.into_iter().collect()) {
-            return;
-        }
-        assert!(image
-            .direct
-            .as_ref()
-            .unwrap()
-            .takes(100 * BLOCK_SIZE_BYTES, 32 * BLOCK_SIZE));
-        assert_eq!(image.write(&[checked]).unwrap(), 40 * BLOCK_SIZE_BYTES);
-        assert!(
-            !image.direct.as_ref().unwrap().refused(),
-            "went around the page cache"
-        );
-        let mut back = vec![0u8; size as usize];
-        file.read_exact_at(&mut back, 0).unwrap();
-        for (i, (_, volume_block)) in placed.iter().enumerate() {
-            let at = *volume_block as usize * BLOCK_SIZE;
-            assert!(
-                back[at..at + BLOCK_SIZE] == blocks[i],
-                "volume block {volume_block}"
-            );
-        }
-        let written: usize = back.iter().filter(|&&b| b != 0).count();
-        assert_eq!(written, 40 * BLOCK_SIZE, "nothing written elsewhere");
-    }
-
-    fn allocated_bytes(file: &File) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        file.metadata().unwrap().blocks() * 512
-    }
-
-    /// Allocates `ranges` of `file`; false (after a loud skip, or a failure under CI) when its
-    /// filesystem cannot allocate ahead.
-    fn allocated(file: &File, ranges: &[(u64, u64)], size: u64) -> bool {
-        let ranges = v1::DataExtents {
+    fn extents(ranges: &[(u64, u64)]) -> v1::DataExtents {
+        v1::DataExtents {
             start_block: ranges.iter().map(|r| r.0).collect(),
             block_count: ranges.iter().map(|r| r.1).collect(),
-        };
-        let done = allocate(file, &ranges, size).unwrap();
-        let missing = (!done).then(|| "fallocate in the temp dir".to_owned());
-        tideline_testkit::skip_or_fail(missing.into_iter().collect())
+        }
     }
 
     #[test]
-    fn listed_ranges_are_allocated_and_ranges_outside_the_image_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
+    fn listed_ranges_add_up_to_the_data_bytes_and_ranges_outside_the_image_are_refused() {
         let size = 64 * BLOCK_SIZE_BYTES - 100;
-        let file = tideline_testkit::sized_file(&dir.path().join("image"), size);
-        if !allocated(&file, &[(2, 3), (10, 1), (63, 1)], size) {
-            return;
-        }
-        assert_eq!(allocated_bytes(&file), 5 * BLOCK_SIZE_BYTES);
+        let mut data = DataBytes::default();
+        data.add(&extents(&[(2, 3), (10, 1)]), size).unwrap();
+        data.add(&extents(&[(63, 1)]), size).unwrap();
         assert_eq!(
-            file.metadata().unwrap().len(),
-            size,
-            "the size is unchanged"
+            data.0,
+            5 * BLOCK_SIZE_BYTES - 100,
+            "the last block is cut short"
         );
-        for (start, count) in [(64, 1), (60, 5), (0, 0)] {
-            let ranges = v1::DataExtents {
-                start_block: vec![start],
-                block_count: vec![count],
-            };
-            let err = allocate(&file, &ranges, size).unwrap_err().to_string();
+        for range in [(64, 1), (60, 5), (0, 0)] {
+            let err = data.add(&extents(&[range]), size).unwrap_err().to_string();
             assert!(err.contains("outside the image"), "{err}");
         }
         let uneven = v1::DataExtents {
             start_block: vec![0, 1],
             block_count: vec![1],
         };
-        let err = allocate(&file, &uneven, size).unwrap_err().to_string();
+        let err = data.add(&uneven, size).unwrap_err().to_string();
         assert!(err.contains("differ in length"), "{err}");
-        assert_eq!(allocated_bytes(&file), 5 * BLOCK_SIZE_BYTES, "nothing more");
+        let file = tempfile::tempfile().unwrap();
+        data.check_room(&file).unwrap();
+        let err = DataBytes(u64::MAX)
+            .check_room(&file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no space for the restored image") && err.contains("nothing was written"),
+            "{err}"
+        );
     }
 
     #[test]
-    fn frames_written_by_several_writers_into_allocated_blocks_land_byte_identical() {
+    fn frames_checked_on_every_core_land_byte_identical_where_they_belong() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("image");
         let (frames, per_frame) = (16u64, 8u64);
         let size = frames * per_frame * BLOCK_SIZE_BYTES;
         let file = tideline_testkit::sized_file(&path, size);
-        if !allocated(&file, &[(0, frames * per_frame)], size) {
-            return;
-        }
-        // Without direct I/O one thread writes, and this would not test several.
-        let missing = DirectWriter::open(&path)
-            .is_none()
-            .then(|| format!("O_DIRECT on {}", path.display()));
-        if !tideline_testkit::skip_or_fail(missing.into_iter().collect()) {
-            return;
-        }
         // Block i of frame f goes to volume block i * 16 + f: no two blocks of a frame meet,
         // and each run meets runs of the neighbouring frames.
         let content = |f: u64, i: u64| block((f * per_frame + i + 1) as u8);
@@ -673,8 +514,7 @@ mod tests {
             .build()
             .unwrap();
         let written = runtime.block_on(async {
-            let writer =
-                FrameWriter::start(file.try_clone().unwrap(), &path, size, volume, true).unwrap();
+            let writer = FrameWriter::start(file.try_clone().unwrap(), size, volume);
             for f in 0..frames {
                 let blocks: Vec<Vec<u8>> = (0..per_frame).map(|i| content(f, i)).collect();
                 let placed: Vec<(u32, u64)> =
@@ -695,7 +535,6 @@ mod tests {
                 );
             }
         }
-        assert_eq!(allocated_bytes(&file), size);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use tideline_proto::v1::{self, restore_message::Msg};
 
-use crate::frames::FrameWriter;
+use crate::frames::{DataBytes, FrameWriter};
 use crate::CatalogClient;
 
 pub struct RestoreReport {
@@ -119,16 +119,14 @@ async fn receive_image(
     file.set_len(header.size_bytes)
         .context("size restored image")?;
     let failed = |e: anyhow::Error| anyhow::anyhow!("restore {volume} failed: {e:#}");
-    let (allocated, mut next) = allocate_ranges(&mut stream, &file, header.size_bytes)
+    let mut next = check_room(&mut stream, &file, header.size_bytes)
         .await
         .map_err(failed)?;
     let writer = FrameWriter::start(
         file.try_clone().context("clone restored image handle")?,
-        partial,
         header.size_bytes,
         volume.clone(),
-        allocated,
-    )?;
+    );
     let ended = loop {
         match next {
             Ok(Some(v1::RestoreMessage {
@@ -155,31 +153,24 @@ async fn receive_image(
 /// The message after a frames restore's header: a frame, the end, or an error.
 type NextMessage = Result<Option<v1::RestoreMessage>, tonic::Status>;
 
-/// Allocates the block ranges the collector lists ahead of the frames; whether all of them
-/// were allocated, and the message after them.
-async fn allocate_ranges(
+/// Adds up the block ranges the collector lists ahead of the frames and fails, before anything
+/// is written, when the image's filesystem has less room; the message after them.
+async fn check_room(
     stream: &mut tonic::Streaming<v1::RestoreMessage>,
     file: &std::fs::File,
     size_bytes: u64,
-) -> anyhow::Result<(bool, NextMessage)> {
-    let mut allocated = None;
+) -> anyhow::Result<NextMessage> {
+    let mut data = DataBytes::default();
     loop {
         let next = stream.message().await;
         let Ok(Some(v1::RestoreMessage {
             msg: Some(Msg::DataExtents(ranges)),
         })) = next
         else {
-            return Ok((allocated.unwrap_or(false), next));
+            data.check_room(file)?;
+            return Ok(next);
         };
-        if allocated == Some(false) {
-            continue;
-        }
-        let file = file.try_clone().context("clone restored image handle")?;
-        let done = tokio::task::spawn_blocking(move || {
-            crate::frames::allocate(&file, &ranges, size_bytes)
-        })
-        .await??;
-        allocated = Some(done);
+        data.add(&ranges, size_bytes)?;
     }
 }
 
