@@ -13,7 +13,8 @@
 //! FUSE, dropping the page cache) and installs missing peers with `apt-get install -y`.
 //!
 //! Scenarios: `ceiling` (criterion hot paths), `tap` (NBD vs qemu-nbd), `fuse` (FUSE + loop vs
-//! loop), `ingest`, `rpo`, `history` (restore, space, thinness vs restic and borg). Each
+//! loop), `ingest`, `rpo`, `replication` (RPO at a second site), `history` (restore, space,
+//! thinness vs restic and borg). Each
 //! scenario's module says exactly what it measures. A failing scenario is reported and the
 //! others still run; the report is rewritten after every scenario.
 
@@ -41,7 +42,15 @@ pub const EXT4_FILL: f64 = 0.6;
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-const SCENARIOS: [&str; 6] = ["ceiling", "tap", "fuse", "ingest", "rpo", "history"];
+const SCENARIOS: [&str; 7] = [
+    "ceiling",
+    "tap",
+    "fuse",
+    "ingest",
+    "rpo",
+    "replication",
+    "history",
+];
 
 /// Sizes and durations of one benchmark run.
 pub struct Settings {
@@ -260,6 +269,7 @@ fn run_scenario(s: &Settings, name: &str) -> anyhow::Result<Vec<Row>> {
         "fuse" => tap::fuse(s),
         "ingest" => ingest::rows(s),
         "rpo" => rpo::rows(s),
+        "replication" => rpo::replication_rows(s),
         "history" => history::rows(s),
         other => anyhow::bail!("unknown scenario {other}"),
     }

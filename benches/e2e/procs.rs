@@ -110,17 +110,29 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(bin_dir: &Path, work: &Path) -> anyhow::Result<Collector> {
-        let data_dir = work.join("collector");
+        Collector::start_named(bin_dir, work, "collector", &[])
+    }
+
+    /// A collector with its data in `work/name`, its log in `work/name.log`, and `args` added
+    /// (e.g. `--site`, `--replicate-to`).
+    pub fn start_named(
+        bin_dir: &Path,
+        work: &Path,
+        name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Collector> {
+        let data_dir = work.join(name);
         let mut command = Command::new(bin_dir.join("tideline-collector"));
         command
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .env("RUST_LOG", "warn");
         let mut proc = Proc::spawn(
-            "collector",
+            name,
             command,
-            &work.join("collector.log"),
+            &work.join(format!("{name}.log")),
             Stdio::piped(),
         )?;
         let stdout = proc.take_stdout().context("collector stdout")?;
