@@ -281,22 +281,28 @@ pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let runs = runs(s, false)?;
     write_series(s, &runs, &|rate| load_label(s, rate), "rpo-lags.json")?;
     let mut rows = lag_rows(s, &runs, 0, "RPO", "", true);
-    rows.push(
+    rows.extend(memory_rows(&runs, "RPO runs", &["collector"]));
+    Ok(rows)
+}
+
+/// Peak RSS rows: the agent's (against its target), then each collector's, named in order.
+fn memory_rows(runs: &[Run], what: &str, collectors: &[&str]) -> Vec<Row> {
+    let agent = Row::new(
+        "memory",
+        &format!("agent peak RSS, {what}"),
+        "MiB",
+        &peak_rss_mib(runs, 0),
+    )
+    .goal(Goal::AtMost(256.0));
+    let collectors = collectors.iter().enumerate().map(|(i, name)| {
         Row::new(
             "memory",
-            "agent peak RSS, RPO runs",
+            &format!("{name} peak RSS, {what}"),
             "MiB",
-            &peak_rss_mib(&runs, 0),
+            &peak_rss_mib(runs, i + 1),
         )
-        .goal(Goal::AtMost(256.0)),
-    );
-    rows.push(Row::new(
-        "memory",
-        "collector peak RSS, RPO runs",
-        "MiB",
-        &peak_rss_mib(&runs, 1),
-    ));
-    Ok(rows)
+    });
+    std::iter::once(agent).chain(collectors).collect()
 }
 
 /// The same loads with the collector replicating to a second site on this machine: site b's
@@ -318,22 +324,10 @@ pub fn replication_rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
         "while replicating, ",
         false,
     ));
-    rows.push(
-        Row::new(
-            "memory",
-            "agent peak RSS, replication runs",
-            "MiB",
-            &peak_rss_mib(&runs, 0),
-        )
-        .goal(Goal::AtMost(256.0)),
-    );
-    for (process, site) in [(1, "a"), (2, "b")] {
-        rows.push(Row::new(
-            "memory",
-            &format!("collector (site {site}) peak RSS, replication runs"),
-            "MiB",
-            &peak_rss_mib(&runs, process),
-        ));
-    }
+    rows.extend(memory_rows(
+        &runs,
+        "replication runs",
+        &["collector (site a)", "collector (site b)"],
+    ));
     Ok(rows)
 }

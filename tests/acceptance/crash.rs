@@ -1,7 +1,7 @@
 //! Crashes: kill -9 of the agent right after a flushed write, and of the collector while the
 //! agent streams; after restarts every acknowledged write must be restorable.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -285,25 +285,8 @@ fn a_spool_that_lost_shipped_records_continues_the_journal_as_its_successor() {
 /// must compare with what its spool held when opened, and continue as a successor.
 #[test]
 fn a_spool_that_lost_shipped_records_continues_after_new_records_pass_the_collectors_seq() {
-    const SIZE: u64 = 8 * MIB;
-    let mut rig = Rig::new("spoolpast", SIZE);
-    let mut client = rig.agent.nbd("spoolpast");
-    for i in 0..4u64 {
-        client.write(i * MIB, &[0x42; MIB as usize], true).unwrap();
-    }
-    client.disconnect().unwrap();
-    rig.wait_now();
-    let (before, before_at) = (rig.restore_latest("before.img"), harness::now_rfc3339());
-
-    rig.agent.kill9();
-    rig.collector.kill9();
-    empty_every_spool_segment(&rig, "spoolpast");
-    rig.agent.restart();
-    let mut client = rig.agent.nbd("spoolpast");
-    for i in 0..8u64 {
-        client.write(i * MIB, &[0x77; MIB as usize], true).unwrap();
-    }
-    client.disconnect().unwrap();
+    let mut rig = Rig::new("spoolpast", 8 * MIB);
+    let (before, before_at) = loss_then_writes_while_the_collector_is_away(&mut rig);
     rig.collector.restart();
     wait_for_the_succession(&rig);
     assert_journal_equals_volume(&rig, "after.img");
@@ -317,25 +300,8 @@ fn a_spool_that_lost_shipped_records_continues_after_new_records_pass_the_collec
 /// record at that seq differs, and continue as a successor.
 #[test]
 fn a_spool_that_lost_shipped_records_and_restarted_past_the_collectors_seq_continues() {
-    const SIZE: u64 = 8 * MIB;
-    let mut rig = Rig::new("spoolagain", SIZE);
-    let mut client = rig.agent.nbd("spoolagain");
-    for i in 0..4u64 {
-        client.write(i * MIB, &[0x42; MIB as usize], true).unwrap();
-    }
-    client.disconnect().unwrap();
-    rig.wait_now();
-    let (before, before_at) = (rig.restore_latest("before.img"), harness::now_rfc3339());
-
-    rig.agent.kill9();
-    rig.collector.kill9();
-    empty_every_spool_segment(&rig, "spoolagain");
-    rig.agent.restart();
-    let mut client = rig.agent.nbd("spoolagain");
-    for i in 0..8u64 {
-        client.write(i * MIB, &[0x77; MIB as usize], true).unwrap();
-    }
-    client.disconnect().unwrap();
+    let mut rig = Rig::new("spoolagain", 8 * MIB);
+    let (before, before_at) = loss_then_writes_while_the_collector_is_away(&mut rig);
     rig.agent.kill9();
     rig.agent.restart();
     rig.collector.restart();
@@ -349,17 +315,38 @@ fn a_spool_that_lost_shipped_records_and_restarted_past_the_collectors_seq_conti
     assert_moment_kept(&rig, &before_at, &before);
 }
 
+/// Writes 4 MiB and waits until the collector holds it (the moment kept: its image and time);
+/// then the agent and the collector die, a power loss empties the agent's spool, and the
+/// restarted agent, with the collector still away, overwrites 8 MiB with FUA writes: its new
+/// records take the spool past the collector's seq.
+fn loss_then_writes_while_the_collector_is_away(rig: &mut Rig) -> (PathBuf, String) {
+    let name = rig.volume.clone();
+    let mut client = rig.agent.nbd(&name);
+    for i in 0..4u64 {
+        client.write(i * MIB, &[0x42; MIB as usize], true).unwrap();
+    }
+    client.disconnect().unwrap();
+    rig.wait_now();
+    let (before, before_at) = (rig.restore_latest("before.img"), harness::now_rfc3339());
+
+    rig.agent.kill9();
+    rig.collector.kill9();
+    empty_every_spool_segment(rig, &name);
+    rig.agent.restart();
+    let mut client = rig.agent.nbd(&name);
+    for i in 0..8u64 {
+        client.write(i * MIB, &[0x77; MIB as usize], true).unwrap();
+    }
+    client.disconnect().unwrap();
+    (before, before_at)
+}
+
 /// A power loss can take a trim the collector never received. The resync after the loss reads
 /// the volume's allocated blocks; the trimmed blocks are holes, so they must be accounted for
 /// as well, or the journal keeps their old content for good.
 #[test]
 fn a_trim_lost_with_the_spool_leaves_no_old_data_in_the_journal() {
-    const SIZE: u64 = 8 * MIB;
-    let mut rig = Rig::new("losttrim", SIZE);
-    let mut client = rig.agent.nbd("losttrim");
-    client.write(0, &[0x42; 2 * MIB as usize], true).unwrap();
-    client.disconnect().unwrap();
-    rig.wait_now();
+    let mut rig = rig_holding_2_mib_at_the_collector("losttrim");
 
     rig.collector.kill9();
     let mut client = rig.agent.nbd("losttrim");
@@ -384,12 +371,7 @@ fn a_trim_lost_with_the_spool_leaves_no_old_data_in_the_journal() {
 /// block the volume no longer holds (a hole) must not keep its old content in the journal.
 #[test]
 fn a_baseline_over_an_existing_journal_leaves_no_old_data_in_holes() {
-    const SIZE: u64 = 8 * MIB;
-    let mut rig = Rig::new("rebase", SIZE);
-    let mut client = rig.agent.nbd("rebase");
-    client.write(0, &[0x42; 2 * MIB as usize], true).unwrap();
-    client.disconnect().unwrap();
-    rig.wait_now();
+    let mut rig = rig_holding_2_mib_at_the_collector("rebase");
     let status = rig.agent.terminate();
     assert!(status.success(), "agent exit after SIGTERM: {status}");
 
@@ -422,7 +404,17 @@ fn a_baseline_over_an_existing_journal_leaves_no_old_data_in_holes() {
     assert_journal_equals_volume(&rig, "after.img");
 }
 
-fn newest_segment(group_spool: &Path) -> std::path::PathBuf {
+/// An 8 MiB volume whose first 2 MiB were written and are durable at the collector.
+fn rig_holding_2_mib_at_the_collector(name: &str) -> Rig {
+    let rig = Rig::new(name, 8 * MIB);
+    let mut client = rig.agent.nbd(name);
+    client.write(0, &[0x42; 2 * MIB as usize], true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+    rig
+}
+
+fn newest_segment(group_spool: &Path) -> PathBuf {
     std::fs::read_dir(group_spool)
         .unwrap()
         .map(|e| e.unwrap().path())
