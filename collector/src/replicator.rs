@@ -3,7 +3,9 @@
 //! A supervisor starts one task per primary group (and notices new groups and role changes).
 //! Each task opens a `Replication.Stream`, says which epoch history it offers, learns the
 //! replica's durable seq and streams the store's records after it, with only the chunks the
-//! replica lacks (a `HaveQuery` per batch, as the agent does), compressed into zstd frames.
+//! replica lacks (a `HaveQuery` per batch, as the agent does): a stored frame of which at least
+//! half the blocks are wanted goes as it is stored (checked against its hashes, not compressed
+//! again), the other wanted chunks are compressed into new zstd frames.
 //! Records keep their seqs and agent times; the replica skips seqs it holds, so a resend after
 //! either side was killed applies nothing twice. While caught up it forwards this site's
 //! durable-through time as heartbeats, so the replica knows how recent its copy is.
@@ -594,21 +596,38 @@ fn unique_chunks(records: &[Record]) -> Vec<ChunkHash> {
     out
 }
 
-/// Reads the wanted chunks back from the store (each verified against its hash), compresses
-/// them into frames and builds the batch.
+/// Builds the batch: the stored frames of which at least half the blocks are wanted go as they
+/// are stored (checked, not compressed again: for fresh writes that is nearly every frame);
+/// the other wanted chunks are read back (each checked against its hash) and compressed into
+/// new frames.
 fn build_batch(
     store: &Store,
     records: Vec<Record>,
     wanted: &[ChunkHash],
 ) -> Result<v1::Batch, String> {
+    let read_error = |e| format!("read chunks to replicate them: {e}");
     let mut frames = Vec::new();
-    for group in wanted.chunks(MAX_FRAME_BLOCKS) {
+    let mut rest = Vec::new();
+    let wanted_set: HashSet<&ChunkHash> = wanted.iter().collect();
+    for held in store.frames_holding(wanted).map_err(read_error)? {
+        if 2 * held.asked >= held.hashes.len() {
+            frames.push(v1::Frame {
+                hashes: held
+                    .hashes
+                    .iter()
+                    .map(|h| Bytes::copy_from_slice(&h.0))
+                    .collect(),
+                zstd_data: Bytes::from_owner(held.zstd),
+            });
+        } else {
+            rest.extend(held.hashes.into_iter().filter(|h| wanted_set.contains(h)));
+        }
+    }
+    for group in rest.chunks(MAX_FRAME_BLOCKS) {
         let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
         let mut hashes = Vec::with_capacity(group.len());
         for hash in group {
-            let block = store
-                .read_chunk(hash)
-                .map_err(|e| format!("read chunk {hash} to replicate it: {e}"))?;
+            let block = store.read_chunk(hash).map_err(read_error)?;
             raw.extend_from_slice(&block);
             hashes.push(Bytes::copy_from_slice(&hash.0));
         }

@@ -192,6 +192,15 @@ pub struct VolumeMeta {
     pub size_bytes: u64,
 }
 
+/// A stored frame, as [`Store::frames_holding`] found it: every hash it holds (in frame order),
+/// its compressed bytes, and how many of the hashes asked for it holds.
+#[derive(Debug)]
+pub struct HeldFrame {
+    pub hashes: Vec<ChunkHash>,
+    pub zstd: FrameBytes,
+    pub asked: usize,
+}
+
 /// What [`Store::register_agent`] answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRegistration {
@@ -1899,6 +1908,42 @@ impl Store {
         let mut out = Vec::with_capacity(BLOCK_SIZE);
         self.append_chunk(hash, &mut out)?;
         Ok(out)
+    }
+
+    /// The stored frames holding `hashes`, each once, in pack order, with their compressed
+    /// bytes as stored, so a replicator can forward them instead of compressing their blocks
+    /// again. Each frame is decompressed and every block checked against its hash (a damaged
+    /// pack fails here, naming it, not at the receiver).
+    pub fn frames_holding(&self, hashes: &[ChunkHash]) -> Result<Vec<HeldFrame>, ChunkReadError> {
+        let mut frames: BTreeMap<(PackId, u64), (ChunkLoc, usize)> = BTreeMap::new();
+        {
+            let state = self.read_state();
+            for hash in hashes {
+                let loc = *state
+                    .chunks
+                    .get(hash)
+                    .ok_or(ChunkReadError::Unknown { hash: *hash })?;
+                frames.entry((loc.pack, loc.offset)).or_insert((loc, 0)).1 += 1;
+            }
+        }
+        frames
+            .into_values()
+            .map(|(loc, asked)| {
+                let path = self.packs.path(loc.pack);
+                let window = self.read_window(&loc, loc.entry_len as usize)?;
+                let (hashes, zstd) = pack::frame_in_window(&window, &path, &loc)?;
+                frame::open(zstd.as_ref(), &hashes).map_err(|e| ChunkReadError::Corrupt {
+                    pack: path.display().to_string(),
+                    offset: loc.offset,
+                    reason: e.to_string(),
+                })?;
+                Ok(HeldFrame {
+                    hashes,
+                    zstd,
+                    asked,
+                })
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> StoreStats {

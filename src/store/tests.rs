@@ -989,6 +989,34 @@ fn a_damaged_catalog_entry_before_a_valid_one_refuses_to_open() {
 }
 
 #[test]
+fn frames_holding_chunks_come_as_stored_once_each_in_pack_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = setup(dir.path());
+    let (a, b, c) = (block(1), block(2), block(3));
+    let frames = [OwnedFrame::new(&[&a, &b]), OwnedFrame::new(&[&c])];
+    let records = [write(1, 1, "data", 0, &[Some(&a), Some(&b), Some(&c)])];
+    store
+        .ingest(&grp("g"), &records, &incoming(&frames))
+        .unwrap();
+    let asked = [ChunkHash::of(&c), ChunkHash::of(&b), ChunkHash::of(&a)];
+    let held = store.frames_holding(&asked).unwrap();
+    assert_eq!(held.len(), 2);
+    for (held, (frame, asked)) in held.iter().zip([(&frames[0], 2), (&frames[1], 1)]) {
+        assert_eq!(held.hashes, frame.hashes);
+        assert_eq!(
+            held.zstd.as_ref(),
+            frame.zstd.as_slice(),
+            "the bytes as stored"
+        );
+        assert_eq!(held.asked, asked);
+    }
+    assert!(matches!(
+        store.frames_holding(&[ChunkHash::of(b"never stored")]),
+        Err(ChunkReadError::Unknown { .. })
+    ));
+}
+
+#[test]
 fn a_flipped_pack_byte_fails_reads_but_not_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = setup(dir.path());
@@ -1060,6 +1088,21 @@ fn a_flipped_pack_byte_fails_reads_but_not_open() {
         store.read_chunk(&ChunkHash::of(b"never stored")),
         Err(ChunkReadError::Unknown { .. })
     ));
+    // Forwarding the frame as stored checks it whole: the damage fails it, naming it.
+    let err = store
+        .frames_holding(&[ChunkHash::of(&blocks[0])])
+        .unwrap_err();
+    assert!(
+        matches!(err, ChunkReadError::Corrupt { offset, .. } if offset == first_frame_len as u64),
+        "{err}"
+    );
+    assert_eq!(
+        store
+            .frames_holding(&[ChunkHash::of(&other)])
+            .unwrap()
+            .len(),
+        1
+    );
 
     // A frame that no longer decompresses fails the same way, naming the frame.
     drop(store);
