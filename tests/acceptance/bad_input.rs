@@ -1,7 +1,8 @@
 //! Bad input, against the real processes: out-of-range NBD requests get the errors the NBD spec
 //! names and the connection goes on; malformed and oversized requests cost only their own
 //! connection; a damaged pack makes restore fail naming the volume and the offset; a gRPC client
-//! sending bytes that do not match their hash is refused and nothing is stored.
+//! sending bytes that do not match their hash, or resending a seq with other contents, is
+//! refused and nothing is stored.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -236,6 +237,58 @@ fn flipped_byte_in_a_pack_fails_restore_naming_volume_and_offset() {
     println!("damaged pack: {}", output.stderr.trim());
 }
 
+/// Opens a journal stream for group g (volume v, 1 MiB) as spool 42: the sender, the replies,
+/// and the Welcome.
+async fn open_journal(
+    collector: &Collector,
+) -> (
+    tokio::sync::mpsc::Sender<v1::AgentMessage>,
+    tonic::Streaming<v1::CollectorMessage>,
+    v1::Welcome,
+) {
+    let mut client = v1::ingest_client::IngestClient::connect(collector.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(message(v1::agent_message::Msg::Hello(v1::Hello {
+        agent_id: "liar".into(),
+        group: "g".into(),
+        volumes: vec![v1::VolumeInfo {
+            name: "v".into(),
+            size_bytes: MIB,
+        }],
+        spool_id: 42,
+        succeeds: None,
+    })))
+    .await
+    .unwrap();
+    let mut inbound = client
+        .journal(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    match inbound.message().await.unwrap() {
+        Some(v1::CollectorMessage {
+            msg: Some(v1::collector_message::Msg::Welcome(w)),
+        }) => (tx, inbound, w),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// The status that ends the stream; fails if the collector acknowledges anything first.
+async fn refusal(inbound: &mut tonic::Streaming<v1::CollectorMessage>) -> tonic::Status {
+    loop {
+        match inbound.message().await {
+            Ok(Some(v1::CollectorMessage {
+                msg: Some(v1::collector_message::Msg::Durable(d)),
+            })) => panic!("the collector acknowledged a lying batch through {}", d.seq),
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => return status,
+        }
+    }
+}
+
 fn message(msg: v1::agent_message::Msg) -> v1::AgentMessage {
     v1::AgentMessage { msg: Some(msg) }
 }
@@ -266,33 +319,8 @@ fn grpc_chunk_not_matching_its_hash_is_refused_and_nothing_stored() {
     let (honest_hash, claimed_hash) = (ChunkHash::of(&honest), ChunkHash::of(&claimed));
 
     let status = harness::block_on(async {
-        let mut client = v1::ingest_client::IngestClient::connect(collector.url())
-            .await
-            .unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(message(Msg::Hello(v1::Hello {
-            agent_id: "liar".into(),
-            group: "g".into(),
-            volumes: vec![v1::VolumeInfo {
-                name: "v".into(),
-                size_bytes: MIB,
-            }],
-            spool_id: 42,
-            succeeds: None,
-        })))
-        .await
-        .unwrap();
-        let mut inbound = client
-            .journal(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        match inbound.message().await.unwrap() {
-            Some(v1::CollectorMessage {
-                msg: Some(v1::collector_message::Msg::Welcome(w)),
-            }) => assert_eq!(w.durable_seq, 0),
-            other => panic!("expected Welcome, got {other:?}"),
-        }
+        let (tx, mut inbound, welcome) = open_journal(&collector).await;
+        assert_eq!(welcome.durable_seq, 0);
         // One honest frame and one whose bytes are not what its hash names.
         let batch = v1::Batch {
             records: vec![
@@ -311,16 +339,7 @@ fn grpc_chunk_not_matching_its_hash_is_refused_and_nothing_stored() {
             ],
         };
         tx.send(message(Msg::Batch(batch))).await.unwrap();
-        loop {
-            match inbound.message().await {
-                Ok(Some(v1::CollectorMessage {
-                    msg: Some(v1::collector_message::Msg::Durable(d)),
-                })) => panic!("the collector acknowledged a lying batch through {}", d.seq),
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream ended without an error"),
-                Err(status) => return status,
-            }
-        }
+        refusal(&mut inbound).await
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     println!("lying client refused: {}", status.message());
@@ -336,4 +355,65 @@ fn grpc_chunk_not_matching_its_hash_is_refused_and_nothing_stored() {
         .expect("the volume was registered by Hello");
     assert_eq!(v.durable_seq, 0, "records of the refused batch were stored");
     assert!(!v.complete);
+}
+
+/// A spool that lost shipped records to a power loss hands their seqs to new writes. The
+/// collector names its newest record in Welcome so an agent can tell, and a resend that is not
+/// the record it holds is refused, not skipped.
+#[test]
+fn grpc_resend_with_other_contents_is_refused_and_welcome_names_the_newest_record() {
+    use v1::agent_message::Msg;
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path());
+    let data = vec![0x11u8; 4096];
+    let hash = ChunkHash::of(&data);
+    let first = write_record(1, 0, &hash);
+
+    let (welcome, status) = harness::block_on(async {
+        let (tx, mut inbound, _) = open_journal(&collector).await;
+        let batch = v1::Batch {
+            records: vec![first.clone()],
+            frames: vec![v1::Frame {
+                hashes: vec![hash.0.to_vec().into()],
+                zstd_data: zstd::bulk::compress(&data, 3).unwrap().into(),
+            }],
+        };
+        tx.send(message(Msg::Batch(batch))).await.unwrap();
+        loop {
+            match inbound.message().await.unwrap() {
+                Some(v1::CollectorMessage {
+                    msg: Some(v1::collector_message::Msg::Durable(d)),
+                }) if d.seq == 1 => break,
+                Some(_) => continue,
+                None => panic!("the stream ended before seq 1 was durable"),
+            }
+        }
+        drop((tx, inbound));
+
+        let (tx, mut inbound, welcome) = open_journal(&collector).await;
+        let mut other = first.clone();
+        other.time_ns += 1;
+        let resend = v1::Batch {
+            records: vec![other],
+            frames: Vec::new(),
+        };
+        tx.send(message(Msg::Batch(resend))).await.unwrap();
+        (welcome, refusal(&mut inbound).await)
+    });
+    assert_eq!(welcome.durable_seq, 1);
+    assert_eq!(
+        welcome.durable_record,
+        Some(first),
+        "the newest record, as sent"
+    );
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("resent it with other contents")
+            && status.message().contains("power loss"),
+        "{}",
+        status.message()
+    );
+    println!("differing resend refused: {}", status.message());
+    let v = collector.volume("v").unwrap();
+    assert_eq!(v.durable_seq, 1, "the refused resend changed the journal");
 }
