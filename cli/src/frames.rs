@@ -4,19 +4,19 @@
 //! The collector sends frames as stored (`RestoreRequest.frames`), so the checks run here, on
 //! this machine's cores, right before the bytes are written: what lands in the image is what
 //! was journalled, whatever happened to the pack or on the way. Frames are checked on every
-//! core while the stream is read, and writer threads write them; a few frames wait at most.
+//! core while the stream is read, and one writer thread writes them; a few frames wait at most.
 //!
 //! The collector first lists the image's non-zero block ranges ([`v1::DataExtents`]), and
 //! [`DataBytes`] adds them up, so a filesystem too small fails before anything is written.
 //!
-//! One writer thread writes through the page cache into the sparse image; the filesystem
-//! allocates at writeback (ext4's delayed allocation), in large extents, and a writeback thread
-//! keeps the disk busy meanwhile. Direct writes into blocks allocated ahead (`fallocate`) were
-//! slower on the machine this is measured on: such blocks are unwritten extents, every write
-//! converts its part in the filesystem's journal, and 8 writers restoring a 4 GiB ext4 image
-//! took 5.9-7.5 s against 4.8-5.9 s this way, in alternating runs (fio, 2.5 GB in 256 KiB
-//! random writes up to a final fsync: 484-571 MB/s into allocated blocks at queue depth 8,
-//! 713-750 MB/s through the page cache into a sparse file).
+//! The writer writes through the page cache into the sparse image; the filesystem allocates
+//! blocks as it writes them back (ext4's delayed allocation), and a writeback thread keeps the
+//! disk busy meanwhile. Direct writes into blocks allocated ahead (`fallocate`) were slower on
+//! the machine this is measured on: such blocks are unwritten extents, every write converts its
+//! part in the filesystem's journal, and 8 writers restoring a 4 GiB ext4 image took 6.18-6.37 s
+//! against 5.05-5.95 s this way, in alternating runs (fio, 2.5 GB in 256 KiB random writes up to
+//! a final fsync: 484-571 MB/s into allocated blocks at queue depth 8, 713-750 MB/s through the
+//! page cache into a sparse file).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -181,7 +181,7 @@ fn check_frames(
             failed.store(true, Ordering::Relaxed);
         })?;
         if checked_tx.send(checked).is_err() {
-            // The writers stopped: one failed and says why.
+            // The writer stopped: it failed and says why.
             return Ok(());
         }
     }
