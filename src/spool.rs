@@ -338,8 +338,6 @@ pub struct Spool {
     inner: Mutex<Inner>,
     appended: Condvar,
     dropped_unflushed: bool,
-    /// The newest seq the spool held when it was opened.
-    last_seq_at_open: Seq,
 }
 
 /// The spool's id, and the succession the collector has yet to accept (they change together).
@@ -495,7 +493,6 @@ impl Spool {
             }),
             appended: Condvar::new(),
             dropped_unflushed,
-            last_seq_at_open: Seq(next_seq.0 - 1),
         })
     }
 
@@ -504,12 +501,6 @@ impl Spool {
     /// journal can differ from the volume anywhere written since the last flush.
     pub fn dropped_unflushed(&self) -> bool {
         self.dropped_unflushed
-    }
-
-    /// The newest seq the spool held when it was opened: with what the shipper sent since, the
-    /// newest the collector can hold. A collector ahead of it holds records the spool lost.
-    pub fn last_seq_at_open(&self) -> Seq {
-        self.last_seq_at_open
     }
 
     fn identity(&self) -> MutexGuard<'_, Identity> {
@@ -1259,13 +1250,7 @@ mod tests {
         let spool = Spool::open(small(dir.path())).unwrap();
         assert_eq!(spool.spool_id(), id);
         assert_eq!(spool.last_seq(), Seq(11));
-        assert_eq!(spool.last_seq_at_open(), Seq(11));
         spool.append(write(12)).unwrap();
-        assert_eq!(
-            spool.last_seq_at_open(),
-            Seq(11),
-            "what the spool held when opened"
-        );
         let entries = read_all(&spool, Seq(4));
         assert_eq!(entries.first().unwrap().seq, Seq(4));
         assert_eq!(entries.first().unwrap().op, write(4));

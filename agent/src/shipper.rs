@@ -25,7 +25,6 @@
 //! with [`crate::EXIT_FENCED`].
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,10 +93,8 @@ pub async fn run(
 ) {
     let mut backoff = BACKOFF_MIN;
     let fenced: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let sent_high = Arc::new(AtomicU64::new(group.spool.last_seq_at_open().0));
     loop {
         let session = Session {
-            sent_high: sent_high.clone(),
             group: group.clone(),
             volumes: volumes.clone(),
             config: config.clone(),
@@ -150,9 +147,6 @@ struct Session {
     config: ShipperConfig,
     status: watch::Sender<ShipperStatus>,
     fenced: Arc<std::sync::Mutex<Option<String>>>,
-    /// The newest seq the collector can hold: the spool's newest when it was opened, or the
-    /// newest any session of this process sent.
-    sent_high: Arc<AtomicU64>,
 }
 
 /// Remembers a refusal that says the group is fenced.
@@ -210,19 +204,17 @@ impl Session {
                 return Err(format!("collector refused the group: {}", s.message()));
             }
         };
-        // Compared with what the spool held when it was opened, not with what it holds now:
-        // records appended since (a resync after a power loss, new writes) may already reach
-        // past the collector's seq, and the collector would skip them as resends.
-        let may_hold = Seq(self.sent_high.load(Ordering::Acquire));
-        if durable > may_hold {
-            // Releasing would drop records never shipped, and the collector would skip the
-            // seqs this spool hands out as resends: continue as a successor spool instead.
-            let why = format!("the collector holds this group through {durable}, but this agent's spool ends at {may_hold}");
+        // A power loss can take records the collector already holds. Releasing would then drop
+        // records never shipped, and the collector would skip the seqs this spool hands out
+        // again as resends: continue as a successor spool instead. The spool may end before
+        // the collector's seq, or reach past it again with records appended since the loss (a
+        // resync, new writes, also made durable before a restart): then the collector's newest
+        // record differs from the spool's at that seq.
+        let last = self.group.spool.last_seq();
+        if durable > last {
+            let why = format!("the collector holds this group through {durable}, but this agent's spool ends at {last}");
             return Err(self.continue_after_loss(why).await);
         }
-        // The count of seqs does not tell across restarts: records made durable after a loss
-        // (a client's flush while the collector was away) take the spool past the collector's
-        // seq again. The collector's newest record does tell.
         if let Some(why) = self.spool_differs_at(durable, durable_record).await? {
             return Err(self.continue_after_loss(why).await);
         }
@@ -314,8 +306,6 @@ impl Session {
         let continued = tokio::task::spawn_blocking(move || group.continue_after_loss()).await;
         match continued {
             Ok(Ok(succession)) => {
-                self.sent_high
-                    .fetch_max(succession.resume_after.0, Ordering::AcqRel);
                 let message = format!(
                     "{why}: a power loss took spooled records the collector already had. Journalled a gap and a whole resync of every volume; the spool continues the group's journal after {} (the collector is asked to accept it as the successor of spool {:016x})",
                     succession.resume_after, succession.predecessor
@@ -375,7 +365,7 @@ impl Session {
                 self.status.send_modify(|s| s.durable_seq = acked);
             }
             if in_flight.len() >= MAX_BATCHES_IN_FLIGHT {
-                send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
+                send_built(tx, &mut building, &mut sent_through).await?;
                 durable_rx
                     .changed()
                     .await
@@ -385,11 +375,11 @@ impl Session {
             if !next.is_finished() {
                 // The next batch is still being read, or waits for company: the one built
                 // meanwhile goes out now rather than after it (the recovery point at low rates).
-                send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
+                send_built(tx, &mut building, &mut sent_through).await?;
             }
             let (reader, prepared) = next.await.map_err(|e| e.to_string())??;
             let Some(batch) = prepared else {
-                send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
+                send_built(tx, &mut building, &mut sent_through).await?;
                 self.idle(tx, &reader, &mut durable_rx).await?;
                 next = self.prepare(reader);
                 continue;
@@ -406,7 +396,7 @@ impl Session {
                 .collect();
             in_flight.push_back((last_seq, sent));
             // Batches go out in order: the one before this is sent before this one is built.
-            send_built(tx, &mut building, &mut sent_through, &self.sent_high).await?;
+            send_built(tx, &mut building, &mut sent_through).await?;
             let build = tokio::task::spawn_blocking(move || build_batch(batch, &missing));
             building = Some(Building { build, last_seq });
         }
@@ -494,13 +484,9 @@ async fn send_built(
     tx: &mpsc::Sender<v1::AgentMessage>,
     building: &mut Option<Building>,
     sent_through: &mut Seq,
-    sent_high: &AtomicU64,
 ) -> SessionResult {
     if let Some(Building { build, last_seq }) = building.take() {
         let message = build.await.map_err(|e| e.to_string())?;
-        // Raised before the send: once handed over, the batch may reach the collector even if
-        // this session then fails.
-        sent_high.fetch_max(last_seq.0, Ordering::AcqRel);
         send(tx, Out::Batch(message)).await?;
         *sent_through = last_seq;
     }

@@ -889,19 +889,23 @@ impl Store {
     ) -> Result<AgentRegistration, StoreError> {
         check_volume_list(group, volumes)?;
         let mut writer = lock(&self.writer);
-        let (registration, durable) = {
+        let (registration, answer) = {
             let state = self.read_state();
             check_volumes(&state, group, volumes)?;
             match state.groups.get(group) {
                 None => (
-                    GroupRegistered {
+                    Some(GroupRegistered {
                         group: group.clone(),
                         spool_id,
                         seq_base: SeqBase::ZERO,
                         spool_epoch: Epoch::FIRST,
                         volumes: volumes.to_vec(),
+                    }),
+                    AgentRegistration {
+                        durable: Seq::ZERO,
+                        seq_base: SeqBase::ZERO,
+                        durable_record: None,
                     },
-                    Seq::ZERO,
                 ),
                 Some(g) => {
                     match g.role {
@@ -952,41 +956,31 @@ impl Store {
                         || g.seq_base != seq_base
                         || g.spool_epoch != spool_epoch
                         || new_volume;
-                    if !changed {
-                        return Ok(AgentRegistration {
-                            durable,
-                            seq_base,
-                            durable_record: g.record_of_current_spool(durable).cloned(),
-                        });
-                    }
-                    (
-                        GroupRegistered {
-                            group: group.clone(),
-                            spool_id,
-                            seq_base,
-                            spool_epoch,
-                            volumes: volumes.to_vec(),
-                        },
+                    // A spool taking over has sent nothing yet.
+                    let durable_record = (g.spool_id == spool_id)
+                        .then(|| g.record_of_current_spool(durable).cloned())
+                        .flatten();
+                    let answer = AgentRegistration {
                         durable,
-                    )
+                        seq_base,
+                        durable_record,
+                    };
+                    let registration = changed.then(|| GroupRegistered {
+                        group: group.clone(),
+                        spool_id,
+                        seq_base,
+                        spool_epoch,
+                        volumes: volumes.to_vec(),
+                    });
+                    (registration, answer)
                 }
             }
         };
-        let seq_base = registration.seq_base;
-        self.commit(&mut writer, &[], |_| Entry::GroupRegistered(registration))?;
-        tracing::info!(%group, spool_id, seq_base = seq_base.0, volumes = volumes.len(), "group registered");
-        // A spool registered just now sent nothing yet, and one already registered sent the
-        // same records as before: only a new volume changed.
-        let durable_record = self
-            .read_state()
-            .groups
-            .get(group)
-            .and_then(|g| g.record_of_current_spool(durable).cloned());
-        Ok(AgentRegistration {
-            durable,
-            seq_base,
-            durable_record,
-        })
+        if let Some(registration) = registration {
+            self.commit(&mut writer, &[], |_| Entry::GroupRegistered(registration))?;
+            tracing::info!(%group, spool_id, seq_base = answer.seq_base.0, volumes = volumes.len(), "group registered");
+        }
+        Ok(answer)
     }
 
     /// Registers `group` as a replica of the primary site that offers it, joining the offered

@@ -282,7 +282,8 @@ fn a_spool_that_lost_shipped_records_continues_the_journal_as_its_successor() {
 /// resync the loss calls for and new writes take the spool past the collector's seq before the
 /// two meet. Compared with the spool as it is then, the collector would look behind, and it
 /// would skip the new records up to its seq as resends (the gap marker among them). The agent
-/// must compare with what its spool held when opened, and continue as a successor.
+/// must find that its record at the collector's seq is not the collector's, and continue as a
+/// successor.
 #[test]
 fn a_spool_that_lost_shipped_records_continues_after_new_records_pass_the_collectors_seq() {
     let mut rig = Rig::new("spoolpast", 8 * MIB);
