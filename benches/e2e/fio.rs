@@ -59,6 +59,9 @@ pub struct Outcome {
     pub iops: f64,
     pub mb_per_s: f64,
     pub p99_latency_us: f64,
+    /// Bytes the disk holding the work directory wrote while fio ran, per byte fio moved (NaN
+    /// where the work directory has no block device).
+    pub disk_bytes_per_io_byte: f64,
 }
 
 /// Runs `job` against `target`, with its JSON output written into `work`.
@@ -93,12 +96,20 @@ pub fn run(job: &Job, target: &Target, work: &Path) -> anyhow::Result<Outcome> {
         command.args(["--refill_buffers=1", "--buffer_compress_percentage=50"]);
     }
     let limit = Duration::from_secs(job.seconds.unwrap_or(0) + 900);
+    let disk_before = sys::device_written_bytes(work);
     sys::run(&mut command, limit)?;
+    let disk_after = sys::device_written_bytes(work);
     let text = std::fs::read_to_string(&output)?;
-    parse(&text, job.rw.contains("read")).with_context(|| format!("parse {}", output.display()))
+    let (mut outcome, io_bytes) = parse(&text, job.rw.contains("read"))
+        .with_context(|| format!("parse {}", output.display()))?;
+    if let (Some(before), Some(after)) = (disk_before, disk_after) {
+        outcome.disk_bytes_per_io_byte = (after - before) as f64 / io_bytes;
+    }
+    Ok(outcome)
 }
 
-fn parse(text: &str, read: bool) -> anyhow::Result<Outcome> {
+/// fio's figures, and the bytes it moved.
+fn parse(text: &str, read: bool) -> anyhow::Result<(Outcome, f64)> {
     // fio may print warnings before the JSON document.
     let start = text.find('{').context("no JSON in fio output")?;
     let doc: Value = serde_json::from_str(&text[start..])?;
@@ -107,9 +118,11 @@ fn parse(text: &str, read: bool) -> anyhow::Result<Outcome> {
     let p99_ns = side["clat_ns"]["percentile"]["99.000000"]
         .as_f64()
         .unwrap_or(f64::NAN);
-    Ok(Outcome {
+    let outcome = Outcome {
         iops: number(&side["iops"])?,
         mb_per_s: number(&side["bw_bytes"])? / 1e6,
         p99_latency_us: p99_ns / 1e3,
-    })
+        disk_bytes_per_io_byte: f64::NAN,
+    };
+    Ok((outcome, number(&side["io_bytes"])?))
 }

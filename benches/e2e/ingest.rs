@@ -2,7 +2,9 @@
 //! zero blocks) until all of it is durable at the collector, for an ext4 image of system files
 //! and for random data. Throughput is data bytes (the source's non-hole bytes) over the time
 //! from the first write to durability; CPU is utime + stime of agent and collector over the
-//! same span.
+//! same span, and the disk's written bytes are read from the block device's counters over it:
+//! each data byte reaches the disk in the volume, in a pack (compressed) and, when the shipper
+//! falls behind, in the spool too, so on a slow disk this figure, not the CPU, sets the pace.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,6 +24,11 @@ struct Sample {
     cpu_s_per_gb: f64,
     agent_rss_mib: f64,
     collector_rss_mib: f64,
+    /// Bytes the disk wrote from the first write to durability, per data byte (NaN where the
+    /// work directory has no block device).
+    disk_bytes_per_data_byte: f64,
+    /// The same bytes over the same time.
+    disk_mb_per_s: f64,
 }
 
 fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
@@ -34,6 +41,7 @@ fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
     let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
     let mut grpc = Grpc::connect(&collector.url)?;
     let cpu_before = agent.proc.usage()?.cpu_seconds + collector.proc.usage()?.cpu_seconds;
+    let disk_before = sys::device_written_bytes(&work);
     let started = Instant::now();
     sys::run(
         Command::new("nbdcopy")
@@ -44,6 +52,10 @@ fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
     )?;
     grpc.wait_durable(&agent.volume, now_ns())?;
     let seconds = started.elapsed().as_secs_f64();
+    let disk_bytes = match (disk_before, sys::device_written_bytes(&work)) {
+        (Some(before), Some(after)) => (after - before) as f64,
+        _ => f64::NAN,
+    };
     let (a, c) = (agent.proc.usage()?, collector.proc.usage()?);
     let cpu = a.cpu_seconds + c.cpu_seconds - cpu_before;
     Ok(Sample {
@@ -51,6 +63,8 @@ fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
         cpu_s_per_gb: cpu / (data_bytes as f64 / 1e9),
         agent_rss_mib: a.peak_rss_bytes as f64 / MIB,
         collector_rss_mib: c.peak_rss_bytes as f64 / MIB,
+        disk_bytes_per_data_byte: disk_bytes / data_bytes as f64,
+        disk_mb_per_s: disk_bytes / 1e6 / seconds,
     })
 }
 
@@ -85,6 +99,19 @@ fn rows_for(
             "s/GB",
             &col(|x| x.cpu_s_per_gb),
         ),
+        Row::new(
+            "ingest",
+            &format!("{label}: bytes the disk wrote per data byte (volume, spool, packs)"),
+            "×",
+            &col(|x| x.disk_bytes_per_data_byte),
+        ),
+        Row::new(
+            "ingest",
+            &format!("{label}: the disk's write rate meanwhile"),
+            "MB/s",
+            &col(|x| x.disk_mb_per_s),
+        )
+        .note("compare the ceiling's fio rows"),
         Row::new(
             "memory",
             &format!("agent peak RSS, ingest {label}"),

@@ -47,6 +47,19 @@ pub fn tree_bytes(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// Bytes written so far by the block device holding `path` (its `/sys/dev/block` counters, which
+/// count every writer on the machine); None where the filesystem has no block device (tmpfs,
+/// overlay). What the disk wrote during a run shows whether the disk, rather than the CPU,
+/// bounded it: a journal writes each byte more than once.
+pub fn device_written_bytes(path: &Path) -> Option<u64> {
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    // The seventh field counts 512-byte sectors written.
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
+}
+
 /// Writes back dirty pages and empties the page cache, so that reads come from the disk.
 pub fn drop_caches() {
     // SAFETY: sync(2) takes no arguments and cannot fail.

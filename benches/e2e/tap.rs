@@ -111,6 +111,14 @@ pub fn nbd(s: &Settings) -> anyhow::Result<Vec<Row>> {
         .goal(Goal::RatioAtLeast(1.0)),
         Row::new(
             "tap NBD",
+            "1 MiB sequential write QD16: bytes the disk wrote per byte written (volume, spool, packs)",
+            "×",
+            &pick(ours, "seqwrite", |o| o.disk_bytes_per_io_byte),
+        )
+        .peer(peer, &pick(theirs, "seqwrite", |o| o.disk_bytes_per_io_byte))
+        .note("while fio ran, its final fsync included; the collector shares the disk"),
+        Row::new(
+            "tap NBD",
             "4 KiB random read QD16",
             "IOPS",
             &pick(ours, "randread", iops),
