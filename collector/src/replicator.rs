@@ -598,8 +598,9 @@ fn unique_chunks(records: &[Record]) -> Vec<ChunkHash> {
 
 /// Builds the batch: the stored frames of which at least half the blocks are wanted go as they
 /// are stored (checked, not compressed again: for fresh writes that is nearly every frame);
-/// the other wanted chunks are read back (each checked against its hash) and compressed into
-/// new frames.
+/// the other wanted chunks are taken from the frames as they are read and checked, and
+/// compressed into new frames. Each frame is read once, and only what the batch needs of it is
+/// kept: at most twice the wanted blocks' bytes.
 fn build_batch(
     store: &Store,
     records: Vec<Record>,
@@ -607,10 +608,14 @@ fn build_batch(
 ) -> Result<v1::Batch, String> {
     let read_error = |e| format!("read chunks to replicate them: {e}");
     let mut frames = Vec::new();
-    let mut rest = Vec::new();
-    let wanted_set: HashSet<&ChunkHash> = wanted.iter().collect();
+    let mut pending: HashSet<ChunkHash> = wanted.iter().copied().collect();
+    let (mut rest_hashes, mut rest_data) = (Vec::new(), Vec::new());
     for held in store.frames_holding(wanted).map_err(read_error)? {
+        let held = held.map_err(read_error)?;
         if 2 * held.asked >= held.hashes.len() {
+            for hash in &held.hashes {
+                pending.remove(hash);
+            }
             frames.push(v1::Frame {
                 hashes: held
                     .hashes
@@ -619,21 +624,22 @@ fn build_batch(
                     .collect(),
                 zstd_data: Bytes::from_owner(held.zstd),
             });
-        } else {
-            rest.extend(held.hashes.into_iter().filter(|h| wanted_set.contains(h)));
+            continue;
+        }
+        for (hash, block) in held.hashes.iter().zip(held.data.chunks_exact(BLOCK_SIZE)) {
+            if pending.remove(hash) {
+                rest_hashes.push(Bytes::copy_from_slice(&hash.0));
+                rest_data.extend_from_slice(block);
+            }
         }
     }
-    for group in rest.chunks(MAX_FRAME_BLOCKS) {
-        let mut raw = Vec::with_capacity(group.len() * BLOCK_SIZE);
-        let mut hashes = Vec::with_capacity(group.len());
-        for hash in group {
-            let block = store.read_chunk(hash).map_err(read_error)?;
-            raw.extend_from_slice(&block);
-            hashes.push(Bytes::copy_from_slice(&hash.0));
-        }
+    for (hashes, raw) in rest_hashes
+        .chunks(MAX_FRAME_BLOCKS)
+        .zip(rest_data.chunks(MAX_FRAME_BLOCKS * BLOCK_SIZE))
+    {
         frames.push(v1::Frame {
-            hashes,
-            zstd_data: Bytes::from(frame::compress(&raw, DEFAULT_ZSTD_LEVEL)),
+            hashes: hashes.to_vec(),
+            zstd_data: Bytes::from(frame::compress(raw, DEFAULT_ZSTD_LEVEL)),
         });
     }
     Ok(v1::Batch {
@@ -649,6 +655,68 @@ mod tests {
 
     fn hash(n: u8) -> ChunkHash {
         ChunkHash([n; 32])
+    }
+
+    /// A block unlike any other seed's, and compressible.
+    fn block(seed: u8) -> Vec<u8> {
+        (0..BLOCK_SIZE).map(|i| seed ^ (i / 64) as u8).collect()
+    }
+
+    #[test]
+    fn a_batch_forwards_mostly_wanted_frames_as_stored_and_recompresses_the_rest() {
+        use tideline_core::record::WriteOrigin;
+        use tideline_core::store::{IncomingFrame, StoreConfig, VolumeMeta};
+        use tideline_core::{BlockNo, VolumeName};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let (group, volume) = (GroupName::new("g").unwrap(), VolumeName::new("v").unwrap());
+        let meta = VolumeMeta {
+            name: volume.clone(),
+            size_bytes: 1 << 20,
+        };
+        store.register_group(&group, 1, &[meta]).unwrap();
+        let blocks: Vec<Vec<u8>> = (1..=8).map(block).collect();
+        let hashes: Vec<ChunkHash> = blocks.iter().map(|b| ChunkHash::of(b)).collect();
+        // Two stored frames of four blocks each.
+        let zstd: Vec<Vec<u8>> = blocks
+            .chunks(4)
+            .map(|four| frame::compress(&four.concat(), DEFAULT_ZSTD_LEVEL))
+            .collect();
+        let incoming: Vec<IncomingFrame> = (0..2)
+            .map(|i| IncomingFrame {
+                hashes: &hashes[4 * i..4 * i + 4],
+                zstd_data: &zstd[i],
+            })
+            .collect();
+        let record = Record {
+            seq: Seq(1),
+            time: TimeNs(1),
+            kind: RecordKind::Write {
+                volume,
+                first: BlockNo(0),
+                blocks: hashes.iter().copied().map(Some).collect(),
+                origin: WriteOrigin::Client,
+            },
+        };
+        store.ingest(&group, &[record], &incoming).unwrap();
+
+        // All of the first frame is wanted, one block of the second.
+        let wanted = [hashes[2], hashes[0], hashes[6], hashes[1], hashes[3]];
+        let batch = build_batch(&store, Vec::new(), &wanted).unwrap();
+        assert_eq!(batch.frames.len(), 2);
+        assert_eq!(
+            batch.frames[0].zstd_data.as_ref(),
+            zstd[0].as_slice(),
+            "the first frame goes as it is stored"
+        );
+        let recompressed = &batch.frames[1];
+        assert_eq!(recompressed.hashes, [Bytes::copy_from_slice(&hashes[6].0)]);
+        assert_eq!(
+            frame::decompress(&recompressed.zstd_data, 1).unwrap(),
+            blocks[6],
+            "only the wanted block of the second frame, in a frame of its own"
+        );
     }
 
     #[test]

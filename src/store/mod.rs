@@ -192,12 +192,14 @@ pub struct VolumeMeta {
     pub size_bytes: u64,
 }
 
-/// A stored frame, as [`Store::frames_holding`] found it: every hash it holds (in frame order),
-/// its compressed bytes, and how many of the hashes asked for it holds.
+/// A stored frame, as [`Store::frames_holding`] read it: every hash it holds (in frame order),
+/// its compressed bytes as stored, its blocks (decompressed and checked against those hashes),
+/// and how many of the hashes asked for it holds.
 #[derive(Debug)]
 pub struct HeldFrame {
     pub hashes: Vec<ChunkHash>,
     pub zstd: FrameBytes,
+    pub data: Vec<u8>,
     pub asked: usize,
 }
 
@@ -1904,11 +1906,15 @@ impl Store {
         Ok(out)
     }
 
-    /// The stored frames holding `hashes`, each once, in pack order, with their compressed
-    /// bytes as stored, so a replicator can forward them instead of compressing their blocks
-    /// again. Each frame is decompressed and every block checked against its hash (a damaged
-    /// pack fails here, naming it, not at the receiver).
-    pub fn frames_holding(&self, hashes: &[ChunkHash]) -> Result<Vec<HeldFrame>, ChunkReadError> {
+    /// The stored frames holding `hashes`, each once, in pack order, read one at a time as the
+    /// iterator is advanced (the caller keeps what it needs of each, so memory stays bounded by
+    /// that), with their compressed bytes as stored, so a replicator can forward them instead of
+    /// compressing their blocks again. Each frame is decompressed and every block checked
+    /// against its hash (a damaged pack fails here, naming it, not at the receiver).
+    pub fn frames_holding(
+        &self,
+        hashes: &[ChunkHash],
+    ) -> Result<impl Iterator<Item = Result<HeldFrame, ChunkReadError>> + '_, ChunkReadError> {
         let mut frames: BTreeMap<(PackId, u64), (ChunkLoc, usize)> = BTreeMap::new();
         {
             let state = self.read_state();
@@ -1920,24 +1926,19 @@ impl Store {
                 frames.entry((loc.pack, loc.offset)).or_insert((loc, 0)).1 += 1;
             }
         }
-        frames
-            .into_values()
-            .map(|(loc, asked)| {
-                let path = self.packs.path(loc.pack);
-                let window = self.read_window(&loc, loc.entry_len as usize)?;
-                let (hashes, zstd) = pack::frame_in_window(&window, &path, &loc)?;
-                frame::open(zstd.as_ref(), &hashes).map_err(|e| ChunkReadError::Corrupt {
-                    pack: path.display().to_string(),
-                    offset: loc.offset,
-                    reason: e.to_string(),
-                })?;
-                Ok(HeldFrame {
-                    hashes,
-                    zstd,
-                    asked,
-                })
+        Ok(frames.into_values().map(|(loc, asked)| {
+            let path = self.packs.path(loc.pack);
+            let window = self.read_window(&loc, loc.entry_len as usize)?;
+            let (hashes, zstd) = pack::frame_in_window(&window, &path, &loc)?;
+            let data = frame::open(zstd.as_ref(), &hashes)
+                .map_err(|e| pack::corrupt(&path, &loc, e.to_string()))?;
+            Ok(HeldFrame {
+                hashes,
+                zstd,
+                data,
+                asked,
             })
-            .collect()
+        }))
     }
 
     pub fn stats(&self) -> StoreStats {

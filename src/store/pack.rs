@@ -189,7 +189,7 @@ pub(crate) fn io_error(pack: &Path, loc: &ChunkLoc, source: io::Error) -> ChunkR
     }
 }
 
-fn corrupt(pack: &Path, loc: &ChunkLoc, reason: String) -> ChunkReadError {
+pub(crate) fn corrupt(pack: &Path, loc: &ChunkLoc, reason: String) -> ChunkReadError {
     ChunkReadError::Corrupt {
         pack: pack.display().to_string(),
         offset: loc.offset,

@@ -999,10 +999,20 @@ fn frames_holding_chunks_come_as_stored_once_each_in_pack_order() {
         .ingest(&grp("g"), &records, &incoming(&frames))
         .unwrap();
     let asked = [ChunkHash::of(&c), ChunkHash::of(&b), ChunkHash::of(&a)];
-    let held = store.frames_holding(&asked).unwrap();
+    let held: Vec<HeldFrame> = store
+        .frames_holding(&asked)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
     assert_eq!(held.len(), 2);
-    for (held, (frame, asked)) in held.iter().zip([(&frames[0], 2), (&frames[1], 1)]) {
+    let contents = [[a.as_slice(), b.as_slice()].concat(), c.to_vec()];
+    for ((held, contents), (frame, asked)) in held
+        .iter()
+        .zip(contents)
+        .zip([(&frames[0], 2), (&frames[1], 1)])
+    {
         assert_eq!(held.hashes, frame.hashes);
+        assert!(held.data == contents, "the frame's blocks, decompressed");
         assert_eq!(
             held.zstd.as_ref(),
             frame.zstd.as_slice(),
@@ -1091,6 +1101,8 @@ fn a_flipped_pack_byte_fails_reads_but_not_open() {
     // Forwarding the frame as stored checks it whole: the damage fails it, naming it.
     let err = store
         .frames_holding(&[ChunkHash::of(&blocks[0])])
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
         .unwrap_err();
     assert!(
         matches!(err, ChunkReadError::Corrupt { offset, .. } if offset == first_frame_len as u64),
@@ -1099,6 +1111,8 @@ fn a_flipped_pack_byte_fails_reads_but_not_open() {
     assert_eq!(
         store
             .frames_holding(&[ChunkHash::of(&other)])
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
             .unwrap()
             .len(),
         1
