@@ -168,12 +168,7 @@ fn run_once(s: &Settings, replicated: bool) -> anyhow::Result<Run> {
 
 /// Writes every lag sample of every run to `file` beside the report, so that a p99 or max can
 /// be traced to when in the run it happened.
-fn write_series(
-    s: &Settings,
-    runs: &[Run],
-    label: &dyn Fn(&Option<u64>) -> String,
-    file: &str,
-) -> anyhow::Result<()> {
+fn write_series(s: &Settings, runs: &[Run], file: &str) -> anyhow::Result<()> {
     let site_names = ["a", "b"];
     let levels: Vec<serde_json::Value> = runs
         .iter()
@@ -187,7 +182,7 @@ fn write_series(
                         serde_json::json!({
                             "run": run + 1,
                             "site": name,
-                            "load": label(rate),
+                            "load": load_label(s, rate),
                             "samples_s_ms": site.series,
                         })
                     })
@@ -279,7 +274,7 @@ fn runs(s: &Settings, replicated: bool) -> anyhow::Result<Vec<Run>> {
 
 pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let runs = runs(s, false)?;
-    write_series(s, &runs, &|rate| load_label(s, rate), "rpo-lags.json")?;
+    write_series(s, &runs, "rpo-lags.json")?;
     let mut rows = lag_rows(s, &runs, 0, "RPO", "", true);
     rows.extend(memory_rows(&runs, "RPO runs", &["collector"]));
     Ok(rows)
@@ -309,12 +304,7 @@ fn memory_rows(runs: &[Run], what: &str, collectors: &[&str]) -> Vec<Row> {
 /// lag (the RPO of losing site a), and site a's alongside.
 pub fn replication_rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
     let runs = runs(s, true)?;
-    write_series(
-        s,
-        &runs,
-        &|rate| load_label(s, rate),
-        "rpo-replicated-lags.json",
-    )?;
+    write_series(s, &runs, "rpo-replicated-lags.json")?;
     let mut rows = lag_rows(s, &runs, 1, "RPO site b", "", false);
     rows.extend(lag_rows(
         s,
