@@ -295,13 +295,21 @@ pub fn now_rfc3339() -> String {
 
 // ---- async ---------------------------------------------------------------------------------
 
-/// Runs a future to completion on a fresh single-threaded runtime.
+/// Runs a future to completion on a fresh single-threaded runtime; fails the test if it takes
+/// longer than [`STARTUP_TIMEOUT`] (every use is an RPC or a short exchange of messages, so a
+/// collector that never answers fails the test instead of hanging it).
 pub fn block_on<F: Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("build a tokio runtime")
-        .block_on(future)
+        .block_on(async {
+            tokio::time::timeout(STARTUP_TIMEOUT, future)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("no answer from the collector within {STARTUP_TIMEOUT:?}")
+                })
+        })
 }
 
 // ---- child processes -----------------------------------------------------------------------
