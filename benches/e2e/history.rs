@@ -10,8 +10,10 @@
 //!
 //! The middle version is then restored by each tool into a fresh file, with the page cache
 //! dropped before and the output fsynced inside the timing: `tideline restore --at T`,
-//! `restic restore`, `borg extract --sparse`. Each restored image is compared byte for byte
-//! with a copy of the volume taken at that moment. MB/s is the volume's size over the time.
+//! `restic restore`, `borg extract --sparse`; then, with the agent and collector stopped,
+//! `tideline restore --store DIR --at T`, which reads the store directory itself as restic
+//! and borg read their repositories. Each restored image is compared byte for byte with a copy
+//! of the volume taken at that moment. MB/s is the volume's size over the time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -98,7 +100,8 @@ fn rewrite_round(agent: &Agent, volume: &Path, total: u64, seed: u64) -> anyhow:
 
 /// Figures of one run.
 struct Sample {
-    restore_mb_s: [f64; 3],
+    /// Tideline through the collector, restic, borg, Tideline from the store directory.
+    restore_mb_s: [f64; 4],
     stored_bytes: [f64; 3],
     allocated_bytes: [f64; 3],
     source_allocated: f64,
@@ -166,8 +169,8 @@ fn run_once(s: &Settings) -> anyhow::Result<Sample> {
     let work = sys::fresh_dir(&s.work.join("history"))?;
     let volume = work.join("volume.img");
     std::fs::File::create(&volume)?.set_len(s.history_volume_bytes)?;
-    let collector = Collector::start(&s.bin_dir, &work)?;
-    let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
+    let mut collector = Collector::start(&s.bin_dir, &work)?;
+    let mut agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
     let mut grpc = Grpc::connect(&collector.url)?;
     sys::run(
         restic(&work).args(["init", "--repository-version", "2"]),
@@ -184,20 +187,18 @@ fn run_once(s: &Settings) -> anyhow::Result<Sample> {
     let (moment, snapshot) = &versions[mid];
     let reference = work.join("reference.img");
 
+    let at = rfc3339(*moment)?;
+    let name = agent.volume.clone();
+    let restore_at = |out: &Path| {
+        let mut command = Command::new(s.bin_dir.join("tideline"));
+        command
+            .args(["restore", "--volume", &name, "--at", &at, "--out"])
+            .arg(out);
+        command
+    };
     let ours = work.join("restored-tideline.img");
     let ours_s = timed_restore(
-        Command::new(s.bin_dir.join("tideline"))
-            .arg("--collector")
-            .arg(&collector.url)
-            .args([
-                "restore",
-                "--volume",
-                &agent.volume,
-                "--at",
-                &rfc3339(*moment)?,
-                "--out",
-            ])
-            .arg(&ours),
+        restore_at(&ours).arg("--collector").arg(&collector.url),
         &ours,
     )?;
     let restic_dir = sys::fresh_dir(&work.join("restored-restic"))?;
@@ -215,11 +216,22 @@ fn run_once(s: &Settings) -> anyhow::Result<Sample> {
             .arg(format!("{}::v{mid}", borg_repo(&work).display())),
         &borg_dir,
     )?;
+    let usage = [agent.proc.usage()?, collector.proc.usage()?];
+    agent.proc.stop();
+    collector.proc.stop();
+    let from_store = work.join("restored-tideline-store.img");
+    let from_store_s = timed_restore(
+        restore_at(&from_store)
+            .arg("--store")
+            .arg(&collector.data_dir),
+        &from_store,
+    )?;
     let relative = volume.strip_prefix("/").unwrap_or(&volume);
     let images = [
         ours.clone(),
         restic_dir.join(relative),
         borg_dir.join(relative),
+        from_store,
     ];
     for image in &images {
         if !sys::same_content(image, &reference)? {
@@ -227,9 +239,13 @@ fn run_once(s: &Settings) -> anyhow::Result<Sample> {
         }
     }
     let size = s.history_volume_bytes as f64 / 1e6;
-    let usage = [agent.proc.usage()?, collector.proc.usage()?];
     Ok(Sample {
-        restore_mb_s: [size / ours_s, size / restic_s, size / borg_s],
+        restore_mb_s: [
+            size / ours_s,
+            size / restic_s,
+            size / borg_s,
+            size / from_store_s,
+        ],
         stored_bytes: [
             sys::tree_bytes(&collector.data_dir)? as f64,
             sys::tree_bytes(&work.join("restic-repo"))? as f64,
@@ -279,6 +295,15 @@ pub fn rows(s: &Settings) -> anyhow::Result<Vec<Row>> {
             &col(&|x| x.restore_mb_s[0]),
         )
         .peer("borg extract --sparse", &col(&|x| x.restore_mb_s[2])),
+        Row::new(
+            "restore",
+            "middle moment to a file, read from the store directory (collector stopped)",
+            "MB/s",
+            &col(&|x| x.restore_mb_s[3]),
+        )
+        .peer("restic restore", &col(&|x| x.restore_mb_s[1]))
+        .goal(Goal::RatioAtLeast(2.0))
+        .goal(Goal::AtLeast(1000.0)),
         Row::new(
             "space",
             "bytes stored for the history",

@@ -237,7 +237,7 @@ async fn verify(mut client: CatalogClient, moments: &[Moment], dir: &Path) -> an
     for (i, moment) in moments.iter().enumerate() {
         let out = dir.join(format!("restore-{i}.img"));
         let point = v1::restore_request::Point::AtTimeNs(moment.time_ns);
-        let report = restore::to_file(client.clone(), VOLUME, point, &out, false).await?;
+        let report = restore::to_file(client.clone().into(), VOLUME, point, &out, false).await?;
         let restored = blake3::hash(&std::fs::read(&out)?);
         if restored != moment.image_hash {
             bail!(

@@ -177,7 +177,7 @@ async fn materialise(
     scratch: &Path,
 ) -> anyhow::Result<Vec<RestoreReport>> {
     let reports = restore::run(
-        client,
+        client.into(),
         restore::Target::Group(request.group.clone()),
         request.point.clone(),
         None,

@@ -63,6 +63,11 @@ enum Command {
         /// Overwrite existing images.
         #[arg(long)]
         force: bool,
+        /// Read a collector's store directory (its --data-dir) here instead of asking a
+        /// collector: for a store whose collector is stopped, or a copy of one. Fails while a
+        /// collector holds it.
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
     },
     /// Put a named point into a group's journal (through the agent streaming it).
     Checkpoint {
@@ -246,15 +251,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             out,
             out_dir,
             force,
+            store,
         } => {
             let point = point.restore_point()?;
-            let client = catalog(&cli.collector).await?;
+            let source = match store {
+                Some(dir) => restore::Source::open_store(&dir)?,
+                None => catalog(&cli.collector).await?.into(),
+            };
             let target = match (volume, group) {
                 (Some(volume), _) => restore::Target::Volume(volume),
                 (None, Some(group)) => restore::Target::Group(group),
                 (None, None) => bail!("name --volume or --group"),
             };
-            for report in restore::run(client, target, point, out, out_dir, force).await? {
+            for report in restore::run(source, target, point, out, out_dir, force).await? {
                 println!("{report}");
             }
             Ok(ExitCode::SUCCESS)

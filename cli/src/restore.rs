@@ -1,16 +1,26 @@
 //! Restore to a file: stream the volume's frames from the collector into a sparse image,
 //! checking every block here (see [`crate::frames`]).
 //!
+//! The frames come from a collector over gRPC, or from a store directory opened in this process
+//! ([`Source::Store`], `tideline restore --store DIR`): then the collector's own restore code
+//! runs here on the store, as `restic restore` reads its repository, and the frames are handed
+//! over in memory instead of being encoded, sent over a socket and decoded.
+//!
 //! The image is written to `OUT.partial` next to OUT and renamed into place only after every
 //! frame arrived and the file was fsynced, so a failed restore never leaves a plausible-looking
 //! but wrong image behind.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use tideline_collector::catalog::CatalogService;
+use tideline_proto::v1::catalog_server::Catalog;
 use tideline_proto::v1::{self, restore_message::Msg};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 use crate::frames::{DataBytes, FrameWriter};
 use crate::CatalogClient;
@@ -46,8 +56,97 @@ impl std::fmt::Display for RestoreReport {
     }
 }
 
+/// Where a restore reads the volume from.
+#[derive(Clone)]
+pub enum Source {
+    /// A collector, over gRPC.
+    Collector(CatalogClient),
+    /// A store directory opened by this process (no collector may hold it).
+    Store(Arc<CatalogService>),
+}
+
+impl From<CatalogClient> for Source {
+    fn from(client: CatalogClient) -> Source {
+        Source::Collector(client)
+    }
+}
+
+impl Source {
+    /// Opens the store in `dir` for this process alone; fails when a collector holds it.
+    pub fn open_store(dir: &Path) -> anyhow::Result<Source> {
+        use tideline_core::store::{Store, StoreConfig, StoreError, CATALOG_FILE};
+        if !dir.join(CATALOG_FILE).is_file() {
+            bail!(
+                "{} holds no Tideline store (no {CATALOG_FILE}): name a collector's --data-dir",
+                dir.display()
+            );
+        }
+        let store = match Store::open(StoreConfig::new(dir)) {
+            Ok(store) => Arc::new(store),
+            Err(StoreError::Locked { .. }) => bail!(
+                "store directory {} is in use by another process, a running collector: restore through it (--collector URL), or stop that collector first",
+                dir.display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("open the store in {}", dir.display())),
+        };
+        let live = Arc::new(tideline_collector::live::Live::from_store(&store));
+        let site = tideline_collector::config::CollectorConfig::new(dir).site;
+        Ok(Source::Store(Arc::new(CatalogService::new(
+            store, live, site, None,
+        ))))
+    }
+
+    async fn list_points(
+        &mut self,
+        request: v1::ListPointsRequest,
+    ) -> Result<v1::ListPointsResponse, tonic::Status> {
+        let response = match self {
+            Source::Collector(client) => client.list_points(request).await?,
+            Source::Store(service) => service.list_points(tonic::Request::new(request)).await?,
+        };
+        Ok(response.into_inner())
+    }
+
+    async fn restore(
+        &mut self,
+        request: v1::RestoreRequest,
+    ) -> Result<RestoreStream, tonic::Status> {
+        Ok(match self {
+            Source::Collector(client) => client.restore(request).await?.into_inner().into(),
+            Source::Store(service) => RestoreStream::Local(
+                service
+                    .restore(tonic::Request::new(request))
+                    .await?
+                    .into_inner(),
+            ),
+        })
+    }
+}
+
+/// The messages of a restore (or delta) stream, from the network or from this process.
+pub enum RestoreStream {
+    Remote(Box<tonic::Streaming<v1::RestoreMessage>>),
+    Local(ReceiverStream<Result<v1::RestoreMessage, tonic::Status>>),
+}
+
+impl From<tonic::Streaming<v1::RestoreMessage>> for RestoreStream {
+    fn from(stream: tonic::Streaming<v1::RestoreMessage>) -> RestoreStream {
+        RestoreStream::Remote(Box::new(stream))
+    }
+}
+
+impl RestoreStream {
+    /// The next message; `None` at the end of the stream.
+    pub async fn message(&mut self) -> Result<Option<v1::RestoreMessage>, tonic::Status> {
+        match self {
+            RestoreStream::Remote(stream) => stream.message().await,
+            RestoreStream::Local(stream) => stream.next().await.transpose(),
+        }
+    }
+}
+
 pub async fn to_file(
-    mut client: CatalogClient,
+    mut source: Source,
     volume: &str,
     point: v1::restore_request::Point,
     out: &Path,
@@ -68,7 +167,7 @@ pub async fn to_file(
     let volume_name = tideline_core::VolumeName::new(volume)?;
     let started = Instant::now();
     let partial = partial_path(out);
-    let result = receive_image(&mut client, volume_name, point, &partial).await;
+    let result = receive_image(&mut source, volume_name, point, &partial).await;
     match result {
         Ok((header, data_bytes)) => {
             std::fs::rename(&partial, out)
@@ -92,12 +191,12 @@ pub async fn to_file(
 /// Streams the image into `partial`: frames are decompressed, verified and written on every
 /// core while the stream is read; then the file is sized and fsynced.
 async fn receive_image(
-    client: &mut CatalogClient,
+    source: &mut Source,
     volume: tideline_core::VolumeName,
     point: v1::restore_request::Point,
     partial: &Path,
 ) -> anyhow::Result<(v1::RestoreHeader, u64)> {
-    let mut stream = client
+    let mut stream = source
         .restore(v1::RestoreRequest {
             volume: volume.to_string(),
             point: Some(point),
@@ -105,8 +204,7 @@ async fn receive_image(
             data_extents: true,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("restore {volume}: {}", s.message()))?
-        .into_inner();
+        .map_err(|s| anyhow::anyhow!("restore {volume}: {}", s.message()))?;
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -156,7 +254,7 @@ type NextMessage = Result<Option<v1::RestoreMessage>, tonic::Status>;
 /// Adds up the block ranges the collector lists ahead of the frames and fails, before anything
 /// is written, when the image's filesystem has less room; the message after them.
 async fn check_room(
-    stream: &mut tonic::Streaming<v1::RestoreMessage>,
+    stream: &mut RestoreStream,
     file: &std::fs::File,
     size_bytes: u64,
 ) -> anyhow::Result<NextMessage> {
@@ -176,7 +274,7 @@ async fn check_room(
 
 /// The header a restore (or delta) stream starts with; `what` names the stream in errors.
 pub async fn read_header(
-    stream: &mut tonic::Streaming<v1::RestoreMessage>,
+    stream: &mut RestoreStream,
     what: &str,
 ) -> anyhow::Result<v1::RestoreHeader> {
     match stream.message().await {
@@ -207,7 +305,7 @@ pub enum Target {
 /// is pinned to the group's durable seq once, before the first volume, so later writes cannot
 /// make the volumes disagree.
 pub async fn run(
-    mut client: CatalogClient,
+    mut source: Source,
     target: Target,
     point: v1::restore_request::Point,
     out: Option<PathBuf>,
@@ -218,7 +316,7 @@ pub async fn run(
         Target::Volume(v) => ((v.clone(), String::new()), true),
         Target::Group(g) => ((String::new(), g.clone()), false),
     };
-    let listing = client
+    let listing = source
         .list_points(v1::ListPointsRequest {
             volume: lookup.0,
             group: lookup.1,
@@ -226,8 +324,7 @@ pub async fn run(
             checkpoints_only: false,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let volumes: Vec<String> = match target {
         Target::Volume(v) => vec![v],
         Target::Group(_) => listing.volumes.clone(),
@@ -260,7 +357,7 @@ pub async fn run(
     }
     let mut reports = Vec::new();
     for (volume, out) in volumes.iter().zip(&outputs) {
-        reports.push(to_file(client.clone(), volume, point.clone(), out, force).await?);
+        reports.push(to_file(source.clone(), volume, point.clone(), out, force).await?);
     }
     Ok(reports)
 }

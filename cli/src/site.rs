@@ -178,7 +178,7 @@ pub async fn failover(
     println!("the other site is fenced for group {group}: its agents are refused from now on");
     if let Some(dir) = out_dir {
         let reports = restore::run(
-            client,
+            client.into(),
             restore::Target::Group(group.to_owned()),
             v1::restore_request::Point::AtSeq(response.seq),
             None,
@@ -348,7 +348,8 @@ async fn apply_delta(
         })
         .await
         .map_err(|s| anyhow::anyhow!("delta of {volume}: {}", s.message()))?
-        .into_inner();
+        .into_inner()
+        .into();
     let file = OpenOptions::new()
         .write(true)
         .open(path)

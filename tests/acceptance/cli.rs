@@ -373,3 +373,106 @@ fn collector_is_named_before_or_after_the_subcommand_or_by_environment() {
         "{output}"
     );
 }
+
+/// `tideline restore --store DIR ARGS...` with an unreachable collector named, so only the
+/// store directory can answer.
+fn restore_from_store(store: &std::path::Path, args: &[&str]) -> harness::Output {
+    let unreachable = "http://127.0.0.1:1";
+    let mut all = vec!["restore", "--store", store.to_str().unwrap()];
+    all.extend(args);
+    harness::tideline(unreachable, &all)
+}
+
+#[test]
+fn restore_from_a_stopped_collectors_store_matches_the_collectors_restores() {
+    let mut rig = rig_with_data("offline");
+    let first = harness::now_rfc3339();
+    let mut client = rig.agent.nbd("offline");
+    client
+        .write(2 * MIB, &harness::random_bytes(7, MIB as usize), true)
+        .unwrap();
+    client.write(0, &[0x17; 4096], true).unwrap();
+    client.disconnect().unwrap();
+    rig.wait_now();
+    let (at_first, at_latest) = (rig.path("first.img"), rig.path("latest.img"));
+    harness::restore(&rig.url(), "offline", Some(&first), &at_first);
+    harness::restore(&rig.url(), "offline", None, &at_latest);
+    let store = rig.collector.data_dir.clone();
+
+    let out = rig.path("from-store.img");
+    let out_s = out.to_str().unwrap();
+    let output = restore_from_store(&store, &["--volume", "offline", "--latest", "--out", out_s]);
+    assert!(
+        !output.success(),
+        "read a store a collector holds: {output}"
+    );
+    assert!(
+        output.stderr.contains("in use by another process")
+            && output.stderr.contains("stop that collector first"),
+        "{output}"
+    );
+    assert!(!out.exists());
+
+    rig.agent.terminate();
+    assert!(rig.collector.terminate().success());
+    for (point, reference) in [
+        (vec!["--latest"], &at_latest),
+        (vec!["--at", &first], &at_first),
+    ] {
+        let mut args = vec!["--volume", "offline", "--out", out_s, "--force"];
+        args.extend(point);
+        let output = restore_from_store(&store, &args);
+        assert!(output.success(), "restore --store: {output}");
+        assert!(output.stdout.contains("restored"), "{output}");
+        harness::assert_same_image(&out, reference, "restored from the store directory");
+    }
+    let dir = rig.path("group");
+    let output = restore_from_store(
+        &store,
+        &[
+            "--group",
+            "offline",
+            "--latest",
+            "--out-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(output.success(), "restore --store --group: {output}");
+    harness::assert_same_image(
+        &dir.join("offline.img"),
+        &at_latest,
+        "group restored from the store",
+    );
+
+    // Nothing newer than the store's newest record can be vouched for without the agent.
+    let future = "2200-01-01T00:00:00Z";
+    let output = restore_from_store(
+        &store,
+        &[
+            "--volume", "offline", "--at", future, "--out", out_s, "--force",
+        ],
+    );
+    assert!(
+        !output.success(),
+        "restored a time after the store's newest record: {output}"
+    );
+    assert!(
+        output.stderr.contains("newer than everything durable"),
+        "{output}"
+    );
+
+    let missing = rig.path("no-store");
+    let output = restore_from_store(
+        &missing,
+        &["--volume", "offline", "--latest", "--out", out_s, "--force"],
+    );
+    assert!(
+        !output.success(),
+        "restored from a directory with no store: {output}"
+    );
+    assert!(
+        output.stderr.contains("holds no Tideline store"),
+        "{output}"
+    );
+    assert!(!missing.exists(), "the missing store directory was created");
+}
