@@ -212,7 +212,16 @@ impl Session {
         // record differs from the spool's at that seq.
         let last = self.group.spool.last_seq();
         if durable > last {
-            let why = format!("the collector holds this group through {durable}, but this agent's spool ends at {last}");
+            let why = format!("the collector holds this group through {durable}, but this agent's spool ends at {last}; a power loss took spooled records the collector already had");
+            return Err(self.continue_after_loss(why).await);
+        }
+        // The other way round: the collector lacks records this spool has freed, because the
+        // collector that acknowledged them is gone (a failover to a site that was behind it).
+        // Waiting would not bring them back, so the journal continues after a gap. A spool that
+        // holds no record starts at the seq it appends next.
+        let first = self.group.spool.first_seq().unwrap_or(last.next());
+        if first > durable.next() {
+            let why = format!("the collector holds this group through {durable}, but this agent's spool starts at {first}: the records in between were acknowledged, by a collector that has since lost them or by the site that held the group before a failover, and freed here");
             return Err(self.continue_after_loss(why).await);
         }
         if let Some(why) = self.spool_differs_at(durable, durable_record).await? {
@@ -291,14 +300,15 @@ impl Session {
         };
         Ok((ours != theirs).then(|| {
             format!(
-                "the collector's record at {durable} (time {} ns) is not this spool's (time {} ns)",
+                "the collector's record at {durable} (time {} ns) is not this spool's (time {} ns); a power loss took spooled records the collector already had, and their seqs were given to new writes",
                 theirs.time.0, ours.time.0
             )
         }))
     }
 
-    /// The collector holds records this spool no longer has (`why` says how that showed): a
-    /// power loss took spooled records that were already shipped. Journals a gap and a whole
+    /// The collector's journal and this spool cannot be joined (`why` says how that showed): a
+    /// power loss took spooled records that were already shipped, or the collector lacks
+    /// records the spool has freed. Journals a gap and a whole
     /// resync of every volume, and records a succession that the next session offers; what to
     /// say about it.
     async fn continue_after_loss(&self, why: String) -> String {
@@ -307,7 +317,7 @@ impl Session {
         match continued {
             Ok(Ok(succession)) => {
                 let message = format!(
-                    "{why}: a power loss took spooled records the collector already had. Journalled a gap and a whole resync of every volume; the spool continues the group's journal after {} (the collector is asked to accept it as the successor of spool {:016x})",
+                    "{why}. Journalled a gap and a whole resync of every volume; the spool continues the group's journal after {} (the collector is asked to accept it as the successor of spool {:016x})",
                     succession.resume_after, succession.predecessor
                 );
                 tracing::error!(group = %self.group.name, "{message}");

@@ -1,7 +1,8 @@
 //! Second site (issue 4): two collectors on loopback, A replicating to B. Lag under steady
 //! load, restores and a drill at B, kill -9 of either side mid-stream, a chunk crossing once for
-//! two volumes of the same data, failover at B with A dead, fencing of A and its agent, and a
-//! delta failback. The figures they measure are printed (run with `--nocapture` to see them).
+//! two volumes of the same data, failover at B with A dead, fencing of A and its agent, a
+//! delta failback, and failovers after which the agent outlived A's collector and moves to B
+//! with its spool. The figures they measure are printed (run with `--nocapture` to see them).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -580,4 +581,164 @@ fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
         let g = b.group_status("app")?;
         (g.role == "replica" && g.epoch == 3).then_some(())
     });
+}
+
+/// Site A's collector is lost but the hosts survive: after `failover` at B, the agent, pointed
+/// at B, continues the group's journal from its spool. Writes that reached only A, and writes
+/// made while no collector answered, arrive at B; each moment restores exactly, and no
+/// succession (with its resync and gap in the restorable window) happens.
+#[test]
+fn a_failover_with_the_hosts_alive_continues_the_agents_journal_at_b() {
+    const SIZE: u64 = 32 * MIB;
+    let dir = tempdir();
+    let (mut a, mut b) = two_sites(dir.path(), false);
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    let volume = host.join("db.img");
+    harness::sparse_file(&volume, SIZE);
+    let spec = AgentSpec {
+        volumes: vec![("db".into(), volume.clone())],
+        groups: vec!["app=db".into()],
+        ..AgentSpec::default()
+    };
+    let mut agent = Agent::start(&host, &a.url(), spec.clone());
+    b.wait_complete("db");
+
+    // Round 1 reaches both sites; round 2 only A (B is down); round 3 no collector at all.
+    let reference = dir.path().join("reference.img");
+    let mut writer = Writer::new(&agent, "db", &reference, SIZE);
+    writer.write(0, &harness::random_bytes(11, 8 * MIB as usize));
+    writer.flush();
+    harness::wait_durable(&a.url(), "db", &harness::now_rfc3339());
+    wait_caught_up(&a, &b, "app");
+    b.kill9();
+    writer.write(10 * MIB, &harness::random_bytes(12, MIB as usize));
+    writer.flush();
+    let after_round_2 = harness::now_rfc3339();
+    harness::wait_durable(&a.url(), "db", &after_round_2);
+    let at_round_2 = copy_of(&reference, "at-round-2.img");
+    a.kill9();
+    writer.write(4 * MIB, &harness::random_bytes(13, MIB as usize));
+    writer.flush();
+    drop(writer);
+
+    b.restart();
+    let output = harness::tideline(&b.url(), &["failover", "--group", "app", "--latest"]);
+    assert!(output.success(), "failover: {output}");
+    let seq_at_failover = durable_seq(&b, "app");
+
+    assert!(agent.terminate().success(), "agent stopped for the move");
+    let agent_at_b = Agent::start(&host, &b.url(), spec);
+    harness::wait_durable(&b.url(), "db", &harness::now_rfc3339());
+    let log = agent_at_b.log_text();
+    assert!(
+        !log.contains("successor") && !log.contains("lost records"),
+        "the agent started a successor spool at B:\n{log}"
+    );
+    let status = b.group_status("app").unwrap();
+    assert_eq!((status.role.as_str(), status.epoch), ("primary", 2));
+    assert!(
+        status.durable_seq > seq_at_failover,
+        "nothing after the failover point arrived at B ({} ≤ {seq_at_failover})",
+        status.durable_seq
+    );
+    let latest = dir.path().join("latest-at-b.img");
+    restore_at(&b.url(), "db", None, &latest);
+    harness::assert_same_image(&latest, &reference, "latest at B");
+    let round_2 = dir.path().join("round-2-at-b.img");
+    restore_at(&b.url(), "db", Some(&after_round_2), &round_2);
+    harness::assert_same_image(&round_2, &at_round_2, "B at the moment only A had held");
+}
+
+/// Bytes of the files in `dir` and below.
+fn bytes_under(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => bytes_under(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
+/// As above, but the agent's spool has already freed records only site A held: the agent
+/// pointed at B cannot resend them, says so, journals a gap and a whole resync, and continues
+/// as a successor spool that B accepts. Moments before the gap stay restorable, and the latest
+/// image at B is the volume.
+#[test]
+fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync() {
+    const SIZE: u64 = 32 * MIB;
+    let dir = tempdir();
+    let (mut a, mut b) = two_sites(dir.path(), false);
+    let host = dir.path().join("host");
+    std::fs::create_dir_all(&host).unwrap();
+    let volume = host.join("db.img");
+    harness::sparse_file(&volume, SIZE);
+    let spec = AgentSpec {
+        volumes: vec![("db".into(), volume.clone())],
+        groups: vec!["app=db".into()],
+        // The smallest spool, of 4 MiB segments, so acknowledged records are freed while the
+        // test writes.
+        spool_max_bytes: Some(16 * MIB),
+        ..AgentSpec::default()
+    };
+    let mut agent = Agent::start(&host, &a.url(), spec.clone());
+    b.wait_complete("db");
+
+    let reference = dir.path().join("reference.img");
+    let mut writer = Writer::new(&agent, "db", &reference, SIZE);
+    writer.write(0, &harness::random_bytes(21, 2 * MIB as usize));
+    writer.flush();
+    let after_round_1 = harness::now_rfc3339();
+    harness::wait_durable(&a.url(), "db", &after_round_1);
+    wait_caught_up(&a, &b, "app");
+    let at_round_1 = copy_of(&reference, "at-round-1.img");
+    b.kill9();
+    for i in 0..8u64 {
+        writer.write((4 + i) * MIB, &harness::random_bytes(22 + i, MIB as usize));
+        writer.flush();
+        harness::wait_durable(&a.url(), "db", &harness::now_rfc3339());
+    }
+    harness::wait_for(
+        "the spool to free the records site A acknowledged",
+        STARTUP_TIMEOUT,
+        || (bytes_under(&agent.spool_dir) < 6 * MIB).then_some(()),
+    );
+    a.kill9();
+    writer.write(16 * MIB, &harness::random_bytes(31, MIB as usize));
+    writer.flush();
+    drop(writer);
+
+    b.restart();
+    let output = harness::tideline(&b.url(), &["failover", "--group", "app", "--latest"]);
+    assert!(output.success(), "failover: {output}");
+    let seq_at_failover = durable_seq(&b, "app");
+
+    assert!(agent.terminate().success(), "agent stopped for the move");
+    let agent_at_b = Agent::start(&host, &b.url(), spec);
+    harness::wait_for(
+        "B to hold the agent's gap and resync",
+        STARTUP_TIMEOUT,
+        || {
+            let v = b.volume("db")?;
+            (durable_seq(&b, "app") > seq_at_failover && v.complete).then_some(())
+        },
+    );
+    harness::wait_durable(&b.url(), "db", &harness::now_rfc3339());
+    let log = agent_at_b.log_text();
+    assert!(
+        log.contains("but this agent's spool starts at")
+            && log.contains("before a failover")
+            && log.contains("accepted this spool as the successor"),
+        "the agent's log does not tell the loss and the succession:\n{log}"
+    );
+    let latest = dir.path().join("latest-at-b.img");
+    restore_at(&b.url(), "db", None, &latest);
+    harness::assert_same_image(&latest, &reference, "latest at B after the resync");
+    let round_1 = dir.path().join("round-1-at-b.img");
+    restore_at(&b.url(), "db", Some(&after_round_1), &round_1);
+    harness::assert_same_image(&round_1, &at_round_1, "B before the gap");
 }
