@@ -372,25 +372,78 @@ fn shipped_bytes(stdout: &str) -> u64 {
         .unwrap_or_else(|| panic!("no byte count in {line:?}"))
 }
 
+/// Sites A and B, and site A's host: an agent protecting volume `db` (group `app`) with A as
+/// its collector, complete at B.
+struct SiteAHost {
+    dir: tempfile::TempDir,
+    a: Collector,
+    b: Collector,
+    /// The host's directory: its volume `db.img`, spool and socket.
+    host: PathBuf,
+    volume: PathBuf,
+    spec: AgentSpec,
+    agent: Agent,
+}
+
+impl SiteAHost {
+    fn start(size: u64, mutual: bool, spool_max_bytes: Option<u64>) -> SiteAHost {
+        let dir = tempdir();
+        let (a, b) = two_sites(dir.path(), mutual);
+        let host = dir.path().join("site-a");
+        std::fs::create_dir_all(&host).unwrap();
+        let volume = host.join("db.img");
+        harness::sparse_file(&volume, size);
+        let spec = AgentSpec {
+            volumes: vec![("db".into(), volume.clone())],
+            groups: vec!["app=db".into()],
+            spool_max_bytes,
+            ..AgentSpec::default()
+        };
+        let agent = Agent::start(&host, &a.url(), spec.clone());
+        b.wait_complete("db");
+        SiteAHost {
+            dir,
+            a,
+            b,
+            host,
+            volume,
+            spec,
+            agent,
+        }
+    }
+
+    /// With A's collector dead: `failover --latest` at B, then the agent, stopped, starts
+    /// again with its spool and B as its collector. B's durable seq at the failover, and the
+    /// agent.
+    fn fail_over_and_move_the_agent(&mut self) -> (u64, Agent) {
+        self.b.restart();
+        let output = harness::tideline(&self.b.url(), &["failover", "--group", "app", "--latest"]);
+        assert!(output.success(), "failover: {output}");
+        let seq_at_failover = durable_seq(&self.b, "app");
+        assert!(
+            self.agent.terminate().success(),
+            "agent stopped for the move"
+        );
+        let moved = Agent::start(&self.host, &self.b.url(), self.spec.clone());
+        (seq_at_failover, moved)
+    }
+}
+
 #[test]
 fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
     if !harness::require_tools(&["qemu-img"]) {
         return;
     }
     const SIZE: u64 = 64 * MIB;
-    let dir = tempdir();
-    let (mut a, mut b) = two_sites(dir.path(), true);
-    let site_a = dir.path().join("site-a");
-    std::fs::create_dir_all(&site_a).unwrap();
-    let volume_a = site_a.join("db.img");
-    harness::sparse_file(&volume_a, SIZE);
-    let spec = AgentSpec {
-        volumes: vec![("db".into(), volume_a.clone())],
-        groups: vec!["app=db".into()],
-        ..AgentSpec::default()
-    };
-    let mut agent_a = Agent::start(&site_a, &a.url(), spec.clone());
-    b.wait_complete("db");
+    let SiteAHost {
+        dir,
+        mut a,
+        mut b,
+        host: site_a,
+        volume: volume_a,
+        spec,
+        agent: mut agent_a,
+    } = SiteAHost::start(SIZE, true, None);
 
     // Rounds 1 and 2 reach both sites.
     let reference = dir.path().join("reference.img");
@@ -590,63 +643,46 @@ fn failover_at_b_fences_a_and_failback_ships_only_changed_blocks() {
 #[test]
 fn a_failover_with_the_hosts_alive_continues_the_agents_journal_at_b() {
     const SIZE: u64 = 32 * MIB;
-    let dir = tempdir();
-    let (mut a, mut b) = two_sites(dir.path(), false);
-    let host = dir.path().join("host");
-    std::fs::create_dir_all(&host).unwrap();
-    let volume = host.join("db.img");
-    harness::sparse_file(&volume, SIZE);
-    let spec = AgentSpec {
-        volumes: vec![("db".into(), volume.clone())],
-        groups: vec!["app=db".into()],
-        ..AgentSpec::default()
-    };
-    let mut agent = Agent::start(&host, &a.url(), spec.clone());
-    b.wait_complete("db");
+    let mut site = SiteAHost::start(SIZE, false, None);
+    let (url_a, url_b) = (site.a.url(), site.b.url());
 
     // Round 1 reaches both sites; round 2 only A (B is down); round 3 no collector at all.
-    let reference = dir.path().join("reference.img");
-    let mut writer = Writer::new(&agent, "db", &reference, SIZE);
+    let reference = site.dir.path().join("reference.img");
+    let mut writer = Writer::new(&site.agent, "db", &reference, SIZE);
     writer.write(0, &harness::random_bytes(11, 8 * MIB as usize));
     writer.flush();
-    harness::wait_durable(&a.url(), "db", &harness::now_rfc3339());
-    wait_caught_up(&a, &b, "app");
-    b.kill9();
+    harness::wait_durable(&url_a, "db", &harness::now_rfc3339());
+    wait_caught_up(&site.a, &site.b, "app");
+    site.b.kill9();
     writer.write(10 * MIB, &harness::random_bytes(12, MIB as usize));
     writer.flush();
     let after_round_2 = harness::now_rfc3339();
-    harness::wait_durable(&a.url(), "db", &after_round_2);
+    harness::wait_durable(&url_a, "db", &after_round_2);
     let at_round_2 = copy_of(&reference, "at-round-2.img");
-    a.kill9();
+    site.a.kill9();
     writer.write(4 * MIB, &harness::random_bytes(13, MIB as usize));
     writer.flush();
     drop(writer);
 
-    b.restart();
-    let output = harness::tideline(&b.url(), &["failover", "--group", "app", "--latest"]);
-    assert!(output.success(), "failover: {output}");
-    let seq_at_failover = durable_seq(&b, "app");
-
-    assert!(agent.terminate().success(), "agent stopped for the move");
-    let agent_at_b = Agent::start(&host, &b.url(), spec);
-    harness::wait_durable(&b.url(), "db", &harness::now_rfc3339());
+    let (seq_at_failover, agent_at_b) = site.fail_over_and_move_the_agent();
+    harness::wait_durable(&url_b, "db", &harness::now_rfc3339());
     let log = agent_at_b.log_text();
     assert!(
         !log.contains("successor") && !log.contains("lost records"),
         "the agent started a successor spool at B:\n{log}"
     );
-    let status = b.group_status("app").unwrap();
+    let status = site.b.group_status("app").unwrap();
     assert_eq!((status.role.as_str(), status.epoch), ("primary", 2));
     assert!(
         status.durable_seq > seq_at_failover,
         "nothing after the failover point arrived at B ({} ≤ {seq_at_failover})",
         status.durable_seq
     );
-    let latest = dir.path().join("latest-at-b.img");
-    restore_at(&b.url(), "db", None, &latest);
+    let latest = site.dir.path().join("latest-at-b.img");
+    restore_at(&url_b, "db", None, &latest);
     harness::assert_same_image(&latest, &reference, "latest at B");
-    let round_2 = dir.path().join("round-2-at-b.img");
-    restore_at(&b.url(), "db", Some(&after_round_2), &round_2);
+    let round_2 = site.dir.path().join("round-2-at-b.img");
+    restore_at(&url_b, "db", Some(&after_round_2), &round_2);
     harness::assert_same_image(&round_2, &at_round_2, "B at the moment only A had held");
 }
 
@@ -671,63 +707,45 @@ fn bytes_under(dir: &Path) -> u64 {
 #[test]
 fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync() {
     const SIZE: u64 = 32 * MIB;
-    let dir = tempdir();
-    let (mut a, mut b) = two_sites(dir.path(), false);
-    let host = dir.path().join("host");
-    std::fs::create_dir_all(&host).unwrap();
-    let volume = host.join("db.img");
-    harness::sparse_file(&volume, SIZE);
-    let spec = AgentSpec {
-        volumes: vec![("db".into(), volume.clone())],
-        groups: vec!["app=db".into()],
-        // The smallest spool, of 4 MiB segments, so acknowledged records are freed while the
-        // test writes.
-        spool_max_bytes: Some(16 * MIB),
-        ..AgentSpec::default()
-    };
-    let mut agent = Agent::start(&host, &a.url(), spec.clone());
-    b.wait_complete("db");
+    // The smallest spool, of 4 MiB segments, so acknowledged records are freed while the test
+    // writes.
+    let mut site = SiteAHost::start(SIZE, false, Some(16 * MIB));
+    let (url_a, url_b) = (site.a.url(), site.b.url());
 
-    let reference = dir.path().join("reference.img");
-    let mut writer = Writer::new(&agent, "db", &reference, SIZE);
+    let reference = site.dir.path().join("reference.img");
+    let mut writer = Writer::new(&site.agent, "db", &reference, SIZE);
     writer.write(0, &harness::random_bytes(21, 2 * MIB as usize));
     writer.flush();
     let after_round_1 = harness::now_rfc3339();
-    harness::wait_durable(&a.url(), "db", &after_round_1);
-    wait_caught_up(&a, &b, "app");
+    harness::wait_durable(&url_a, "db", &after_round_1);
+    wait_caught_up(&site.a, &site.b, "app");
     let at_round_1 = copy_of(&reference, "at-round-1.img");
-    b.kill9();
+    site.b.kill9();
     for i in 0..8u64 {
         writer.write((4 + i) * MIB, &harness::random_bytes(22 + i, MIB as usize));
         writer.flush();
-        harness::wait_durable(&a.url(), "db", &harness::now_rfc3339());
+        harness::wait_durable(&url_a, "db", &harness::now_rfc3339());
     }
     harness::wait_for(
         "the spool to free the records site A acknowledged",
         STARTUP_TIMEOUT,
-        || (bytes_under(&agent.spool_dir) < 6 * MIB).then_some(()),
+        || (bytes_under(&site.agent.spool_dir) < 6 * MIB).then_some(()),
     );
-    a.kill9();
+    site.a.kill9();
     writer.write(16 * MIB, &harness::random_bytes(31, MIB as usize));
     writer.flush();
     drop(writer);
 
-    b.restart();
-    let output = harness::tideline(&b.url(), &["failover", "--group", "app", "--latest"]);
-    assert!(output.success(), "failover: {output}");
-    let seq_at_failover = durable_seq(&b, "app");
-
-    assert!(agent.terminate().success(), "agent stopped for the move");
-    let agent_at_b = Agent::start(&host, &b.url(), spec);
+    let (seq_at_failover, agent_at_b) = site.fail_over_and_move_the_agent();
     harness::wait_for(
         "B to hold the agent's gap and resync",
         STARTUP_TIMEOUT,
         || {
-            let v = b.volume("db")?;
-            (durable_seq(&b, "app") > seq_at_failover && v.complete).then_some(())
+            let v = site.b.volume("db")?;
+            (durable_seq(&site.b, "app") > seq_at_failover && v.complete).then_some(())
         },
     );
-    harness::wait_durable(&b.url(), "db", &harness::now_rfc3339());
+    harness::wait_durable(&url_b, "db", &harness::now_rfc3339());
     let log = agent_at_b.log_text();
     assert!(
         log.contains("but this agent's spool starts at")
@@ -735,10 +753,10 @@ fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync(
             && log.contains("accepted this spool as the successor"),
         "the agent's log does not tell the loss and the succession:\n{log}"
     );
-    let latest = dir.path().join("latest-at-b.img");
-    restore_at(&b.url(), "db", None, &latest);
+    let latest = site.dir.path().join("latest-at-b.img");
+    restore_at(&url_b, "db", None, &latest);
     harness::assert_same_image(&latest, &reference, "latest at B after the resync");
-    let round_1 = dir.path().join("round-1-at-b.img");
-    restore_at(&b.url(), "db", Some(&after_round_1), &round_1);
+    let round_1 = site.dir.path().join("round-1-at-b.img");
+    restore_at(&url_b, "db", Some(&after_round_1), &round_1);
     harness::assert_same_image(&round_1, &at_round_1, "B before the gap");
 }
