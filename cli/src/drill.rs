@@ -23,7 +23,7 @@ use tideline_proto::v1;
 use tokio::io::AsyncReadExt;
 
 use crate::restore::{self, RestoreReport};
-use crate::{timefmt, CatalogClient};
+use crate::timefmt;
 
 /// Lines of a check's output kept in the report.
 const OUTPUT_TAIL_LINES: usize = 20;
@@ -84,10 +84,10 @@ struct CheckResult {
 }
 
 /// Runs the drill; prints the report and returns the exit status (1 when the drill failed).
-pub async fn run(request: DrillRequest, client: CatalogClient) -> anyhow::Result<ExitCode> {
+pub async fn run(request: DrillRequest, source: restore::Source) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let started_wall = TimeNs::now();
-    let volumes = group_volumes(client.clone(), &request.group).await?;
+    let volumes = group_volumes(source.clone(), &request.group).await?;
     for check in &request.checks {
         substitute(check, &volumes, Path::new("/"))?;
     }
@@ -118,7 +118,7 @@ pub async fn run(request: DrillRequest, client: CatalogClient) -> anyhow::Result
         volumes: Vec::new(),
         checks: Vec::new(),
     };
-    match materialise(client, &request, &scratch).await {
+    match materialise(source, &request, &scratch).await {
         Ok(restored) => {
             report.images_ready_seconds = Some(started.elapsed().as_secs_f64());
             record_restores(&mut report, &restored, started_wall);
@@ -143,8 +143,8 @@ pub async fn run(request: DrillRequest, client: CatalogClient) -> anyhow::Result
     })
 }
 
-async fn group_volumes(mut client: CatalogClient, group: &str) -> anyhow::Result<Vec<String>> {
-    let listing = client
+async fn group_volumes(mut source: restore::Source, group: &str) -> anyhow::Result<Vec<String>> {
+    let listing = source
         .list_points(v1::ListPointsRequest {
             volume: String::new(),
             group: group.to_owned(),
@@ -152,8 +152,7 @@ async fn group_volumes(mut client: CatalogClient, group: &str) -> anyhow::Result
             checkpoints_only: false,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("group {group}: {}", s.message()))?
-        .into_inner();
+        .map_err(|s| anyhow::anyhow!("group {group}: {}", s.message()))?;
     if listing.volumes.is_empty() {
         bail!("group {group} has no volumes at the collector");
     }
@@ -172,12 +171,12 @@ fn scratch_dir(request: &DrillRequest) -> anyhow::Result<tempfile::TempDir> {
 }
 
 async fn materialise(
-    client: CatalogClient,
+    source: restore::Source,
     request: &DrillRequest,
     scratch: &Path,
 ) -> anyhow::Result<Vec<RestoreReport>> {
     let reports = restore::run(
-        client.into(),
+        source,
         restore::Target::Group(request.group.clone()),
         request.point.clone(),
         None,

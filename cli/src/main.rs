@@ -124,6 +124,10 @@ enum Command {
         /// Print the JSON report instead of the Markdown one.
         #[arg(long)]
         json: bool,
+        /// Restore from a collector's store directory (its --data-dir) here instead of asking
+        /// a collector, as `restore --store` does.
+        #[arg(long, value_name = "DIR")]
+        store: Option<PathBuf>,
     },
     /// Wait until everything written up to TIME is durable at the collector.
     Wait {
@@ -290,9 +294,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             keep,
             report,
             json,
+            store,
         } => {
+            let (source, collector) = match &store {
+                Some(dir) => (
+                    restore::Source::open_store(dir)?,
+                    format!("store directory {}", dir.display()),
+                ),
+                None => (catalog(&cli.collector).await?.into(), cli.collector.clone()),
+            };
             let request = drill::DrillRequest {
-                collector: cli.collector.clone(),
+                collector,
                 group,
                 point: point.restore_point()?,
                 checks,
@@ -302,7 +314,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 report,
                 json,
             };
-            drill::run(request, catalog(&cli.collector).await?).await
+            drill::run(request, source).await
         }
         Command::Wait {
             volume,

@@ -96,7 +96,7 @@ impl Source {
         ))))
     }
 
-    async fn list_points(
+    pub async fn list_points(
         &mut self,
         request: v1::ListPointsRequest,
     ) -> Result<v1::ListPointsResponse, tonic::Status> {

@@ -384,7 +384,7 @@ fn restore_from_store(store: &std::path::Path, args: &[&str]) -> harness::Output
 }
 
 #[test]
-fn restore_from_a_stopped_collectors_store_matches_the_collectors_restores() {
+fn restore_and_drill_from_a_stopped_collectors_store_match_the_collectors_restores() {
     let mut rig = rig_with_data("offline");
     let first = harness::now_rfc3339();
     let mut client = rig.agent.nbd("offline");
@@ -443,6 +443,33 @@ fn restore_from_a_stopped_collectors_store_matches_the_collectors_restores() {
         &at_latest,
         "group restored from the store",
     );
+
+    // A drill reads the store the same way: its check sees the latest image, and a check
+    // that fails fails the drill.
+    let latest_s = at_latest.to_str().unwrap();
+    let store_s = store.to_str().unwrap();
+    for (check, passes) in [
+        (format!("cmp {{image:offline}} {latest_s}"), true),
+        (
+            format!("cmp {{image:offline}} {}", at_first.display()),
+            false,
+        ),
+    ] {
+        let output = harness::tideline(
+            "http://127.0.0.1:1",
+            &[
+                "drill", "--store", store_s, "--group", "offline", "--check", &check,
+            ],
+        );
+        assert_eq!(
+            output.success(),
+            passes,
+            "drill --store --check {check:?}: {output}"
+        );
+        let verdict = if passes { "PASSED" } else { "FAILED" };
+        assert!(output.text().contains(verdict), "{output}");
+        assert!(output.stdout.contains("store directory"), "{output}");
+    }
 
     // Nothing newer than the store's newest record can be vouched for without the agent.
     let future = "2200-01-01T00:00:00Z";
