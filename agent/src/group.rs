@@ -366,8 +366,9 @@ impl Group {
     /// The collector's journal and this spool cannot be joined: the collector holds records
     /// this group's spool lost (a power loss took them from the page cache after they were
     /// shipped), so the spool's seqs would collide with the collector's; or the collector
-    /// lacks records the spool freed once another collector had acknowledged them. Journals a gap for every volume and marks each whole for a resync, durably,
-    /// then continues the journal as a successor spool after the seq before the first gap.
+    /// lacks records the spool freed once another collector had acknowledged them. Journals a
+    /// gap for every volume and marks each whole for a resync, durably, then continues the
+    /// journal as a successor spool after the seq before the first gap.
     /// Records spooled between the loss and that gap are not shipped: the resync journals their
     /// blocks as the volume holds them, after the gap.
     pub fn continue_after_loss(&self) -> Result<Succession, TapError> {

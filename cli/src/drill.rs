@@ -1,11 +1,11 @@
 //! `tideline drill`: prove that a group can be recovered, without touching production.
 //!
-//! A drill materialises every volume of a group at one cut into a scratch directory (the
-//! collector verifies every chunk against its blake3 hash while it streams the images, and a
-//! mismatch fails the restore naming the volume, the offset and the pack), then runs the
-//! operator's checks against the images, for example `e2fsck -fn {image:data}` or a script that
-//! starts a database on them. The protected volumes are never opened and protection keeps
-//! running: a drill only reads from the collector.
+//! A drill materialises every volume of a group at one cut into a scratch directory (every
+//! chunk is verified against its blake3 hash as the images are written, and a mismatch fails
+//! the restore naming the volume, the offset and the pack), then runs the operator's checks
+//! against the images, for example `e2fsck -fn {image:data}` or a script that starts a
+//! database on them. The protected volumes are never opened and protection keeps running: a
+//! drill only reads from the collector (or, with `--store`, a stopped collector's directory).
 //!
 //! It measures what a failover would achieve: the RTO (from the start of the drill until the
 //! images are ready and every check passed) and the RPO (how old the restored point was when

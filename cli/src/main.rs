@@ -258,10 +258,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
         } => {
             let point = point.restore_point()?;
-            let source = match store {
-                Some(dir) => restore::Source::open_store(&dir)?,
-                None => catalog(&cli.collector).await?.into(),
-            };
+            let (source, _) = restore_source(&cli.collector, store).await?;
             let target = match (volume, group) {
                 (Some(volume), _) => restore::Target::Volume(volume),
                 (None, Some(group)) => restore::Target::Group(group),
@@ -296,13 +293,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             store,
         } => {
-            let (source, collector) = match &store {
-                Some(dir) => (
-                    restore::Source::open_store(dir)?,
-                    format!("store directory {}", dir.display()),
-                ),
-                None => (catalog(&cli.collector).await?.into(), cli.collector.clone()),
-            };
+            let (source, collector) = restore_source(&cli.collector, store).await?;
             let request = drill::DrillRequest {
                 collector,
                 group,
@@ -363,6 +354,24 @@ impl PointArgs {
             Named::Checkpoint(name) => Point::Checkpoint(name),
             Named::Latest => Point::Latest(true),
         })
+    }
+}
+
+/// What restores and drills read from: the store directory `store` when given (opened off the
+/// runtime's threads, as replaying its catalog reads the whole file), else the collector at
+/// `url`; and how to name it in reports.
+async fn restore_source(
+    url: &str,
+    store: Option<PathBuf>,
+) -> anyhow::Result<(restore::Source, String)> {
+    match store {
+        Some(dir) => {
+            let name = format!("store directory {}", dir.display());
+            let source =
+                tokio::task::spawn_blocking(move || restore::Source::open_store(&dir)).await??;
+            Ok((source, name))
+        }
+        None => Ok((catalog(url).await?.into(), url.to_owned())),
     }
 }
 

@@ -686,18 +686,18 @@ fn a_failover_with_the_hosts_alive_continues_the_agents_journal_at_b() {
     harness::assert_same_image(&round_2, &at_round_2, "B at the moment only A had held");
 }
 
-/// Bytes of the files in `dir` and below.
-fn bytes_under(dir: &Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| match e.metadata() {
-                Ok(m) if m.is_dir() => bytes_under(&e.path()),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            })
-            .sum()
-    })
+/// The first seq of the oldest segment in a group's spool directory (segments are named after
+/// their first seq).
+fn oldest_spool_seq(group_spool: &Path) -> u64 {
+    std::fs::read_dir(group_spool)
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            let stem = path.file_stem()?.to_str()?.to_owned();
+            (path.extension()? == "seg").then(|| stem.parse::<u64>().ok())?
+        })
+        .min()
+        .expect("a spool segment")
 }
 
 /// As above, but the agent's spool has already freed records only site A held: the agent
@@ -718,7 +718,7 @@ fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync(
     writer.flush();
     let after_round_1 = harness::now_rfc3339();
     harness::wait_durable(&url_a, "db", &after_round_1);
-    wait_caught_up(&site.a, &site.b, "app");
+    let seq_at_b = wait_caught_up(&site.a, &site.b, "app");
     let at_round_1 = copy_of(&reference, "at-round-1.img");
     site.b.kill9();
     for i in 0..8u64 {
@@ -726,10 +726,12 @@ fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync(
         writer.flush();
         harness::wait_durable(&url_a, "db", &harness::now_rfc3339());
     }
+    // The spool's seqs are the journal's here (one spool since the start).
+    let group_spool = site.agent.spool_dir.join("app");
     harness::wait_for(
-        "the spool to free the records site A acknowledged",
+        "the spool to free records only site A acknowledged",
         STARTUP_TIMEOUT,
-        || (bytes_under(&site.agent.spool_dir) < 6 * MIB).then_some(()),
+        || (oldest_spool_seq(&group_spool) > seq_at_b + 1).then_some(()),
     );
     site.a.kill9();
     writer.write(16 * MIB, &harness::random_bytes(31, MIB as usize));
