@@ -9,6 +9,14 @@
 //! * `spool.id`: the spool's random 64-bit id, written once (temp file, fsync, rename, fsync dir).
 //! * `NNNNNNNNNNNNNNNNNNNN.seg`: segments named after their first `seq`, each a sequence of
 //!   [`crate::framed`] entries holding one [`SpoolEntry`] each.
+//! * `NNNNNNNNNNNNNNNNNNNN.saved`: beside a segment, blocks of its [`SpoolOp::OnVolume`]
+//!   writes saved before the volume was overwritten ([`Spool::save_blocks`]), one framed entry
+//!   per save (record seq, first block, the blocks). Each save is fdatasynced before the
+//!   overwrite it precedes; deleted with the segment.
+//!
+//! A large aligned write's data is not spooled at all: its record ([`SpoolOp::OnVolume`]) holds
+//! the blocks' hashes, the volume holds the data, and the agent saves those blocks here before
+//! anything overwrites them while the record is unshipped ([`Spool::save_blocks`]).
 //!
 //! Nothing is written to the disk on the spool's own account: entries stay in the page cache
 //! until a FLUSH (or a checkpoint) makes them durable, or the kernel writes them back on its
@@ -24,7 +32,7 @@
 //! [`Spool::dropped_unflushed`], so the agent resyncs its volumes. Damage before a durable
 //! marker is corruption and refuses to open, naming the file and offset.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::fd::AsRawFd;
@@ -82,8 +90,9 @@ impl SpoolConfig {
     }
 }
 
-/// What the spool holds for one journal record. Writes carry their block data; the shipper
-/// hashes and compresses it off the write path.
+/// What the spool holds for one journal record. Writes carry their block data, which the
+/// shipper hashes and compresses off the write path, except large aligned writes, whose data
+/// stays on the volume ([`SpoolOp::OnVolume`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpoolEntry {
     pub seq: Seq,
@@ -102,6 +111,11 @@ pub enum SpoolOp {
         data: Bytes,
         origin: WriteOrigin,
     },
+    /// A write whose data stays on the volume: its journal record (a `RecordKind::Write`, its
+    /// blocks' hashes included) without the blocks. The shipper reads them back from the
+    /// volume, or from the copy saved before they were overwritten ([`Spool::save_blocks`]),
+    /// and checks them against the hashes.
+    OnVolume(RecordKind),
     /// Any record kind other than `Write`, spooled as its journal record.
     Other(RecordKind),
 }
@@ -158,6 +172,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SpoolError {
 
 const TAG_WRITE: u8 = 1;
 const TAG_RECORD: u8 = 2;
+const TAG_ON_VOLUME: u8 = 3;
 
 impl SpoolEntry {
     /// Appends the entry's body to `out` up to its block data, which [`SpoolEntry::block_data`]
@@ -178,8 +193,12 @@ impl SpoolEntry {
                 out.extend_from_slice(volume.as_str().as_bytes());
                 out.extend_from_slice(&first.0.to_le_bytes());
             }
-            SpoolOp::Other(kind) => {
-                out.push(TAG_RECORD);
+            SpoolOp::Other(kind) | SpoolOp::OnVolume(kind) => {
+                let tag = match self.op {
+                    SpoolOp::OnVolume(_) => TAG_ON_VOLUME,
+                    _ => TAG_RECORD,
+                };
+                out.push(tag);
                 Record {
                     seq: self.seq,
                     time: self.time,
@@ -205,6 +224,20 @@ impl SpoolEntry {
                 })
             }
             TAG_WRITE => decode_write(body.slice(1..)),
+            TAG_ON_VOLUME => match Record::decode(rest)? {
+                Record {
+                    seq,
+                    time,
+                    kind: kind @ RecordKind::Write { .. },
+                } => Ok(SpoolEntry {
+                    seq,
+                    time,
+                    op: SpoolOp::OnVolume(kind),
+                }),
+                _ => Err(DecodeError::OutOfRange(
+                    "a write on the volume that is not a write",
+                )),
+            },
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
@@ -213,7 +246,7 @@ impl SpoolEntry {
     fn block_data(&self) -> &[u8] {
         match &self.op {
             SpoolOp::Write { data, .. } => data,
-            SpoolOp::Other(_) => &[],
+            SpoolOp::OnVolume(_) | SpoolOp::Other(_) => &[],
         }
     }
 
@@ -223,6 +256,7 @@ impl SpoolEntry {
             SpoolOp::Write { volume, data, .. } => {
                 1 + 8 + 8 + 1 + 1 + volume.as_str().len() + 8 + data.len()
             }
+            SpoolOp::OnVolume(kind) => 64 + 33 * kind.block_count() as usize,
             SpoolOp::Other(_) => 256,
         };
         ENTRY_HEADER_BYTES + body as u64
@@ -289,6 +323,8 @@ struct Segment {
     unsynced: Option<Arc<File>>,
     /// Writeback of this closed segment has been started (see [`WRITEBACK_LAG_BYTES`]).
     writeback_started: bool,
+    /// Bytes of its `.saved` file.
+    saved_bytes: u64,
 }
 
 impl Segment {
@@ -300,6 +336,7 @@ impl Segment {
             len_bytes: 0,
             unsynced: None,
             writeback_started: false,
+            saved_bytes: 0,
         }
     }
 }
@@ -320,7 +357,21 @@ struct Inner {
     /// Threads in [`Spool::wait_beyond`]. An append wakes them only when there are any: a
     /// condvar notify is a futex call even when nobody waits, and appends come once per write.
     waiters: usize,
+    /// Blocks saved for records still spooled, by record.
+    saved: BTreeMap<Seq, Vec<SavedRun>>,
 }
+
+/// `count` blocks from volume block `first`, saved for one record at `data_offset` of `path`.
+#[derive(Debug, Clone)]
+struct SavedRun {
+    first: BlockNo,
+    count: u64,
+    path: PathBuf,
+    data_offset: u64,
+}
+
+/// Bytes of a saved entry's body before its blocks: the record's seq and the first block.
+const SAVED_HEAD_BYTES: usize = 16;
 
 impl Inner {
     /// Every closed segment and every segment name is durable.
@@ -338,6 +389,8 @@ pub struct Spool {
     inner: Mutex<Inner>,
     appended: Condvar,
     dropped_unflushed: bool,
+    /// The [`SpoolOp::OnVolume`] records found at open, until taken.
+    recovered_on_volume: Mutex<Vec<(Seq, RecordKind)>>,
 }
 
 /// The spool's id, and the succession the collector has yet to accept (they change together).
@@ -355,6 +408,10 @@ fn start_writeback(file: &File) {
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
+}
+
+fn saved_path(segment: &Path) -> PathBuf {
+    segment.with_extension("saved")
 }
 
 fn segment_path(dir: &Path, first: Seq) -> PathBuf {
@@ -460,7 +517,9 @@ impl Spool {
             next_seq,
             last_time,
             dropped_unflushed,
+            on_volume,
         } = recover_segments(&dir, &firsts)?;
+        let saved = recover_saved(&dir, &mut segments)?;
         if segments.is_empty() {
             let path = segment_path(&dir, next_seq);
             File::create(&path).map_err(io_err(format!("create {}", path.display())))?;
@@ -472,7 +531,7 @@ impl Spool {
             .append(true)
             .open(active_path)
             .map_err(io_err(format!("open {}", active_path.display())))?;
-        let used_bytes = segments.iter().map(|s| s.len_bytes).sum();
+        let used_bytes = segments.iter().map(|s| s.len_bytes + s.saved_bytes).sum();
         Ok(Spool {
             config,
             identity: Mutex::new(Identity {
@@ -490,9 +549,11 @@ impl Spool {
                 released_through: Seq(0),
                 encode_buf: Vec::new(),
                 waiters: 0,
+                saved,
             }),
             appended: Condvar::new(),
             dropped_unflushed,
+            recovered_on_volume: Mutex::new(on_volume),
         })
     }
 
@@ -501,6 +562,81 @@ impl Spool {
     /// journal can differ from the volume anywhere written since the last flush.
     pub fn dropped_unflushed(&self) -> bool {
         self.dropped_unflushed
+    }
+
+    /// The [`SpoolOp::OnVolume`] records the spool held when it was opened, in seq order (once;
+    /// later calls get none): the writes whose blocks the volume must keep until they ship.
+    pub fn take_recovered_on_volume(&self) -> Vec<(Seq, RecordKind)> {
+        std::mem::take(
+            &mut *self
+                .recovered_on_volume
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// Saves `data`, blocks from `first` of the volume, for spooled record `seq`, before the
+    /// volume overwrites them: the record is a [`SpoolOp::OnVolume`] write not yet shipped, and
+    /// the shipper takes these blocks instead of the volume's. Durable when this returns. A
+    /// record already released needs nothing and gets nothing.
+    pub fn save_blocks(&self, seq: Seq, first: BlockNo, data: &[u8]) -> Result<(), SpoolError> {
+        let mut inner = self.lock();
+        let Some(index) = inner
+            .segments
+            .iter()
+            .position(|s| s.first_seq <= seq && seq <= s.last_seq)
+        else {
+            return Ok(());
+        };
+        let mut entry = Vec::with_capacity(data.len() + 64);
+        let mut head = [0u8; SAVED_HEAD_BYTES];
+        head[..8].copy_from_slice(&seq.0.to_le_bytes());
+        head[8..].copy_from_slice(&first.0.to_le_bytes());
+        framed::encode_entry_head(&mut entry, |out| out.extend_from_slice(&head), data);
+        let len = (entry.len() + data.len()) as u64;
+        if inner.used_bytes + len > self.config.max_bytes {
+            return Err(SpoolError::Full {
+                dir: self.config.dir.display().to_string(),
+                used_bytes: inner.used_bytes,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        let path = saved_path(&inner.segments[index].path);
+        let at = append_synced(&path, &[IoSlice::new(&entry), IoSlice::new(data)])?;
+        if at == 0 {
+            fsync_dir(&self.config.dir)?;
+        }
+        inner.used_bytes += len;
+        inner.segments[index].saved_bytes += len;
+        inner.saved.entry(seq).or_default().push(SavedRun {
+            first,
+            count: (data.len() / BLOCK_SIZE) as u64,
+            path,
+            data_offset: at + entry.len() as u64,
+        });
+        Ok(())
+    }
+
+    /// Where blocks were saved for record `seq`: (first block, count), in the order saved.
+    pub fn saved_ranges(&self, seq: Seq) -> Vec<(BlockNo, u64)> {
+        let inner = self.lock();
+        let runs = inner.saved.get(&seq).map(Vec::as_slice).unwrap_or_default();
+        runs.iter().map(|run| (run.first, run.count)).collect()
+    }
+
+    /// The blocks saved for record `seq`, in the order they were saved: (first block, blocks).
+    pub fn saved_blocks(&self, seq: Seq) -> Result<Vec<(BlockNo, Bytes)>, SpoolError> {
+        let runs = self.lock().saved.get(&seq).cloned().unwrap_or_default();
+        runs.into_iter()
+            .map(|run| {
+                let shown = run.path.display().to_string();
+                let mut data = BytesMut::zeroed(run.count as usize * BLOCK_SIZE);
+                File::open(&run.path)
+                    .and_then(|f| f.read_exact_at(&mut data, run.data_offset))
+                    .map_err(io_err(format!("read saved blocks of {seq} from {shown}")))?;
+                Ok((run.first, data.freeze()))
+            })
+            .collect()
     }
 
     fn identity(&self) -> MutexGuard<'_, Identity> {
@@ -645,7 +781,7 @@ impl Spool {
         let time = TimeNs::now().max(TimeNs(inner.last_time.0 + 1));
         let entry = SpoolEntry { seq, time, op };
         let limit = match entry.op {
-            SpoolOp::Write { .. } => self.config.max_bytes,
+            SpoolOp::Write { .. } | SpoolOp::OnVolume(_) => self.config.max_bytes,
             SpoolOp::Other(_) => self.config.max_bytes + CONTROL_RESERVE_BYTES,
         };
         if inner.used_bytes + entry.encoded_len() > limit {
@@ -784,10 +920,15 @@ impl Spool {
                 && inner.segments.front().is_some_and(|s| s.last_seq <= seq)
             {
                 if let Some(oldest) = inner.segments.pop_front() {
-                    inner.used_bytes -= oldest.len_bytes;
+                    inner.used_bytes -= oldest.len_bytes + oldest.saved_bytes;
+                    if oldest.saved_bytes > 0 {
+                        released.push(saved_path(&oldest.path));
+                    }
                     released.push(oldest.path);
                 }
             }
+            let kept = inner.saved.split_off(&seq.next());
+            inner.saved = kept;
         }
         // Unlinked with the lock released, so appends do not wait while a segment's blocks
         // are freed (4 KiB random writes through the tap, three alternating runs: 36.6-39.6k
@@ -854,6 +995,7 @@ struct Recovered {
     next_seq: Seq,
     last_time: TimeNs,
     dropped_unflushed: bool,
+    on_volume: Vec<(Seq, RecordKind)>,
 }
 
 /// Scans the segments (named by their first seqs, in order) as the module documentation
@@ -866,6 +1008,7 @@ fn recover_segments(dir: &Path, firsts: &[Seq]) -> Result<Recovered, SpoolError>
         next_seq: Seq(1),
         last_time: TimeNs(0),
         dropped_unflushed: false,
+        on_volume: Vec::new(),
     };
     for (i, &first) in firsts.iter().enumerate() {
         let path = segment_path(dir, first);
@@ -884,7 +1027,7 @@ fn recover_segments(dir: &Path, firsts: &[Seq]) -> Result<Recovered, SpoolError>
             found.dropped_unflushed = true;
             break;
         }
-        let scanned = scan_segment(&path, first)?;
+        let scanned = scan_segment(&path, first, &mut found.on_volume)?;
         if let Some(time) = scanned.newest_time {
             found.last_time = found.last_time.max(time);
         }
@@ -926,7 +1069,12 @@ struct ScannedSegment {
     newest_time: Option<TimeNs>,
 }
 
-fn scan_segment(path: &Path, first: Seq) -> Result<ScannedSegment, SpoolError> {
+/// Scans one segment; its [`SpoolOp::OnVolume`] records join `on_volume`.
+fn scan_segment(
+    path: &Path,
+    first: Seq,
+    on_volume: &mut Vec<(Seq, RecordKind)>,
+) -> Result<ScannedSegment, SpoolError> {
     let mut expected = first;
     let mut newest_time = None;
     let end = framed::scan_file(path, |_, body| {
@@ -939,6 +1087,9 @@ fn scan_segment(path: &Path, first: Seq) -> Result<ScannedSegment, SpoolError> {
         }
         expected = expected.next();
         newest_time = Some(entry.time);
+        if let SpoolOp::OnVolume(kind) = entry.op {
+            on_volume.push((entry.seq, kind));
+        }
         Ok(())
     })?;
     Ok(ScannedSegment {
@@ -977,6 +1128,94 @@ fn durable_marker_in(dir: &Path, firsts: &[Seq]) -> Result<bool, SpoolError> {
         }
     }
     Ok(false)
+}
+
+/// Appends `slices` to the file at `path` (created if missing) and fdatasyncs it; returns the
+/// offset they start at. A failed append is cut off again.
+fn append_synced(path: &Path, slices: &[IoSlice<'_>]) -> Result<u64, SpoolError> {
+    let shown = path.display().to_string();
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(format!("open {shown}")))?;
+    let at = file
+        .metadata()
+        .map_err(io_err(format!("stat {shown}")))?
+        .len();
+    let mut slices = slices.to_vec();
+    let written = write_all_vectored(&file, &mut slices).and_then(|()| file.sync_data());
+    if let Err(e) = written {
+        let _ = file.set_len(at);
+        return Err(io_err(format!("append to {shown}"))(e));
+    }
+    Ok(at)
+}
+
+/// Finds the saved blocks of the kept segments (a torn last entry is cut off: the overwrite it
+/// was to precede never started) and removes `.saved` files whose segment is gone.
+fn recover_saved(
+    dir: &Path,
+    segments: &mut VecDeque<Segment>,
+) -> Result<BTreeMap<Seq, Vec<SavedRun>>, SpoolError> {
+    let mut saved: BTreeMap<Seq, Vec<SavedRun>> = BTreeMap::new();
+    for segment in segments.iter_mut() {
+        let path = saved_path(&segment.path);
+        if !path.exists() {
+            continue;
+        }
+        let range = segment.first_seq..=segment.last_seq;
+        let end = framed::scan_file(&path, |offset, body| {
+            let (seq, first, data_len) = parse_saved(body)?;
+            if !range.contains(&seq) {
+                return Err(format!(
+                    "blocks saved for {seq}, which is not in its segment"
+                ));
+            }
+            saved.entry(seq).or_default().push(SavedRun {
+                first,
+                count: (data_len / BLOCK_SIZE) as u64,
+                path: path.clone(),
+                data_offset: offset + ENTRY_HEADER_BYTES + SAVED_HEAD_BYTES as u64,
+            });
+            Ok(())
+        })?;
+        if end.torn_bytes > 0 {
+            truncate_segment(&path, end.valid_len_bytes, end.torn_bytes)?;
+        }
+        segment.saved_bytes = end.valid_len_bytes;
+    }
+    let entries = fs::read_dir(dir).map_err(io_err(format!("list {}", dir.display())))?;
+    for entry in entries {
+        let path = entry
+            .map_err(io_err(format!("list {}", dir.display())))?
+            .path();
+        let orphan = path.extension().is_some_and(|e| e == "saved")
+            && !segments.iter().any(|s| saved_path(&s.path) == path);
+        if orphan {
+            fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
+        }
+    }
+    Ok(saved)
+}
+
+/// A saved entry's record seq, first block and length of its blocks.
+fn parse_saved(body: &[u8]) -> Result<(Seq, BlockNo, usize), String> {
+    let (head, data) = body
+        .split_first_chunk::<SAVED_HEAD_BYTES>()
+        .ok_or("saved entry shorter than its head")?;
+    let word = |at: usize| {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(&head[at..at + 8]);
+        u64::from_le_bytes(raw)
+    };
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK_SIZE) {
+        return Err(format!(
+            "saved blocks of {} bytes, not whole blocks",
+            data.len()
+        ));
+    }
+    Ok((Seq(word(0)), BlockNo(word(8)), data.len()))
 }
 
 fn truncate_segment(path: &Path, valid_len: u64, torn_bytes: u64) -> Result<(), SpoolError> {
@@ -1232,6 +1471,88 @@ mod tests {
             out.push(e);
         }
         out
+    }
+
+    fn on_volume(first: u64, count: usize) -> RecordKind {
+        RecordKind::Write {
+            volume: vol(),
+            first: BlockNo(first),
+            blocks: vec![Some(crate::ChunkHash([first as u8; 32])); count],
+            origin: WriteOrigin::Client,
+        }
+    }
+
+    #[test]
+    fn writes_on_the_volume_and_their_saved_blocks_survive_a_reopen_and_go_with_their_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        let (kept, _) = spool.append(SpoolOp::OnVolume(on_volume(8, 4))).unwrap();
+        let blocks = Bytes::from(vec![5u8; 2 * BLOCK_SIZE]);
+        spool.save_blocks(kept, BlockNo(9), &blocks).unwrap();
+        let one_block = Bytes::from(vec![6u8; BLOCK_SIZE]);
+        spool.save_blocks(kept, BlockNo(8), &one_block).unwrap();
+        let expected = vec![(BlockNo(9), blocks), (BlockNo(8), one_block)];
+        assert_eq!(spool.saved_blocks(kept).unwrap(), expected);
+        let used = spool.used_bytes();
+        drop(spool);
+        // A save cut short (the crash came before its fdatasync returned, so before the
+        // overwrite it was for) is cut off on open.
+        let saved_file = saved_path(&segment_path(dir.path(), kept));
+        let whole_len = fs::metadata(&saved_file).unwrap().len();
+        OpenOptions::new()
+            .append(true)
+            .open(&saved_file)
+            .unwrap()
+            .write_all(&ENTRY_MAGIC.to_le_bytes())
+            .unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        assert_eq!(fs::metadata(&saved_file).unwrap().len(), whole_len);
+        assert_eq!(spool.take_recovered_on_volume(), [(kept, on_volume(8, 4))]);
+        assert!(spool.take_recovered_on_volume().is_empty(), "taken once");
+        assert_eq!(spool.saved_blocks(kept).unwrap(), expected);
+        assert_eq!(spool.saved_ranges(kept), [(BlockNo(9), 2), (BlockNo(8), 1)]);
+        assert_eq!(spool.used_bytes(), used);
+        // Released with the segment: the saved blocks go too, space and file.
+        for n in 0..6 {
+            spool.append(write(n)).unwrap();
+        }
+        spool.release_through(spool.last_seq()).unwrap();
+        assert!(!saved_file.exists());
+        assert!(spool.saved_blocks(kept).unwrap().is_empty());
+        let files: u64 = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        let id_file = fs::metadata(dir.path().join(ID_FILE)).unwrap().len();
+        assert_eq!(spool.used_bytes(), files - id_file);
+        // Nothing to save for a record that is gone.
+        spool
+            .save_blocks(kept, BlockNo(8), &[1u8; BLOCK_SIZE])
+            .unwrap();
+        assert!(spool.saved_ranges(kept).is_empty());
+    }
+
+    #[test]
+    fn saved_blocks_whose_segment_is_gone_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Spool::open(small(dir.path())).unwrap());
+        let orphan = saved_path(&segment_path(dir.path(), Seq(999)));
+        fs::write(&orphan, b"left by a crash between two unlinks").unwrap();
+        drop(Spool::open(small(dir.path())).unwrap());
+        assert!(!orphan.exists());
+    }
+
+    #[test]
+    fn saves_count_against_the_spools_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        let (seq, _) = spool.append(SpoolOp::OnVolume(on_volume(0, 512))).unwrap();
+        let too_much = vec![1u8; 1 << 20];
+        assert!(matches!(
+            spool.save_blocks(seq, BlockNo(0), &too_much),
+            Err(SpoolError::Full { .. })
+        ));
+        assert!(spool.saved_ranges(seq).is_empty());
     }
 
     #[test]

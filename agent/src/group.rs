@@ -21,15 +21,19 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tideline_core::dirty::{DirtyMap, Opened};
-use tideline_core::record::{RecordKind, WriteOrigin};
+use tideline_core::record::{Record, RecordKind, WriteOrigin};
 use tideline_core::spool::{Spool, SpoolError, SpoolOp, Succession};
-use tideline_core::{BlockNo, GroupName, Seq, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES};
+use tideline_core::{
+    block, BlockNo, ChunkHash, GroupName, Seq, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
+};
 
 use tideline_core::direct::{suits_direct, DirectWriter};
+
+use crate::on_volume::OnVolumeMap;
 
 /// Most writes to one volume that run with the group lock released at the same time (each
 /// holds a 1 MiB bounce buffer).
@@ -39,7 +43,9 @@ const MAX_UNLOCKED_WRITES: usize = 8;
 pub struct VolumeState {
     pub name: VolumeName,
     pub path: PathBuf,
-    pub file: File,
+    /// Shared with the shipper, which reads back the blocks of writes spooled as
+    /// [`SpoolOp::OnVolume`].
+    pub file: Arc<File>,
     /// The same file for large aligned writes, when its filesystem takes direct I/O.
     pub direct: Option<DirectWriter>,
     pub size_bytes: u64,
@@ -50,6 +56,8 @@ pub struct VolumeState {
     pub in_flight: Vec<(u64, u64)>,
     /// Direct writers of finished unlocked writes, for the next ones.
     pub idle_writers: Vec<DirectWriter>,
+    /// Blocks that are the only copy of an unshipped record's data.
+    pub on_volume: OnVolumeMap,
 }
 
 impl VolumeState {
@@ -66,6 +74,8 @@ pub struct Group {
     settled: Condvar,
     /// Per volume, the writes that may run with the lock released at once.
     unlocked_slots: Vec<Slots>,
+    /// Per volume, its name and file, readable without the lock.
+    files: Vec<(VolumeName, Arc<File>)>,
 }
 
 /// A write to be made with the group lock released: volume `index`, blocks `[first, end)`
@@ -158,13 +168,18 @@ impl Change {
 }
 
 impl Group {
-    pub fn new(name: GroupName, spool: Spool, volumes: Vec<VolumeState>) -> Group {
+    pub fn new(name: GroupName, spool: Spool, mut volumes: Vec<VolumeState>) -> Group {
+        remember_on_volume(&spool, &mut volumes);
         Group {
             name,
             spool,
             unlocked_slots: volumes
                 .iter()
                 .map(|_| Slots::new(MAX_UNLOCKED_WRITES))
+                .collect(),
+            files: volumes
+                .iter()
+                .map(|v| (v.name.clone(), v.file.clone()))
                 .collect(),
             state: Mutex::new(volumes),
             settled: Condvar::new(),
@@ -182,6 +197,12 @@ impl Group {
         let count = (offset + change.len_bytes()).div_ceil(BLOCK_SIZE_BYTES) - first;
         // Taken before the lock: a write waiting for a slot must not hold up the others.
         let slot = self.slot_for(index, offset, &change);
+        // A write that may go around the page cache is spooled without its data, which stays
+        // on the volume: its blocks are hashed here, before the lock is taken.
+        let hashes = match &change {
+            Change::Write(data) if slot.is_some() => Some(block::chunks_of(data)),
+            _ => None,
+        };
         let volumes = self.lock();
         // A slot is only taken for a write that suits direct I/O, and a writer the kernel
         // refused is dropped (`finish_direct_write`), so this is all that is left to ask.
@@ -194,6 +215,7 @@ impl Group {
             })
             .unwrap_or_else(|p| p.into_inner());
         let volume = &mut volumes[index];
+        self.save_before_change(volume, first, count)?;
         // Write intent: the blocks stay marked in the (memory-mapped, so kill -9 proof) dirty
         // map from before the volume changes until the change's records are in the spool. A
         // crash in between leaves the mark, and the next start resyncs those blocks instead of
@@ -212,8 +234,8 @@ impl Group {
                     slot,
                 };
                 (volumes, applied) = self.write_unlocked(volumes, write, &data);
-                applied
-                    .and_then(|()| self.journal(&mut volumes[index], offset, Change::Write(data)))
+                let blocks = hashes.unwrap_or_else(|| block::chunks_of(&data));
+                applied.and_then(|()| self.journal_on_volume(&mut volumes[index], first, blocks))
             }
             change => self.apply_and_journal(volume, offset, change),
         };
@@ -302,30 +324,171 @@ impl Group {
         Ok(())
     }
 
-    /// Appends `op` to the spool; if the spool is full, marks the blocks dirty instead and
-    /// opens a gap in the journal (once), so writes keep flowing and a resync catches up later.
-    fn append_or_mark_gap(&self, volume: &mut VolumeState, op: SpoolOp) -> Result<(), TapError> {
+    /// Appends the record of a whole-block write the volume now holds, without its data; its
+    /// blocks are the record's data until the collector holds it.
+    fn journal_on_volume(
+        &self,
+        volume: &mut VolumeState,
+        first: u64,
+        blocks: Vec<Option<ChunkHash>>,
+    ) -> Result<(), TapError> {
+        let end = first + blocks.len() as u64;
+        let kind = RecordKind::Write {
+            volume: volume.name.clone(),
+            first: BlockNo(first),
+            blocks,
+            origin: WriteOrigin::Client,
+        };
+        if let Some(seq) = self.append_or_mark_gap(volume, SpoolOp::OnVolume(kind))? {
+            volume.on_volume.insert(first, end, seq);
+        }
+        Ok(())
+    }
+
+    /// Saves to the spool the blocks of `[first, first + count)` that are the only copy of an
+    /// unshipped record's data, before a change overwrites them. With the spool full, the
+    /// journal gets a gap instead (the record's blocks are then lost to it, and found so when
+    /// it ships). Nothing is forgotten unless everything was saved.
+    fn save_before_change(
+        &self,
+        volume: &mut VolumeState,
+        first: u64,
+        count: u64,
+    ) -> Result<(), TapError> {
+        let end = first + count;
+        for (from, to, seq) in volume.on_volume.overlapping(first, end) {
+            if volume.in_gap {
+                break;
+            }
+            let data = read_blocks(volume, from, to - from)?;
+            match self.spool.save_blocks(seq, BlockNo(from), &data) {
+                Ok(()) => {}
+                Err(SpoolError::Full { .. }) => self.open_gap(volume)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        volume.on_volume.take_overlapping(first, end);
+        Ok(())
+    }
+
+    /// The collector holds every record through `seq`: frees the spool's segments wholly at
+    /// or below it, and the volumes' blocks those records' data was kept in.
+    pub fn release_through(&self, seq: Seq) -> Result<(), SpoolError> {
+        for volume in self.lock().iter_mut() {
+            volume.on_volume.forget_through(seq);
+        }
+        self.spool.release_through(seq)
+    }
+
+    /// The blocks of `record`, a write spooled without its data, from the volume or, where
+    /// the volume has changed since, from the blocks saved before it did; checked against the
+    /// record's hashes.
+    pub fn on_volume_data(&self, record: &Record) -> Result<Bytes, OnVolumeError> {
+        let RecordKind::Write {
+            volume,
+            first,
+            blocks,
+            ..
+        } = &record.kind
+        else {
+            return Err(OnVolumeError::NotAWrite(record.seq));
+        };
+        let (_, file) = self
+            .files
+            .iter()
+            .find(|(n, _)| n == volume)
+            .ok_or_else(|| OnVolumeError::NoSuchVolume(record.seq, volume.clone()))?;
+        let mut data = BytesMut::zeroed(blocks.len() * BLOCK_SIZE);
+        let read_failed = |source| OnVolumeError::Read {
+            seq: record.seq,
+            volume: volume.clone(),
+            source,
+        };
+        file.read_exact_at(&mut data, first.0 * BLOCK_SIZE_BYTES)
+            .map_err(read_failed)?;
+        if block::chunks_of(&data) == *blocks {
+            return Ok(data.freeze());
+        }
+        // Read after the volume: a change that overwrote these blocks meanwhile saved them
+        // before it started.
+        let saved = self
+            .spool
+            .saved_blocks(record.seq)
+            .map_err(|e| read_failed(io::Error::other(e)))?;
+        let end = first.0 + blocks.len() as u64;
+        for (from, bytes) in saved {
+            let to = from.0 + (bytes.len() / BLOCK_SIZE) as u64;
+            let (lo, hi) = (from.0.max(first.0), to.min(end));
+            if lo < hi {
+                let src =
+                    ((lo - from.0) as usize * BLOCK_SIZE)..((hi - from.0) as usize * BLOCK_SIZE);
+                let dst =
+                    ((lo - first.0) as usize * BLOCK_SIZE)..((hi - first.0) as usize * BLOCK_SIZE);
+                data[dst].copy_from_slice(&bytes[src]);
+            }
+        }
+        if block::chunks_of(&data) == *blocks {
+            return Ok(data.freeze());
+        }
+        Err(OnVolumeError::Lost {
+            seq: record.seq,
+            volume: volume.clone(),
+            first: *first,
+            count: blocks.len() as u64,
+        })
+    }
+
+    /// Blocks of `volume` whose journalled data was lost: they are journalled again, as the
+    /// volume holds them, by a resync that ends with a `Complete` record.
+    pub fn resync_lost(&self, volume: &VolumeName, first: BlockNo, count: u64) {
+        let mut volumes = self.lock();
+        if let Some(v) = volumes.iter_mut().find(|v| v.name == *volume) {
+            v.dirty.mark(first.0, count);
+            v.dirty.set_resync_pending(true);
+        }
+    }
+
+    /// The file of the volume called `name`, readable without the group lock.
+    pub fn volume_file(&self, name: &VolumeName) -> Option<&Arc<File>> {
+        self.files.iter().find(|(n, _)| n == name).map(|(_, f)| f)
+    }
+
+    /// Appends `op` to the spool and returns its seq; if the spool is full, marks the blocks
+    /// dirty instead and opens a gap in the journal (once), so writes keep flowing and a
+    /// resync catches up later.
+    fn append_or_mark_gap(
+        &self,
+        volume: &mut VolumeState,
+        op: SpoolOp,
+    ) -> Result<Option<Seq>, TapError> {
         // The blocks `op` covers, known before `op` moves into the spool (no copy of its data).
         let blocks = blocks_of(&op);
         if volume.in_gap {
             mark_dirty(volume, blocks);
-            return Ok(());
+            return Ok(None);
         }
         match self.spool.append(op) {
-            Ok(_) => Ok(()),
+            Ok((seq, _)) => Ok(Some(seq)),
             Err(SpoolError::Full { .. }) => {
-                tracing::warn!(group = %self.name, volume = %volume.name,
-                    "spool full: tracking changed blocks in the dirty map until the collector catches up");
-                self.spool.append(SpoolOp::Other(RecordKind::Gap {
-                    volume: volume.name.clone(),
-                }))?;
-                volume.in_gap = true;
-                volume.dirty.set_resync_pending(true);
+                self.open_gap(volume)?;
                 mark_dirty(volume, blocks);
-                Ok(())
+                Ok(None)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The spool is full: journals a gap for `volume`, whose changes the dirty map tracks
+    /// from now on, until a resync catches up.
+    fn open_gap(&self, volume: &mut VolumeState) -> Result<(), TapError> {
+        tracing::warn!(group = %self.name, volume = %volume.name,
+            "spool full: tracking changed blocks in the dirty map until the collector catches up");
+        self.spool.append(SpoolOp::Other(RecordKind::Gap {
+            volume: volume.name.clone(),
+        }))?;
+        volume.in_gap = true;
+        volume.dirty.set_resync_pending(true);
+        Ok(())
     }
 
     /// FLUSH: the volume's data and every spooled record are durable, and a flush point is
@@ -385,8 +548,59 @@ impl Group {
                 .map_err(io_error(volume, "mark the volume for a resync"))?;
         }
         let resume_after = resume_after.unwrap_or_else(|| self.spool.last_seq());
+        // The records up to there are never shipped: their blocks need not be kept.
+        for volume in volumes.iter_mut() {
+            volume.on_volume.forget_through(resume_after);
+        }
         Ok(self.spool.succeed(resume_after)?)
     }
+}
+
+/// Fills the volumes' maps of blocks that hold unshipped records' data from the records the
+/// spool held when it was opened, in seq order, less the blocks saved for them.
+fn remember_on_volume(spool: &Spool, volumes: &mut [VolumeState]) {
+    for (seq, kind) in spool.take_recovered_on_volume() {
+        let RecordKind::Write {
+            volume,
+            first,
+            blocks,
+            ..
+        } = kind
+        else {
+            continue;
+        };
+        let Some(v) = volumes.iter_mut().find(|v| v.name == volume) else {
+            continue;
+        };
+        v.on_volume
+            .insert(first.0, first.0 + blocks.len() as u64, seq);
+        for (from, count) in spool.saved_ranges(seq) {
+            v.on_volume.take_overlapping(from.0, from.0 + count);
+        }
+    }
+}
+
+/// Why the data of a write spooled without it cannot be shipped.
+#[derive(Debug, thiserror::Error)]
+pub enum OnVolumeError {
+    #[error("spooled record {0} is kept on the volume but is not a write")]
+    NotAWrite(Seq),
+    #[error("record {0} names volume {1}, which this agent does not protect")]
+    NoSuchVolume(Seq, VolumeName),
+    #[error("volume {volume}: read back the blocks of record {seq}: {source}")]
+    Read {
+        seq: Seq,
+        volume: VolumeName,
+        #[source]
+        source: io::Error,
+    },
+    #[error("volume {volume}: blocks {}..+{count} of record {seq} changed before it was shipped and were not saved (changed outside the agent, or the spool was full)", first.0)]
+    Lost {
+        seq: Seq,
+        volume: VolumeName,
+        first: BlockNo,
+        count: u64,
+    },
 }
 
 /// The (first block, count) a spooled change covers, if any.
@@ -395,7 +609,10 @@ fn blocks_of(op: &SpoolOp) -> Option<(u64, u64)> {
         SpoolOp::Write { first, data, .. } => Some((first.0, (data.len() / BLOCK_SIZE) as u64)),
         SpoolOp::Other(RecordKind::Trim { first, count, .. })
         | SpoolOp::Other(RecordKind::WriteZeroes { first, count, .. }) => Some((first.0, *count)),
-        SpoolOp::Other(_) => None,
+        SpoolOp::OnVolume(RecordKind::Write { first, blocks, .. }) => {
+            Some((first.0, blocks.len() as u64))
+        }
+        SpoolOp::OnVolume(_) | SpoolOp::Other(_) => None,
     }
 }
 
@@ -730,9 +947,18 @@ mod tests {
     /// since then no write would run with the lock released.
     fn one_volume_group() -> Option<(tempfile::TempDir, Arc<Group>)> {
         let temp = tempfile::tempdir().unwrap();
-        let dir = temp.path();
+        let group = open_group(temp.path())?;
+        Some((temp, Arc::new(group)))
+    }
+
+    /// Opens the group of [`one_volume_group`] in `dir`, creating its files if missing.
+    fn open_group(dir: &std::path::Path) -> Option<Group> {
         let path = dir.join("volume");
-        let file = tideline_testkit::sized_file(&path, VOLUME_BYTES);
+        let file = if path.exists() {
+            File::options().read(true).write(true).open(&path).unwrap()
+        } else {
+            tideline_testkit::sized_file(&path, VOLUME_BYTES)
+        };
         let direct = DirectWriter::open(&path).map(DirectWriter::submitting_through_aio);
         let missing = direct
             .is_none()
@@ -747,16 +973,20 @@ mod tests {
         let volume = VolumeState {
             name,
             path,
-            file,
+            file: file.into(),
             direct,
             size_bytes: VOLUME_BYTES,
             dirty,
             in_gap: false,
             in_flight: Vec::new(),
             idle_writers: Vec::new(),
+            on_volume: Default::default(),
         };
-        let group = Group::new(GroupName::new("g").unwrap(), spool, vec![volume]);
-        Some((temp, Arc::new(group)))
+        Some(Group::new(
+            GroupName::new("g").unwrap(),
+            spool,
+            vec![volume],
+        ))
     }
 
     /// A change of writer `thread`'s `step`th turn: mostly large aligned writes (taken with the
@@ -806,6 +1036,17 @@ mod tests {
         while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
             let (at, bytes) = match entry.op {
                 SpoolOp::Write { first, data, .. } => (first.0, data),
+                SpoolOp::OnVolume(kind) => {
+                    let RecordKind::Write { first, .. } = kind else {
+                        panic!("{kind:?} kept on the volume")
+                    };
+                    let record = Record {
+                        seq: entry.seq,
+                        time: entry.time,
+                        kind,
+                    };
+                    (first.0, group.on_volume_data(&record).unwrap())
+                }
                 SpoolOp::Other(RecordKind::Trim { first, count, .. }) => (
                     first.0,
                     vec![0u8; (count * BLOCK_SIZE_BYTES) as usize].into(),
@@ -908,7 +1149,9 @@ mod tests {
         let mut reader = group.spool.reader(Seq(1));
         let mut firsts = Vec::new();
         while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
-            if let SpoolOp::Write { first, .. } = entry.op {
+            if let SpoolOp::Write { first, .. }
+            | SpoolOp::OnVolume(RecordKind::Write { first, .. }) = entry.op
+            {
                 firsts.push(first.0);
             }
         }
@@ -929,5 +1172,154 @@ mod tests {
             *group.unlocked_slots[0].free.lock().unwrap(),
             MAX_UNLOCKED_WRITES
         );
+    }
+
+    /// Bytes no other change writes: a xorshift stream seeded by `seed`.
+    fn fresh_bytes(seed: u64, len: usize) -> Bytes {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    /// `count` block-aligned changes over the first 1 MiB, so they overlap: large writes (kept
+    /// on the volume), small writes and trims. Returns each write's record and bytes.
+    fn overlapping_changes(group: &Group, seed: u64, count: u64) -> Vec<(Seq, Bytes)> {
+        let mut writes = Vec::new();
+        for step in 0..count {
+            let pick = (seed + step).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 7;
+            let first = pick % 240;
+            let change = match pick % 5 {
+                0..=2 => Change::Write(fresh_bytes(
+                    seed ^ step,
+                    (16 + pick % 48) as usize * BLOCK_SIZE,
+                )),
+                3 => Change::Write(fresh_bytes(
+                    seed ^ step,
+                    (1 + pick % 8) as usize * BLOCK_SIZE,
+                )),
+                _ => Change::Trim((1 + pick % 32) * BLOCK_SIZE_BYTES),
+            };
+            let written = match &change {
+                Change::Write(data) => Some(data.clone()),
+                _ => None,
+            };
+            group
+                .journalled(0, first * BLOCK_SIZE_BYTES, change)
+                .unwrap();
+            if let Some(data) = written {
+                writes.push((group.spool.last_seq(), data));
+            }
+        }
+        writes
+    }
+
+    /// Checks that every spooled write record reads back as the bytes its change wrote;
+    /// returns how many were kept on the volume.
+    fn assert_writes_ship_their_own_bytes(group: &Group, writes: &[(Seq, Bytes)]) -> usize {
+        let expected: std::collections::BTreeMap<Seq, &Bytes> =
+            writes.iter().map(|(seq, data)| (*seq, data)).collect();
+        let mut on_volume = 0;
+        let mut reader = group.spool.reader(Seq(1));
+        while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
+            let got = match entry.op {
+                SpoolOp::Write { data, .. } => data,
+                SpoolOp::OnVolume(kind) => {
+                    on_volume += 1;
+                    let record = Record {
+                        seq: entry.seq,
+                        time: entry.time,
+                        kind,
+                    };
+                    group.on_volume_data(&record).unwrap()
+                }
+                SpoolOp::Other(_) => continue,
+            };
+            let want = expected
+                .get(&entry.seq)
+                .unwrap_or_else(|| panic!("no write {}", entry.seq));
+            assert!(
+                got == **want,
+                "record {} does not read back as its write",
+                entry.seq
+            );
+        }
+        on_volume
+    }
+
+    #[test]
+    fn writes_kept_on_the_volume_ship_their_own_bytes_across_overwrites_and_a_restart() {
+        let temp = tempfile::tempdir().unwrap();
+        let Some(group) = open_group(temp.path()) else {
+            return;
+        };
+        let mut writes = overlapping_changes(&group, 1, 300);
+        let kept = assert_writes_ship_their_own_bytes(&group, &writes);
+        let saved = writes
+            .iter()
+            .filter(|(seq, _)| !group.spool.saved_ranges(*seq).is_empty())
+            .count();
+        assert!(
+            kept > 100 && saved > 50,
+            "{kept} kept on the volume, {saved} saved"
+        );
+        // The agent restarts (killed: the spool's and the volume's pages survive): the saved
+        // blocks are found again, and so are the blocks that must be saved before a change.
+        drop(group);
+        let group = open_group(temp.path()).unwrap();
+        assert_writes_ship_their_own_bytes(&group, &writes);
+        writes.extend(overlapping_changes(&group, 2, 300));
+        assert_writes_ship_their_own_bytes(&group, &writes);
+        // Shipped: nothing is saved any more, and the blocks are free to change.
+        let last = group.spool.last_seq();
+        group.release_through(last).unwrap();
+        assert!(group.lock()[0].on_volume.ranges().next().is_none());
+        let before = group.spool.used_bytes();
+        group
+            .journalled(0, 0, Change::Write(fresh_bytes(3, 1 << 20)))
+            .unwrap();
+        assert!(group.spool.saved_ranges(group.spool.last_seq()).is_empty());
+        assert!(
+            group.spool.used_bytes() - before < 64 << 10,
+            "a 1 MiB write spooled its data"
+        );
+    }
+
+    #[test]
+    fn blocks_changed_behind_the_agents_back_are_lost_not_shipped_wrong() {
+        let Some((_dir, group)) = one_volume_group() else {
+            return;
+        };
+        group
+            .journalled(0, 0, Change::Write(fresh_bytes(1, 256 * BLOCK_SIZE)))
+            .unwrap();
+        let seq = group.spool.last_seq();
+        let entry = group
+            .spool
+            .reader(seq)
+            .next_entry(&group.spool)
+            .unwrap()
+            .unwrap();
+        let SpoolOp::OnVolume(kind) = entry.op else {
+            panic!("a 1 MiB aligned write was spooled with its data");
+        };
+        let record = Record {
+            seq,
+            time: entry.time,
+            kind,
+        };
+        group.lock()[0]
+            .file
+            .write_all_at(&[7u8; 512], 8192)
+            .unwrap();
+        match group.on_volume_data(&record) {
+            Err(OnVolumeError::Lost { first, count, .. }) => assert_eq!((first.0, count), (0, 256)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod fuse;
 pub mod group;
 pub mod nbd;
+mod on_volume;
 pub mod shipper;
 pub mod volume;
 
@@ -277,12 +278,13 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
             path: volume.path.clone(),
             direct: tideline_core::direct::DirectWriter::open(&volume.path)
                 .map(tideline_core::direct::DirectWriter::submitting_through_aio),
-            file,
+            file: Arc::new(file),
             size_bytes,
             dirty,
             in_gap: false,
             in_flight: Vec::new(),
             idle_writers: Vec::new(),
+            on_volume: Default::default(),
         });
     }
     Ok(Group::new(spec.name.clone(), spool, volumes))

@@ -39,7 +39,7 @@ use tideline_core::{block, ChunkHash, Seq, BLOCK_SIZE};
 use tideline_proto::v1::{self, agent_message::Msg as Out, collector_message::Msg as In};
 
 use crate::compress::{self, BatchChunks};
-use crate::group::Group;
+use crate::group::{Group, OnVolumeError};
 
 pub const BATCH_MAX_BYTES: usize = 8 << 20;
 pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
@@ -263,7 +263,7 @@ impl Session {
 
     async fn release(&self, durable: Seq) -> SessionResult {
         let group = self.group.clone();
-        tokio::task::spawn_blocking(move || group.spool.release_through(durable))
+        tokio::task::spawn_blocking(move || group.release_through(durable))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
@@ -295,10 +295,18 @@ impl Session {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("read {durable} from the spool: {e}"))?;
         // Not in the spool: released once the collector acknowledged it, nothing to compare.
-        let Some(ours) = ours.map(|entry| record_of(entry).0) else {
+        let Some(ours) = ours else {
             return Ok(None);
         };
-        Ok((ours != theirs).then(|| {
+        let is_on_volume = matches!(ours.op, SpoolOp::OnVolume(_));
+        let ours = record_of(ours).0;
+        // A write whose data was lost before it shipped went out as a gap of its volume.
+        let shipped_as_gap = matches!(
+            (&ours.kind, &theirs.kind),
+            (RecordKind::Write { volume: ours, .. }, RecordKind::Gap { volume: theirs })
+                if ours == theirs && is_on_volume
+        );
+        Ok((ours != theirs && !shipped_as_gap).then(|| {
             format!(
                 "the collector's record at {durable} (time {} ns) is not this spool's (time {} ns); a power loss took spooled records the collector already had, and their seqs were given to new writes",
                 theirs.time.0, ours.time.0
@@ -602,7 +610,7 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
                 break;
             };
             data_bytes += entry_data_len(&entry);
-            let record = to_record(entry, &mut seen, &mut batch);
+            let record = to_record(with_data(group, record_of(entry))?, &mut seen, &mut batch);
             batch.last_seq = record.seq;
             batch.records.push(v1::Record::from(&record));
         }
@@ -617,14 +625,15 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
 fn entry_data_len(entry: &SpoolEntry) -> usize {
     match &entry.op {
         SpoolOp::Write { data, .. } => data.len(),
+        SpoolOp::OnVolume(kind) => kind.block_count() as usize * BLOCK_SIZE,
         SpoolOp::Other(_) => 64,
     }
 }
 
-/// The record a spooled entry journals, and the data of a write.
+/// The record a spooled entry journals, and the data of a write spooled with its data.
 fn record_of(entry: SpoolEntry) -> (Record, Option<Bytes>) {
     let (kind, data) = match entry.op {
-        SpoolOp::Other(kind) => (kind, None),
+        SpoolOp::Other(kind) | SpoolOp::OnVolume(kind) => (kind, None),
         SpoolOp::Write {
             volume,
             first,
@@ -649,13 +658,43 @@ fn record_of(entry: SpoolEntry) -> (Record, Option<Bytes>) {
     (record, data)
 }
 
-/// The record of a spooled entry; a write's blocks not yet in the batch join its chunks.
+/// A record and its write's data, read back from the volume for a write spooled without it. If
+/// that data was lost (the volume changed and the blocks were not saved), the record is
+/// shipped as a `Gap` of its volume instead, and a resync journals the blocks again.
+fn with_data(
+    group: &Group,
+    (record, data): (Record, Option<Bytes>),
+) -> Result<(Record, Option<Bytes>), String> {
+    if data.is_some() || !matches!(record.kind, RecordKind::Write { .. }) {
+        return Ok((record, data));
+    }
+    match group.on_volume_data(&record) {
+        Ok(data) => Ok((record, Some(data))),
+        Err(OnVolumeError::Lost {
+            volume,
+            first,
+            count,
+            ..
+        }) => {
+            tracing::error!(group = %group.name, %volume, seq = %record.seq, first = first.0, count,
+                "blocks of a write changed before it was shipped and were not saved: journalling a gap and resyncing them");
+            group.resync_lost(&volume, first, count);
+            let gap = Record {
+                kind: RecordKind::Gap { volume },
+                ..record
+            };
+            Ok((gap, None))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A record and its write's data: the write's blocks not yet in the batch join its chunks.
 fn to_record(
-    entry: SpoolEntry,
+    (record, data): (Record, Option<Bytes>),
     seen: &mut HashSet<ChunkHash>,
     batch: &mut PreparedBatch,
 ) -> Record {
-    let (record, data) = record_of(entry);
     if let (Some(data), RecordKind::Write { blocks, .. }) = (data, &record.kind) {
         let new_chunks = blocks.iter().enumerate().filter_map(|(k, chunk)| {
             chunk

@@ -721,8 +721,13 @@ fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync(
     let seq_at_b = wait_caught_up(&site.a, &site.b, "app");
     let at_round_1 = copy_of(&reference, "at-round-1.img");
     site.b.kill9();
+    // Written half a KiB off the block grid, so the records carry their data (aligned writes
+    // of 64 KiB or more leave it on the volume) and the segments fill.
     for i in 0..8u64 {
-        writer.write((4 + i) * MIB, &harness::random_bytes(22 + i, MIB as usize));
+        writer.write(
+            (4 + i) * MIB + 512,
+            &harness::random_bytes(22 + i, MIB as usize),
+        );
         writer.flush();
         harness::wait_durable(&url_a, "db", &harness::now_rfc3339());
     }

@@ -105,8 +105,10 @@ fn full_spool_opens_a_gap_that_resync_closes() {
     harness::copy_file(&reference, &reference_before_gap);
 
     // With the collector away, 40 MiB overflow the 16 MiB spool: the agent keeps serving.
+    // Written half a KiB off the block grid, so the record carries its data (aligned writes of
+    // 64 KiB or more leave it on the volume).
     collector.kill9();
-    both(&["write -P 0x0b 2M 40M", "flush"]);
+    both(&["write -P 0x0b 2097664 40M", "flush"]);
     let in_gap = harness::now_rfc3339();
     both(&["write -P 0x0c 50M 1M", "write -P 0x0d 100 200", "flush"]);
     collector.restart();
