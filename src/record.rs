@@ -59,7 +59,8 @@ pub enum RecordKind {
     /// accounted for by earlier records. Emitted when a baseline or a resync finishes.
     Complete { volume: VolumeName },
     /// The journal loses track of the volume from here until the next [`RecordKind::Complete`]
-    /// (the spool overflowed). Points in between cannot be restored.
+    /// (the spool overflowed, records were lost in a power loss, or a write's data was lost
+    /// before it shipped). Points in between cannot be restored.
     Gap { volume: VolumeName },
 }
 

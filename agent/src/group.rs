@@ -17,6 +17,7 @@
 //! volume; the next ones wait for a slot of their own, woken one at a time, so a client with
 //! 64 large writes queued does not wake every waiting thread whenever one write finishes.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -76,6 +77,48 @@ pub struct Group {
     unlocked_slots: Vec<Slots>,
     /// Per volume, its name and file, readable without the lock.
     files: Vec<(VolumeName, Arc<File>)>,
+    /// The data of the newest writes spooled without it.
+    recent: Mutex<RecentWrites>,
+}
+
+/// The data of the newest writes spooled without it ([`SpoolOp::OnVolume`]), up to
+/// [`RECENT_WRITES_BYTES`]: a shipper that keeps pace takes it from here instead of reading
+/// it back from the volume (from the disk, as it went around the page cache) and hashing it
+/// again to check it.
+#[derive(Default)]
+struct RecentWrites {
+    bytes: usize,
+    /// In seq order.
+    writes: VecDeque<(Seq, Bytes)>,
+}
+
+/// Most bytes [`RecentWrites`] holds.
+const RECENT_WRITES_BYTES: usize = 64 << 20;
+
+impl RecentWrites {
+    fn keep(&mut self, seq: Seq, data: Bytes) {
+        self.bytes += data.len();
+        self.writes.push_back((seq, data));
+        while self.bytes > RECENT_WRITES_BYTES {
+            let Some((_, old)) = self.writes.pop_front() else {
+                break;
+            };
+            self.bytes -= old.len();
+        }
+    }
+
+    fn get(&self, seq: Seq) -> Option<Bytes> {
+        let at = self.writes.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        Some(self.writes[at].1.clone())
+    }
+
+    fn forget_through(&mut self, seq: Seq) {
+        while self.writes.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, old)) = self.writes.pop_front() {
+                self.bytes -= old.len();
+            }
+        }
+    }
 }
 
 /// A write to be made with the group lock released: volume `index`, blocks `[first, end)`
@@ -181,6 +224,7 @@ impl Group {
                 .iter()
                 .map(|v| (v.name.clone(), v.file.clone()))
                 .collect(),
+            recent: Mutex::default(),
             state: Mutex::new(volumes),
             settled: Condvar::new(),
         }
@@ -235,7 +279,8 @@ impl Group {
                 };
                 (volumes, applied) = self.write_unlocked(volumes, write, &data);
                 let blocks = hashes.unwrap_or_else(|| block::chunks_of(&data));
-                applied.and_then(|()| self.journal_on_volume(&mut volumes[index], first, blocks))
+                applied
+                    .and_then(|()| self.journal_on_volume(&mut volumes[index], first, blocks, data))
             }
             change => self.apply_and_journal(volume, offset, change),
         };
@@ -331,6 +376,7 @@ impl Group {
         volume: &mut VolumeState,
         first: u64,
         blocks: Vec<Option<ChunkHash>>,
+        data: Bytes,
     ) -> Result<(), TapError> {
         let end = first + blocks.len() as u64;
         let kind = RecordKind::Write {
@@ -341,6 +387,7 @@ impl Group {
         };
         if let Some(seq) = self.append_or_mark_gap(volume, SpoolOp::OnVolume(kind))? {
             volume.on_volume.insert(first, end, seq);
+            self.recent().keep(seq, data);
         }
         Ok(())
     }
@@ -377,6 +424,7 @@ impl Group {
         for volume in self.lock().iter_mut() {
             volume.on_volume.forget_through(seq);
         }
+        self.recent().forget_through(seq);
         self.spool.release_through(seq)
     }
 
@@ -393,6 +441,10 @@ impl Group {
         else {
             return Err(OnVolumeError::NotAWrite(record.seq));
         };
+        // The bytes the write brought, which its hashes were taken from.
+        if let Some(data) = self.recent().get(record.seq) {
+            return Ok(data);
+        }
         let (_, file) = self
             .files
             .iter()
@@ -446,6 +498,10 @@ impl Group {
             v.dirty.mark(first.0, count);
             v.dirty.set_resync_pending(true);
         }
+    }
+
+    fn recent(&self) -> MutexGuard<'_, RecentWrites> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The file of the volume called `name`, readable without the group lock.
@@ -1029,8 +1085,10 @@ mod tests {
         }
     }
 
-    /// The volume as the spool's records describe it.
+    /// The volume as the spool's records describe it (the data of writes kept on the volume
+    /// read back from it and the saved blocks, not from memory).
     fn replay(group: &Group) -> Vec<u8> {
+        *group.recent() = RecentWrites::default();
         let mut image = vec![0u8; VOLUME_BYTES as usize];
         let mut reader = group.spool.reader(Seq(1));
         while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
@@ -1219,9 +1277,16 @@ mod tests {
         writes
     }
 
-    /// Checks that every spooled write record reads back as the bytes its change wrote;
-    /// returns how many were kept on the volume.
+    /// Checks that every spooled write record reads back as the bytes its change wrote, from
+    /// memory and then, with the newest writes' data forgotten, from the volume and the saved
+    /// blocks; returns how many were kept on the volume.
     fn assert_writes_ship_their_own_bytes(group: &Group, writes: &[(Seq, Bytes)]) -> usize {
+        assert_writes_read_back(group, writes);
+        *group.recent() = RecentWrites::default();
+        assert_writes_read_back(group, writes)
+    }
+
+    fn assert_writes_read_back(group: &Group, writes: &[(Seq, Bytes)]) -> usize {
         let expected: std::collections::BTreeMap<Seq, &Bytes> =
             writes.iter().map(|(seq, data)| (*seq, data)).collect();
         let mut on_volume = 0;
@@ -1291,6 +1356,21 @@ mod tests {
     }
 
     #[test]
+    fn recent_writes_hold_at_most_their_budget_and_forget_what_shipped() {
+        let mut recent = RecentWrites::default();
+        let mib = Bytes::from(vec![1u8; 1 << 20]);
+        for seq in 1..=100 {
+            recent.keep(Seq(seq), mib.clone());
+        }
+        assert_eq!(recent.bytes, RECENT_WRITES_BYTES);
+        assert!(recent.get(Seq(36)).is_none());
+        assert_eq!(recent.get(Seq(37)), Some(mib.clone()));
+        recent.forget_through(Seq(90));
+        assert_eq!((recent.bytes, recent.writes.len()), (10 << 20, 10));
+        assert!(recent.get(Seq(90)).is_none() && recent.get(Seq(91)).is_some());
+    }
+
+    #[test]
     fn blocks_changed_behind_the_agents_back_are_lost_not_shipped_wrong() {
         let Some((_dir, group)) = one_volume_group() else {
             return;
@@ -1317,6 +1397,12 @@ mod tests {
             .file
             .write_all_at(&[7u8; 512], 8192)
             .unwrap();
+        // Still in memory, the write's own bytes ship; read back from the volume, they are lost.
+        assert_eq!(
+            group.on_volume_data(&record).unwrap().len(),
+            256 * BLOCK_SIZE
+        );
+        *group.recent() = RecentWrites::default();
         match group.on_volume_data(&record) {
             Err(OnVolumeError::Lost { first, count, .. }) => assert_eq!((first.0, count), (0, 256)),
             other => panic!("{other:?}"),

@@ -160,7 +160,7 @@ impl VolumeState {
                     None => ", or wait for the agent's resync to finish".to_string(),
                 };
                 Err(format!(
-                    "{point} falls inside a journal gap that starts at {}: the agent's spool overflowed, and writes in the gap were tracked only as dirty blocks; restore a point before the gap{after}",
+                    "{point} falls inside a journal gap that starts at {}: changes in it were not journalled one by one (the agent's spool overflowed, the agent lost records in a power loss, or data of a write before it shipped) and a resync journals the blocks again; restore a point before the gap{after}",
                     group.describe(last.seq)
                 ))
             }

@@ -134,6 +134,54 @@ fn writes_overwritten_before_they_shipped_restore_at_every_moment_across_a_kill(
     }
 }
 
+/// A large write's data waits on the volume until it ships. Changed there behind the agent's
+/// back meanwhile (and no longer in the agent's memory, after a restart), it is lost to the
+/// journal: the agent says so, ships a gap instead of wrong data, and resyncs the blocks. The
+/// moment before stays restorable, and the latest image comes to equal the volume.
+#[test]
+fn a_write_changed_behind_the_agents_back_before_it_shipped_becomes_a_gap_and_a_resync() {
+    if !harness::require_tools(&["qemu-io"]) {
+        return;
+    }
+    let (mut rig, reference) = rig_and_reference("behind");
+    write_both(&rig, &reference, &flushed(&["write -P 0x21 0 1M"]));
+    rig.wait_now();
+    let before = harness::now_rfc3339();
+    rig.collector.kill9();
+    write_both(&rig, &reference, &flushed(&["write -P 0x22 4M 1M"]));
+    rig.agent.kill9();
+    let volume = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rig.volume_path)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&volume, &[0x99; 4096], 4 * MIB + 8192).unwrap();
+    volume.sync_all().unwrap();
+    rig.agent.restart();
+    rig.collector.restart();
+    // Once everything stamped until now is durable the collector has the gap, so the volume
+    // is complete again only after the resync's Complete record.
+    rig.wait_now();
+    rig.collector.wait_complete(&rig.volume);
+    rig.wait_now();
+    let log = rig.agent.log_text();
+    assert!(
+        log.contains("changed before it was shipped"),
+        "the agent says what it lost:\n{log}"
+    );
+    let latest = rig.restore_latest("latest.img");
+    harness::assert_same_image(
+        &latest,
+        &rig.volume_path,
+        "latest vs the volume after the resync",
+    );
+    let out = rig.path("before.img");
+    harness::restore(&rig.url(), &rig.volume, Some(&before), &out);
+    let expected = rig.path("expected-before.img");
+    harness::sparse_file(&expected, 32 * MIB);
+    write_reference(&expected, &["write -P 0x21 0 1M"]);
+    harness::assert_same_image(&out, &expected, "the moment before the lost write");
+}
+
 #[test]
 fn collector_killed_mid_stream_loses_nothing_acknowledged() {
     if !harness::require_tools(&["qemu-img", "nbdcopy"]) {
