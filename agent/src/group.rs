@@ -241,8 +241,8 @@ impl Group {
         let count = (offset + change.len_bytes()).div_ceil(BLOCK_SIZE_BYTES) - first;
         // Taken before the lock: a write waiting for a slot must not hold up the others.
         let slot = self.slot_for(index, offset, &change);
-        // A write that may go around the page cache is spooled without its data, which stays
-        // on the volume: its blocks are hashed here, before the lock is taken.
+        // A large aligned write (one that may go around the page cache) is spooled without its
+        // data, which stays on the volume: its blocks are hashed here, before the lock.
         let hashes = match &change {
             Change::Write(data) if slot.is_some() => Some(block::chunks_of(data)),
             _ => None,
@@ -267,8 +267,8 @@ impl Group {
         if !volume.in_gap {
             volume.dirty.mark(first, count);
         }
-        let result = match change {
-            Change::Write(data) if unlocked => {
+        let result = match (change, hashes) {
+            (Change::Write(data), Some(hashes)) if unlocked => {
                 let applied;
                 let blocks = (first, first + count);
                 let write = UnlockedWrite {
@@ -278,11 +278,14 @@ impl Group {
                     slot,
                 };
                 (volumes, applied) = self.write_unlocked(volumes, write, &data);
-                let blocks = hashes.unwrap_or_else(|| block::chunks_of(&data));
                 applied
-                    .and_then(|()| self.journal_on_volume(&mut volumes[index], first, blocks, data))
+                    .and_then(|()| self.journal_on_volume(&mut volumes[index], first, hashes, data))
             }
-            change => self.apply_and_journal(volume, offset, change),
+            // A file system that takes no direct I/O: through the page cache, and the data is
+            // kept on the volume all the same.
+            (Change::Write(data), Some(hashes)) => write_volume(volume, offset, &data)
+                .and_then(|()| self.journal_on_volume(volume, first, hashes, data)),
+            (change, _) => self.apply_and_journal(volume, offset, change),
         };
         let volume = &mut volumes[index];
         match result {
@@ -392,29 +395,53 @@ impl Group {
         Ok(())
     }
 
-    /// Saves to the spool the blocks of `[first, first + count)` that are the only copy of an
-    /// unshipped record's data, before a change overwrites them. With the spool full, the
+    /// Saves to the spool, before a change to `[first, first + count)` overwrites them, the
+    /// blocks of every unshipped record whose only copy those blocks hold: all of each such
+    /// record's blocks still on the volume, so that small changes scattered over a large write
+    /// cost one save (one fdatasync) between them, not one each. With the spool full, the
     /// journal gets a gap instead (the record's blocks are then lost to it, and found so when
-    /// it ships). Nothing is forgotten unless everything was saved.
+    /// it ships). A record is forgotten only once saved.
     fn save_before_change(
         &self,
         volume: &mut VolumeState,
         first: u64,
         count: u64,
     ) -> Result<(), TapError> {
-        let end = first + count;
-        for (from, to, seq) in volume.on_volume.overlapping(first, end) {
-            if volume.in_gap {
-                break;
+        let mut records: Vec<Seq> = volume
+            .on_volume
+            .overlapping(first, first + count)
+            .into_iter()
+            .map(|(_, _, seq)| seq)
+            .collect();
+        records.dedup();
+        for seq in records {
+            if !volume.in_gap {
+                self.save_record(volume, seq)?;
             }
-            let data = read_blocks(volume, from, to - from)?;
+            volume.on_volume.remove(seq);
+        }
+        Ok(())
+    }
+
+    /// Saves the blocks of record `seq` that are still on the volume (from memory, if its data
+    /// is still there).
+    fn save_record(&self, volume: &mut VolumeState, seq: Seq) -> Result<(), TapError> {
+        let recent = self.recent().get(seq);
+        let record_first = recent.as_ref().and(volume.on_volume.first_block_of(seq));
+        for (from, to) in volume.on_volume.parts_of(seq) {
+            let data = match (&recent, record_first) {
+                (Some(data), Some(start)) => {
+                    let at = ((from - start) as usize) * BLOCK_SIZE;
+                    data.slice(at..at + (to - from) as usize * BLOCK_SIZE)
+                }
+                _ => read_blocks(volume, from, to - from)?.into(),
+            };
             match self.spool.save_blocks(seq, BlockNo(from), &data) {
                 Ok(()) => {}
-                Err(SpoolError::Full { .. }) => self.open_gap(volume)?,
+                Err(SpoolError::Full { .. }) => return self.open_gap(volume),
                 Err(e) => return Err(e.into()),
             }
         }
-        volume.on_volume.take_overlapping(first, end);
         Ok(())
     }
 

@@ -72,6 +72,31 @@ impl OnVolumeMap {
         taken
     }
 
+    /// The parts of record `seq` still in the map, as `(first, end)` in block order.
+    pub fn parts_of(&self, seq: Seq) -> Vec<(u64, u64)> {
+        let Some(&(first, end)) = self.by_seq.get(&seq) else {
+            return Vec::new();
+        };
+        self.by_block
+            .range(first..end)
+            .filter(|(_, &(_, s))| s == seq)
+            .map(|(&f, &(e, _))| (f, e))
+            .collect()
+    }
+
+    /// The first block record `seq` was inserted with.
+    pub fn first_block_of(&self, seq: Seq) -> Option<u64> {
+        self.by_seq.get(&seq).map(|&(first, _)| first)
+    }
+
+    /// Removes every part of record `seq`.
+    pub fn remove(&mut self, seq: Seq) {
+        for (first, _) in self.parts_of(seq) {
+            self.by_block.remove(&first);
+        }
+        self.by_seq.remove(&seq);
+    }
+
     /// The collector holds every record through `seq`: their blocks are free to change.
     pub fn forget_through(&mut self, seq: Seq) {
         let kept = self.by_seq.split_off(&seq.next());
@@ -128,7 +153,22 @@ mod tests {
         for _ in 0..5_000 {
             let first = next() % LEN;
             let end = (first + 1 + next() % 16).min(LEN);
-            match next() % 4 {
+            match next() % 5 {
+                4 => {
+                    let victim = Seq(seq.saturating_sub(next() % 8));
+                    let parts = map.parts_of(victim);
+                    let expected: Vec<u64> = (0..LEN)
+                        .filter(|&b| model[b as usize] == Some(victim))
+                        .collect();
+                    let got: Vec<u64> = parts.iter().flat_map(|&(f, e)| f..e).collect();
+                    assert_eq!(got, expected);
+                    map.remove(victim);
+                    for slot in &mut model {
+                        if *slot == Some(victim) {
+                            *slot = None;
+                        }
+                    }
+                }
                 0 | 1 => {
                     seq += 1;
                     map.insert(first, end, Seq(seq));
