@@ -1046,7 +1046,8 @@ fn recover_segments(dir: &Path, firsts: &[Seq]) -> Result<Recovered, SpoolError>
                         "a damaged entry before a flush that a later segment records as durable",
                 }));
             }
-            truncate_segment(&path, scanned.valid_len_bytes, scanned.torn_bytes)?;
+            let why = "truncating the torn tail of a spool segment (entries never flushed)";
+            truncate_torn(&path, scanned.valid_len_bytes, scanned.torn_bytes, why)?;
             drop_unflushed_tail(dir, later, "a spool segment ends in a torn entry")?;
             found.dropped_unflushed = true;
             break;
@@ -1181,7 +1182,9 @@ fn recover_saved(
             Ok(())
         })?;
         if end.torn_bytes > 0 {
-            truncate_segment(&path, end.valid_len_bytes, end.torn_bytes)?;
+            let why =
+                "truncating a torn save of blocks (the change it was to precede never started)";
+            truncate_torn(&path, end.valid_len_bytes, end.torn_bytes, why)?;
         }
         segment.saved_bytes = end.valid_len_bytes;
     }
@@ -1218,13 +1221,15 @@ fn parse_saved(body: &[u8]) -> Result<(Seq, BlockNo, usize), String> {
     Ok((Seq(word(0)), BlockNo(word(8)), data.len()))
 }
 
-fn truncate_segment(path: &Path, valid_len: u64, torn_bytes: u64) -> Result<(), SpoolError> {
+/// Cuts the file at `path` back to its valid entries, saying `why` in the log.
+fn truncate_torn(
+    path: &Path,
+    valid_len: u64,
+    torn_bytes: u64,
+    why: &str,
+) -> Result<(), SpoolError> {
     let shown = path.display().to_string();
-    tracing::warn!(
-        segment = %shown,
-        torn_bytes,
-        "truncating the torn tail of a spool segment (entries never flushed)"
-    );
+    tracing::warn!(file = %shown, torn_bytes, "{why}");
     let file = OpenOptions::new()
         .write(true)
         .open(path)
