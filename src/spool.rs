@@ -391,6 +391,8 @@ pub struct Spool {
     dropped_unflushed: bool,
     /// The [`SpoolOp::OnVolume`] records found at open, until taken.
     recovered_on_volume: Mutex<Vec<(Seq, RecordKind)>>,
+    /// Held by [`Spool::save_blocks`] while it writes, so saves do not interleave.
+    saving: Mutex<()>,
 }
 
 /// The spool's id, and the succession the collector has yet to accept (they change together).
@@ -554,6 +556,7 @@ impl Spool {
             appended: Condvar::new(),
             dropped_unflushed,
             recovered_on_volume: Mutex::new(on_volume),
+            saving: Mutex::new(()),
         })
     }
 
@@ -580,41 +583,71 @@ impl Spool {
     /// the shipper takes these blocks instead of the volume's. Durable when this returns. A
     /// record already released needs nothing and gets nothing.
     pub fn save_blocks(&self, seq: Seq, first: BlockNo, data: &[u8]) -> Result<(), SpoolError> {
-        let mut inner = self.lock();
-        let Some(index) = inner
-            .segments
-            .iter()
-            .position(|s| s.first_seq <= seq && seq <= s.last_seq)
-        else {
-            return Ok(());
-        };
-        let mut entry = Vec::with_capacity(data.len() + 64);
         let mut head = [0u8; SAVED_HEAD_BYTES];
         head[..8].copy_from_slice(&seq.0.to_le_bytes());
         head[8..].copy_from_slice(&first.0.to_le_bytes());
+        let mut entry = Vec::with_capacity(64);
         framed::encode_entry_head(&mut entry, |out| out.extend_from_slice(&head), data);
         let len = (entry.len() + data.len()) as u64;
-        if inner.used_bytes + len > self.config.max_bytes {
-            return Err(SpoolError::Full {
-                dir: self.config.dir.display().to_string(),
-                used_bytes: inner.used_bytes,
-                max_bytes: self.config.max_bytes,
+        // One save at a time, and the spool's lock only around the bookkeeping: appends and
+        // the shipper's reader do not wait for the save's fdatasync.
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let path = {
+            let mut inner = self.lock();
+            let Some(segment) = inner
+                .segments
+                .iter()
+                .find(|s| s.first_seq <= seq && seq <= s.last_seq)
+            else {
+                return Ok(());
+            };
+            let path = saved_path(&segment.path);
+            if inner.used_bytes + len > self.config.max_bytes {
+                return Err(SpoolError::Full {
+                    dir: self.config.dir.display().to_string(),
+                    used_bytes: inner.used_bytes,
+                    max_bytes: self.config.max_bytes,
+                });
+            }
+            inner.used_bytes += len;
+            path
+        };
+        let appended =
+            append_synced(&path, &[IoSlice::new(&entry), IoSlice::new(data)]).and_then(|at| {
+                if at == 0 {
+                    fsync_dir(&self.config.dir).map(|()| at)
+                } else {
+                    Ok(at)
+                }
             });
+        let mut inner = self.lock();
+        let segment = inner
+            .segments
+            .iter_mut()
+            .find(|s| s.first_seq <= seq && seq <= s.last_seq);
+        match (appended, segment) {
+            (Ok(at), Some(segment)) => {
+                segment.saved_bytes += len;
+                inner.saved.entry(seq).or_default().push(SavedRun {
+                    first,
+                    count: (data.len() / BLOCK_SIZE) as u64,
+                    path,
+                    data_offset: at + entry.len() as u64,
+                });
+                Ok(())
+            }
+            // Released meanwhile: the collector holds the record, nothing needs the copy.
+            (Ok(_), None) => {
+                inner.used_bytes -= len;
+                drop(inner);
+                let _ = fs::remove_file(&path);
+                Ok(())
+            }
+            (Err(e), _) => {
+                inner.used_bytes -= len;
+                Err(e)
+            }
         }
-        let path = saved_path(&inner.segments[index].path);
-        let at = append_synced(&path, &[IoSlice::new(&entry), IoSlice::new(data)])?;
-        if at == 0 {
-            fsync_dir(&self.config.dir)?;
-        }
-        inner.used_bytes += len;
-        inner.segments[index].saved_bytes += len;
-        inner.saved.entry(seq).or_default().push(SavedRun {
-            first,
-            count: (data.len() / BLOCK_SIZE) as u64,
-            path,
-            data_offset: at + entry.len() as u64,
-        });
-        Ok(())
     }
 
     /// Where blocks were saved for record `seq`: (first block, count), in the order saved.
