@@ -27,7 +27,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use tideline_core::dirty::{DirtyMap, Opened};
 use tideline_core::record::{Record, RecordKind, WriteOrigin};
-use tideline_core::spool::{Spool, SpoolError, SpoolOp, Succession};
+use tideline_core::spool::{BlockSave, Spool, SpoolError, SpoolOp, Succession};
 use tideline_core::{
     block, BlockNo, ChunkHash, GroupName, Seq, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
 };
@@ -64,6 +64,28 @@ pub struct VolumeState {
 impl VolumeState {
     fn overlaps_in_flight(&self, first: u64, end: u64) -> bool {
         self.in_flight.iter().any(|&(f, e)| f < end && first < e)
+    }
+
+    /// Takes `blocks` off the in-flight list (once: a range is listed once per writer).
+    fn stop_flight(&mut self, blocks: (u64, u64)) {
+        if let Some(at) = self.in_flight.iter().position(|&b| b == blocks) {
+            self.in_flight.swap_remove(at);
+        }
+    }
+}
+
+/// Blocks `[from, to)` of unshipped record `seq` to save before they are overwritten.
+struct PendingSave {
+    seq: Seq,
+    from: u64,
+    to: u64,
+    /// Their data, if the record's is still in memory.
+    in_memory: Option<Bytes>,
+}
+
+impl PendingSave {
+    fn blocks(&self) -> (u64, u64) {
+        (self.from, self.to)
     }
 }
 
@@ -248,18 +270,13 @@ impl Group {
             _ => None,
         };
         let volumes = self.lock();
+        // Blocks in flight are not touched until that write is done, and the blocks of
+        // unshipped large writes there are saved first.
+        let mut volumes = self.settle(volumes, index, first, first + count)?;
         // A slot is only taken for a write that suits direct I/O, and a writer the kernel
         // refused is dropped (`finish_direct_write`), so this is all that is left to ask.
         let unlocked = slot.is_some() && volumes[index].direct.is_some();
-        // Blocks in flight are not touched until that write is done.
-        let mut volumes = self
-            .settled
-            .wait_while(volumes, |volumes| {
-                volumes[index].overlaps_in_flight(first, first + count)
-            })
-            .unwrap_or_else(|p| p.into_inner());
         let volume = &mut volumes[index];
-        self.save_before_change(volume, first, count)?;
         // Write intent: the blocks stay marked in the (memory-mapped, so kill -9 proof) dirty
         // map from before the volume changes until the change's records are in the spool. A
         // crash in between leaves the mark, and the next start resyncs those blocks instead of
@@ -296,6 +313,18 @@ impl Group {
             Err(_) => volume.dirty.set_resync_pending(true),
         }
         result
+    }
+
+    /// Whether a change to bytes `[offset, offset + len)` of volume `index` would wait for the
+    /// disk first: for a write in flight there, or to save an unshipped large write.
+    pub fn change_waits_on_disk(&self, index: usize, offset: u64, len: u64) -> bool {
+        let first = offset / BLOCK_SIZE_BYTES;
+        let end = offset.saturating_add(len).div_ceil(BLOCK_SIZE_BYTES);
+        let volumes = self.lock();
+        let Some(volume) = volumes.get(index) else {
+            return false;
+        };
+        volume.overlaps_in_flight(first, end) || volume.on_volume.overlaps(first, end)
     }
 
     /// A slot of volume `index` if `change` may be written with the lock released.
@@ -340,7 +369,7 @@ impl Group {
         drop(slot);
         let mut volumes = self.lock();
         let volume = &mut volumes[index];
-        volume.in_flight.retain(|&b| b != blocks);
+        volume.stop_flight(blocks);
         self.settled.notify_all();
         if matches!(written, Ok(true)) {
             volume.idle_writers.push(writer);
@@ -395,54 +424,120 @@ impl Group {
         Ok(())
     }
 
-    /// Saves to the spool, before a change to `[first, first + count)` overwrites them, the
-    /// blocks of every unshipped record whose only copy those blocks hold: all of each such
-    /// record's blocks still on the volume, so that small changes scattered over a large write
-    /// cost one save (one fdatasync) between them, not one each. With the spool full, the
-    /// journal gets a gap instead (the record's blocks are then lost to it, and found so when
-    /// it ships). A record is forgotten only once saved.
-    fn save_before_change(
-        &self,
-        volume: &mut VolumeState,
+    /// Waits until no write in flight touches blocks `[first, end)` of volume `index` and no
+    /// unshipped record's only copy is there. Such records' blocks are saved to the spool
+    /// first: all of each record's blocks still on the volume, so small changes scattered over
+    /// a large write cost one save between them. The lock is released while saving, with
+    /// those blocks in flight, so a save's fdatasync holds up only the changes that touch
+    /// them, and concurrent saves share one. With the spool full, the journal gets a gap
+    /// instead (the records' blocks are then lost to it, and found so when they ship). A
+    /// record is forgotten only once saved.
+    fn settle<'a>(
+        &'a self,
+        mut volumes: MutexGuard<'a, Vec<VolumeState>>,
+        index: usize,
         first: u64,
-        count: u64,
-    ) -> Result<(), TapError> {
-        let mut records: Vec<Seq> = volume
-            .on_volume
-            .overlapping(first, first + count)
-            .into_iter()
-            .map(|(_, _, seq)| seq)
-            .collect();
-        records.dedup();
-        for seq in records {
-            if !volume.in_gap {
-                self.save_record(volume, seq)?;
+        end: u64,
+    ) -> Result<MutexGuard<'a, Vec<VolumeState>>, TapError> {
+        loop {
+            volumes = self
+                .settled
+                .wait_while(volumes, |volumes| {
+                    volumes[index].overlaps_in_flight(first, end)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            let volume = &mut volumes[index];
+            let mut records: Vec<Seq> = volume
+                .on_volume
+                .overlapping(first, end)
+                .into_iter()
+                .map(|(_, _, seq)| seq)
+                .collect();
+            if records.is_empty() {
+                return Ok(volumes);
             }
-            volume.on_volume.remove(seq);
+            records.sort_unstable();
+            records.dedup();
+            if volume.in_gap {
+                records.iter().for_each(|&seq| volume.on_volume.remove(seq));
+                continue;
+            }
+            let saves = self.saves_of(volume, &records);
+            volume
+                .in_flight
+                .extend(saves.iter().map(PendingSave::blocks));
+            drop(volumes);
+            let saved = self.save(index, saves.iter());
+            volumes = self.lock();
+            let volume = &mut volumes[index];
+            for save in &saves {
+                volume.stop_flight(save.blocks());
+            }
+            self.settled.notify_all();
+            match saved {
+                Ok(()) => {}
+                Err(TapError::Spool(SpoolError::Full { .. })) => self.open_gap(volume)?,
+                Err(e) => return Err(e),
+            }
+            records.iter().for_each(|&seq| volume.on_volume.remove(seq));
         }
-        Ok(())
     }
 
-    /// Saves the blocks of record `seq` that are still on the volume (from memory, if its data
-    /// is still there).
-    fn save_record(&self, volume: &mut VolumeState, seq: Seq) -> Result<(), TapError> {
-        let recent = self.recent().get(seq);
-        let record_first = recent.as_ref().and(volume.on_volume.first_block_of(seq));
-        for (from, to) in volume.on_volume.parts_of(seq) {
-            let data = match (&recent, record_first) {
-                (Some(data), Some(start)) => {
+    /// What saving `records` takes: each part of theirs still on the volume, with its data
+    /// if that is still in memory.
+    fn saves_of(&self, volume: &VolumeState, records: &[Seq]) -> Vec<PendingSave> {
+        let recent = self.recent();
+        let mut saves = Vec::new();
+        for &seq in records {
+            let data = recent.get(seq).zip(volume.on_volume.first_block_of(seq));
+            for (from, to) in volume.on_volume.parts_of(seq) {
+                let in_memory = data.as_ref().map(|(data, start)| {
                     let at = ((from - start) as usize) * BLOCK_SIZE;
                     data.slice(at..at + (to - from) as usize * BLOCK_SIZE)
-                }
-                _ => read_blocks(volume, from, to - from)?.into(),
-            };
-            match self.spool.save_blocks(seq, BlockNo(from), &data) {
-                Ok(()) => {}
-                Err(SpoolError::Full { .. }) => return self.open_gap(volume),
-                Err(e) => return Err(e.into()),
+                });
+                saves.push(PendingSave {
+                    seq,
+                    from,
+                    to,
+                    in_memory,
+                });
             }
         }
-        Ok(())
+        saves
+    }
+
+    /// Saves `saves` of volume `index` (their blocks in flight, so the volume holds them),
+    /// reading from the volume what is not in memory.
+    fn save<'s>(
+        &self,
+        index: usize,
+        saves: impl Iterator<Item = &'s PendingSave>,
+    ) -> Result<(), TapError> {
+        let (name, file) = &self.files[index];
+        let blocks = saves
+            .map(|save| {
+                let data = match &save.in_memory {
+                    Some(data) => data.clone(),
+                    None => {
+                        let mut data =
+                            BytesMut::zeroed((save.to - save.from) as usize * BLOCK_SIZE);
+                        file.read_exact_at(&mut data, save.from * BLOCK_SIZE_BYTES)
+                            .map_err(|source| TapError::Io {
+                                volume: name.clone(),
+                                context: "read back blocks to save",
+                                source,
+                            })?;
+                        data.freeze()
+                    }
+                };
+                Ok(BlockSave {
+                    seq: save.seq,
+                    first: BlockNo(save.from),
+                    data,
+                })
+            })
+            .collect::<Result<Vec<_>, TapError>>()?;
+        Ok(self.spool.save_blocks(&blocks)?)
     }
 
     /// The collector holds every record through `seq`: frees the spool's segments wholly at
@@ -1380,6 +1475,29 @@ mod tests {
             group.spool.used_bytes() - before < 64 << 10,
             "a 1 MiB write spooled its data"
         );
+    }
+
+    #[test]
+    fn a_change_over_an_unshipped_large_write_is_said_to_wait_for_the_disk_until_it_ships() {
+        let Some((_dir, group)) = one_volume_group() else {
+            return;
+        };
+        let mib = 1 << 20;
+        group
+            .journalled(0, mib, Change::Write(fresh_bytes(1, mib as usize)))
+            .unwrap();
+        assert!(group.change_waits_on_disk(0, mib + 4096, 512));
+        assert!(group.change_waits_on_disk(0, mib - 512, 1024), "an edge");
+        assert!(
+            !group.change_waits_on_disk(0, mib - 4096, 4096),
+            "the block before"
+        );
+        assert!(
+            !group.change_waits_on_disk(0, 2 * mib, 4096),
+            "the block after"
+        );
+        group.release_through(group.spool.last_seq()).unwrap();
+        assert!(!group.change_waits_on_disk(0, mib + 4096, 512), "shipped");
     }
 
     #[test]

@@ -43,6 +43,16 @@ impl OnVolumeMap {
             .collect()
     }
 
+    /// Whether any range has blocks inside `[first, end)` (without collecting them).
+    pub fn overlaps(&self, first: u64, end: u64) -> bool {
+        if first >= end {
+            return false;
+        }
+        let before = self.by_block.range(..first).next_back();
+        before.is_some_and(|(_, &(e, _))| e > first)
+            || self.by_block.range(first..end).next().is_some()
+    }
+
     /// Removes and returns the parts of ranges inside `[first, end)`, as `(first, end, seq)`
     /// in block order; parts outside it stay.
     pub fn take_overlapping(&mut self, first: u64, end: u64) -> Vec<(u64, u64, Seq)> {
@@ -199,6 +209,9 @@ mod tests {
                 }
             }
             assert_eq!(blocks(&map, LEN), model);
+            let (first, end) = (next() % LEN, next() % LEN);
+            let any = (first..end).any(|b| model[b as usize].is_some());
+            assert_eq!(map.overlaps(first, end), any, "[{first}, {end})");
         }
     }
 }

@@ -103,6 +103,11 @@ impl BlockExport for VolumeExport {
         Ok(self.group.flush(self.index)?)
     }
 
+    fn change_waits_on_disk(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        self.group
+            .change_waits_on_disk(self.index, offset_bytes, len_bytes)
+    }
+
     fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<Vec<(u64, bool)>> {
         self.check_range(offset_bytes, len_bytes)?;
         let end = offset_bytes + len_bytes;

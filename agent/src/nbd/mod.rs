@@ -44,6 +44,14 @@ pub trait BlockExport: Send + Sync + 'static {
     ) -> io::Result<()>;
     /// Every write already acknowledged on any connection is durable before this returns.
     fn flush(&self) -> io::Result<()>;
+    /// Whether a change to `[offset, offset+len)` is likely to wait for the disk before it
+    /// can be made (the agent's: it overwrites the only copy of an unshipped large write,
+    /// which is saved first). The server then runs it off the connection's thread, so the
+    /// requests behind it do not queue behind that wait. A hint only; the default is no.
+    fn change_waits_on_disk(&self, offset_bytes: u64, len_bytes: u64) -> bool {
+        let _ = (offset_bytes, len_bytes);
+        false
+    }
     /// Allocation status of `[offset, offset+len)`: runs of (length, is_hole). The default says
     /// "all data", which is always correct.
     fn block_status(&self, offset_bytes: u64, len_bytes: u64) -> io::Result<Vec<(u64, bool)>> {

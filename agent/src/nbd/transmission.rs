@@ -262,7 +262,7 @@ async fn dispatch<R: AsyncRead + Unpin>(
         _slot: slot,
         _bytes: bytes,
     };
-    if op.runs_in_place() && !waits_on_disk(&header) {
+    if op.runs_in_place() && !waits_on_disk(ctx, &header) {
         let result = execute_in_place(&*ctx.export, op, payload);
         let reply = complete(ctx, &header, op, result);
         return send_outgoing(tx, reply, budget).await.err();
@@ -415,8 +415,13 @@ enum Op {
 /// A WRITE that goes to the disk around the page cache ([`suits_direct`]) waits for the disk,
 /// so instead of running in place, where it would hold up every request queued behind it, it
 /// runs on the blocking pool like a FUA write, several at once.
-fn waits_on_disk(header: &RequestHeader) -> bool {
-    header.kind == CMD_WRITE && suits_direct(header.offset, header.len as usize)
+/// Whether an ordinary change waits for the disk: a write large enough to go around the page
+/// cache, or a change the export expects to wait (see [`BlockExport::change_waits_on_disk`]).
+fn waits_on_disk(ctx: &Ctx, header: &RequestHeader) -> bool {
+    (header.kind == CMD_WRITE && suits_direct(header.offset, header.len as usize))
+        || ctx
+            .export
+            .change_waits_on_disk(header.offset, u64::from(header.len))
 }
 
 impl Op {
