@@ -6,20 +6,30 @@
 //! order: a 1 MiB sequential write covering the region once (so the reads later find data),
 //! 4 KiB random writes, 4 KiB random reads; write jobs end with an fsync (NBD FLUSH), which is
 //! counted. Tideline and its peer alternate within a run.
+//!
+//! Each job starts with nothing of the one before still in flight, as the peer's do: after a
+//! job, the collector is let catch up with it before the next starts, and how long that took
+//! after fio finished is reported beside the job (the writes the tap let through faster than
+//! the collector, on the same disk, could take them). Without that wait, the random writes
+//! would be measured while the sequential pass's backlog is shipped and the blocks they
+//! overwrite are saved first.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::fio::{self, Job, Target};
-use crate::procs::{Agent, Collector, QemuNbd};
+use crate::procs::{now_ns, Agent, Collector, Grpc, QemuNbd};
 use crate::report::{Goal, Row};
 use crate::sys::{self, ProcUsage};
 use crate::{Settings, KIB, MIB};
 
 /// Figures of one server in one run: job label -> (IOPS, MB/s, p99 µs).
 type Figures = BTreeMap<&'static str, fio::Outcome>;
+
+/// Per job, seconds from fio's end until the collector held every write of it.
+type Backlogs = BTreeMap<&'static str, f64>;
 
 fn jobs(s: &Settings) -> Vec<(&'static str, Job)> {
     let region = s.tap_region_bytes;
@@ -44,19 +54,40 @@ fn run_jobs(s: &Settings, target: &Target, work: &Path) -> anyhow::Result<Figure
     Ok(figures)
 }
 
+/// [`run_jobs`] through the agent, the collector let catch up after each job.
+fn run_jobs_settled(
+    s: &Settings,
+    target: &Target,
+    work: &Path,
+    collector: &Collector,
+    agent: &Agent,
+) -> anyhow::Result<(Figures, Backlogs)> {
+    let mut grpc = Grpc::connect(&collector.url)?;
+    let (mut figures, mut backlogs) = (Figures::new(), Backlogs::new());
+    for (label, job) in jobs(s) {
+        figures.insert(label, fio::run(&job, target, work)?);
+        let done = Instant::now();
+        grpc.wait_durable(&agent.volume, now_ns())?;
+        backlogs.insert(label, done.elapsed().as_secs_f64());
+    }
+    Ok((figures, backlogs))
+}
+
 fn sparse(path: &Path, len: u64) -> anyhow::Result<()> {
     std::fs::File::create(path)?.set_len(len)?;
     Ok(())
 }
 
-/// One run through NBD: Tideline's figures, its processes' usage, and qemu-nbd's figures.
-fn nbd_run(s: &Settings) -> anyhow::Result<(Figures, [ProcUsage; 2], Figures)> {
+/// One run through NBD: Tideline's figures, its processes' usage, qemu-nbd's figures, and
+/// Tideline's backlogs.
+fn nbd_run(s: &Settings) -> anyhow::Result<(Figures, [ProcUsage; 2], Figures, Backlogs)> {
     let work = sys::fresh_dir(&s.work.join("tap"))?;
     let volume = work.join("volume.img");
     sparse(&volume, s.tap_volume_bytes)?;
     let collector = Collector::start(&s.bin_dir, &work)?;
     let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
-    let ours = run_jobs(s, &Target::Nbd(agent.uri()), &work)?;
+    let (ours, backlogs) =
+        run_jobs_settled(s, &Target::Nbd(agent.uri()), &work, &collector, &agent)?;
     let usage = [agent.proc.usage()?, collector.proc.usage()?];
     drop(agent);
     drop(collector);
@@ -65,7 +96,7 @@ fn nbd_run(s: &Settings) -> anyhow::Result<(Figures, [ProcUsage; 2], Figures)> {
     sparse(&plain, s.tap_volume_bytes)?;
     let qemu = QemuNbd::start(&work, &plain)?;
     let theirs = run_jobs(s, &Target::Nbd(qemu.uri()), &work)?;
-    Ok((ours, usage, theirs))
+    Ok((ours, usage, theirs, backlogs))
 }
 
 /// Rows for the NBD comparison, plus the agent's and collector's peak memory.
@@ -117,6 +148,8 @@ pub fn nbd(s: &Settings) -> anyhow::Result<Vec<Row>> {
         )
         .peer(peer, &pick(theirs, "seqwrite", |o| o.disk_bytes_per_io_byte))
         .note("while fio ran, its final fsync included; the collector shares the disk"),
+        backlog_row("tap NBD", &runs.iter().map(|r| &r.3).collect::<Vec<_>>(), "seqwrite"),
+        backlog_row("tap NBD", &runs.iter().map(|r| &r.3).collect::<Vec<_>>(), "randwrite"),
         Row::new(
             "tap NBD",
             "4 KiB random read QD16",
@@ -155,6 +188,22 @@ pub fn nbd(s: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// How long after job `label` ended the collector held all of it.
+fn backlog_row(section: &str, runs: &[&Backlogs], label: &str) -> Row {
+    let job = match label {
+        "seqwrite" => "1 MiB sequential write QD16",
+        _ => "4 KiB random write QD16",
+    };
+    let seconds: Vec<f64> = runs.iter().map(|b| b[label]).collect();
+    Row::new(
+        section,
+        &format!("{job}: from fio's end until the collector held every write"),
+        "s",
+        &seconds,
+    )
+    .note("the next job starts after it; the collector shares the disk")
+}
+
 /// A loop device over `file` with direct I/O; detached when dropped.
 struct Loop(String);
 
@@ -187,7 +236,7 @@ impl Drop for Loop {
     }
 }
 
-fn fuse_run(s: &Settings) -> anyhow::Result<(Figures, Figures, String)> {
+fn fuse_run(s: &Settings) -> anyhow::Result<(Figures, Figures, String, Backlogs)> {
     let work = sys::fresh_dir(&s.work.join("fuse"))?;
     let volume = work.join("volume.img");
     sparse(&volume, s.tap_volume_bytes)?;
@@ -196,7 +245,8 @@ fn fuse_run(s: &Settings) -> anyhow::Result<(Figures, Figures, String)> {
     let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, Some(&fuse_file))?;
     let device = Loop::attach(&fuse_file)?;
     let dio = device.direct_io();
-    let ours = run_jobs(s, &Target::Device(device.0.clone()), &work)?;
+    let target = Target::Device(device.0.clone());
+    let (ours, backlogs) = run_jobs_settled(s, &target, &work, &collector, &agent)?;
     drop(device);
     drop(agent);
     drop(collector);
@@ -205,7 +255,7 @@ fn fuse_run(s: &Settings) -> anyhow::Result<(Figures, Figures, String)> {
     sparse(&plain, s.tap_volume_bytes)?;
     let device = Loop::attach(&plain)?;
     let theirs = run_jobs(s, &Target::Device(device.0.clone()), &work)?;
-    Ok((ours, theirs, dio))
+    Ok((ours, theirs, dio, backlogs))
 }
 
 /// Rows for FUSE + loop against loop on a plain file (needs root and /dev/fuse).
@@ -246,6 +296,16 @@ pub fn fuse(s: &Settings) -> anyhow::Result<Vec<Row>> {
             &col(true, "seqwrite", |o| o.mb_per_s),
         )
         .peer(peer, &col(false, "seqwrite", |o| o.mb_per_s)),
+        backlog_row(
+            "tap FUSE",
+            &runs.iter().map(|r| &r.3).collect::<Vec<_>>(),
+            "seqwrite",
+        ),
+        backlog_row(
+            "tap FUSE",
+            &runs.iter().map(|r| &r.3).collect::<Vec<_>>(),
+            "randwrite",
+        ),
         Row::new(
             "tap FUSE",
             "4 KiB random read QD16",
