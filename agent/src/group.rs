@@ -37,8 +37,10 @@ use tideline_core::direct::{suits_direct, DirectWriter};
 use crate::on_volume::OnVolumeMap;
 
 /// Most writes to one volume that run with the group lock released at the same time (each
-/// holds a 1 MiB bounce buffer).
-const MAX_UNLOCKED_WRITES: usize = 8;
+/// holds a 1 MiB bounce buffer): as many as fio or qemu keep queued. fio's 2 GiB of 1 MiB
+/// writes at queue depth 16 through the tap, three alternating pairs: 298-304 MB/s with 8,
+/// 322-348 with 16.
+const MAX_UNLOCKED_WRITES: usize = 16;
 
 /// One protected volume's backing store and dirty map.
 pub struct VolumeState {
