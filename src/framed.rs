@@ -116,7 +116,26 @@ fn probe(file: &File, offset: u64, file_len: u64) -> io::Result<Probe> {
 /// reports where the valid entries end. Applies the module's recovery rule; does not truncate.
 pub fn scan_file(
     path: &Path,
+    visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<ScanEnd, ScanError> {
+    scan(path, visit, true)
+}
+
+/// [`scan_file`] for a file whose unsynced tail may hold several entries written before one
+/// sync (their pages may reach the disk in any order): everything from the first bad entry on
+/// is the torn tail, whatever follows it. For a file whose every entry is checked again where
+/// it is used, so that damage to a synced entry costs what it held, never a wrong answer.
+pub fn scan_file_to_first_damage(
+    path: &Path,
+    visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<ScanEnd, ScanError> {
+    scan(path, visit, false)
+}
+
+fn scan(
+    path: &Path,
     mut visit: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    damage_before_valid_is_corruption: bool,
 ) -> Result<ScanEnd, ScanError> {
     let shown = path.display().to_string();
     let io_err = |source| ScanError::Io {
@@ -143,7 +162,9 @@ pub fn scan_file(
                 offset += ENTRY_HEADER_BYTES + body.len() as u64;
             }
             Probe::Bad(reason) => {
-                if valid_entry_follows(&file, offset, file_len).map_err(io_err)? {
+                if damage_before_valid_is_corruption
+                    && valid_entry_follows(&file, offset, file_len).map_err(io_err)?
+                {
                     return Err(ScanError::Corrupt {
                         path: shown,
                         offset,

@@ -12,7 +12,8 @@
 //! * `NNNNNNNNNNNNNNNNNNNN.saved`: beside a segment, blocks of its [`SpoolOp::OnVolume`]
 //!   writes saved before the volume was overwritten ([`Spool::save_blocks`]), one framed entry
 //!   per save (record seq, first block, the blocks). Each save is fdatasynced before the
-//!   overwrite it precedes; deleted with the segment.
+//!   overwrite it precedes (saves made at the same time share one fdatasync); deleted with the
+//!   segment.
 //!
 //! A large aligned write's data is not spooled at all: its record ([`SpoolOp::OnVolume`]) holds
 //! the blocks' hashes, the volume holds the data, and the agent saves those blocks here before
@@ -1329,8 +1330,9 @@ fn saved_entry_head(save: &BlockSave) -> Vec<u8> {
     entry
 }
 
-/// Finds the saved blocks of the kept segments (a torn last entry is cut off: the overwrite it
-/// was to precede never started) and removes `.saved` files whose segment is gone.
+/// Finds the saved blocks of the kept segments (entries from the first torn one on are cut
+/// off: their sync never returned, so the overwrites they were to precede never started) and
+/// removes `.saved` files whose segment is gone.
 fn recover_saved(
     dir: &Path,
     segments: &mut VecDeque<Segment>,
@@ -1342,7 +1344,8 @@ fn recover_saved(
             continue;
         }
         let range = segment.first_seq..=segment.last_seq;
-        let end = framed::scan_file(&path, |offset, body| {
+        // Saves are synced in groups, so the unsynced tail can hold several, any of them torn.
+        let end = framed::scan_file_to_first_damage(&path, |offset, body| {
             let (seq, first, data_len) = parse_saved(body)?;
             if !range.contains(&seq) {
                 return Err(format!(
@@ -1358,8 +1361,9 @@ fn recover_saved(
             Ok(())
         })?;
         if end.torn_bytes > 0 {
-            let why =
-                "truncating a torn save of blocks (the change it was to precede never started)";
+            let why = "truncating saves of blocks from the first torn one on (their sync never \
+                returned, so the changes they were to precede never started; were it damage to \
+                a synced save, its records ship as gaps and are resynced)";
             truncate_torn(&path, end.valid_len_bytes, end.torn_bytes, why)?;
         }
         segment.saved_bytes = end.valid_len_bytes;
@@ -1741,6 +1745,28 @@ mod tests {
             Err(SpoolError::Full { .. })
         ));
         assert!(spool.saved_ranges(seq).is_empty());
+    }
+
+    #[test]
+    fn saves_from_the_first_torn_one_on_are_cut_off_even_with_whole_ones_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(small(dir.path())).unwrap();
+        let (seq, _) = spool.append(SpoolOp::OnVolume(on_volume(0, 3))).unwrap();
+        let block = |n: u8| Bytes::from(vec![n; BLOCK_SIZE]);
+        spool.save_blocks(&[save(seq, 0, &block(1))]).unwrap();
+        let saved_file = saved_path(&segment_path(dir.path(), seq));
+        let synced_len = fs::metadata(&saved_file).unwrap().len();
+        // Two saves written for one sync; the power went before it returned, and only the
+        // second one's pages had reached the disk whole.
+        let pair = [save(seq, 1, &block(2)), save(seq, 2, &block(3))];
+        spool.save_blocks(&pair).unwrap();
+        drop(spool);
+        let file = OpenOptions::new().write(true).open(&saved_file).unwrap();
+        file.write_all_at(&[0xff; 64], synced_len + 100).unwrap();
+        drop(file);
+        let spool = Spool::open(small(dir.path())).unwrap();
+        assert_eq!(spool.saved_blocks(seq).unwrap(), [(BlockNo(0), block(1))]);
+        assert_eq!(fs::metadata(&saved_file).unwrap().len(), synced_len);
     }
 
     #[test]
