@@ -411,6 +411,9 @@ pub struct BlockSave {
     pub data: Bytes,
 }
 
+/// Where a save's entry went: its file and offset, or nowhere (its record was released).
+type SavedAt = Option<(PathBuf, u64)>;
+
 /// Group commit of saves: batches are numbered as they are written; a sync covers every batch
 /// written before it started.
 #[derive(Default)]
@@ -677,13 +680,12 @@ impl Spool {
     /// Reserves `reserved` bytes and appends each save's entry to its segment's `.saved` file,
     /// unsynced; returns the batch to sync and where each entry went (none for a record
     /// already released). One batch writes at a time, so entries do not interleave.
-    #[allow(clippy::type_complexity)]
     fn write_saves(
         &self,
         saves: &[BlockSave],
         entries: &[Vec<u8>],
         reserved: u64,
-    ) -> Result<(u64, Vec<Option<(PathBuf, u64)>>), SpoolError> {
+    ) -> Result<(u64, Vec<SavedAt>), SpoolError> {
         let _writing = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let paths: Vec<Option<PathBuf>> = {
             let mut inner = self.lock();
