@@ -520,17 +520,13 @@ impl Group {
             .map(|save| {
                 let data = match &save.in_memory {
                     Some(data) => data.clone(),
-                    None => {
-                        let mut data =
-                            BytesMut::zeroed((save.to - save.from) as usize * BLOCK_SIZE);
-                        file.read_exact_at(&mut data, save.from * BLOCK_SIZE_BYTES)
-                            .map_err(|source| TapError::Io {
-                                volume: name.clone(),
-                                context: "read back blocks to save",
-                                source,
-                            })?;
-                        data.freeze()
-                    }
+                    None => read_blocks_from(file, save.from, save.to - save.from)
+                        .map_err(|source| TapError::Io {
+                            volume: name.clone(),
+                            context: "read back blocks to save",
+                            source,
+                        })?
+                        .into(),
                 };
                 Ok(BlockSave {
                     seq: save.seq,
@@ -569,10 +565,8 @@ impl Group {
         if let Some(data) = self.recent().get(record.seq) {
             return Ok(data);
         }
-        let (_, file) = self
-            .files
-            .iter()
-            .find(|(n, _)| n == volume)
+        let file = self
+            .volume_file(volume)
             .ok_or_else(|| OnVolumeError::NoSuchVolume(record.seq, volume.clone()))?;
         let mut data = BytesMut::zeroed(blocks.len() * BLOCK_SIZE);
         let read_failed = |source| OnVolumeError::Read {
@@ -898,11 +892,13 @@ fn punch_or_zero(file: &File, offset: u64, len: u64, may_punch: bool) -> io::Res
 
 /// Reads whole blocks `[first, first + count)` from the volume.
 pub fn read_blocks(volume: &VolumeState, first: u64, count: u64) -> Result<Vec<u8>, TapError> {
+    read_blocks_from(&volume.file, first, count).map_err(io_error(volume, "read back blocks"))
+}
+
+/// Reads whole blocks `[first, first + count)` from a volume's file, without the group lock.
+fn read_blocks_from(file: &File, first: u64, count: u64) -> io::Result<Vec<u8>> {
     let mut data = vec![0u8; (count * BLOCK_SIZE_BYTES) as usize];
-    volume
-        .file
-        .read_exact_at(&mut data, first * BLOCK_SIZE_BYTES)
-        .map_err(io_error(volume, "read back blocks"))?;
+    file.read_exact_at(&mut data, first * BLOCK_SIZE_BYTES)?;
     Ok(data)
 }
 
