@@ -7,12 +7,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
 use tideline_core::{GroupName, VolumeName};
 
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 30;
+/// How far behind a connected shipper may fall before large writes wait for it.
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
 #[command(
@@ -49,6 +52,12 @@ pub struct AgentArgs {
     /// Most bytes the spool of one group may hold before writes are tracked in a dirty map.
     #[arg(long)]
     pub spool_max_bytes: Option<u64>,
+    /// While the collector is connected, large writes (64 KiB and up, kept on the volume until
+    /// shipped) wait for the shipper once the oldest it has not taken is this many
+    /// milliseconds old: the recovery point writers are held to. 0 never holds writes up.
+    /// Default 5000.
+    #[arg(long)]
+    pub max_lag_ms: Option<u64>,
     /// Collector URL, e.g. http://127.0.0.1:7100.
     #[arg(long, env = "TIDELINE_COLLECTOR")]
     pub collector: Option<String>,
@@ -86,6 +95,8 @@ pub struct AgentConfig {
     pub nbd_tcp: Option<SocketAddr>,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    /// See [`AgentArgs::max_lag_ms`]; `None` never holds writes up.
+    pub max_lag: Option<Duration>,
     pub collector_url: String,
     pub agent_id: String,
     pub hooks: crate::checkpoint::Hooks,
@@ -177,6 +188,11 @@ impl AgentArgs {
             nbd_tcp,
             spool_dir,
             spool_max_bytes,
+            max_lag: match self.max_lag_ms.or(file.max_lag_ms) {
+                None => Some(DEFAULT_MAX_LAG),
+                Some(0) => None,
+                Some(ms) => Some(Duration::from_millis(ms)),
+            },
             collector_url,
             agent_id: self.agent_id.or(file.agent_id).unwrap_or_else(hostname),
             hooks: crate::checkpoint::Hooks {
@@ -339,6 +355,7 @@ mod tests {
         let names: Vec<_> = config.groups.iter().map(|g| g.name.to_string()).collect();
         assert_eq!(names, ["db", "c"]);
         assert_eq!(config.groups[0].volumes.len(), 2);
+        assert_eq!(config.max_lag, Some(DEFAULT_MAX_LAG));
     }
 
     #[test]
@@ -366,7 +383,7 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "volume = [\"a=/x\"]\nspool_dir = \"/s\"\ncollector = \"http://f:1\"\nnbd_unix = \"/n\"\nspool_max_bytes = 33554432\n",
+            "volume = [\"a=/x\"]\nspool_dir = \"/s\"\ncollector = \"http://f:1\"\nnbd_unix = \"/n\"\nspool_max_bytes = 33554432\nmax_lag_ms = 0\n",
         )
         .unwrap();
         let config = args(&[
@@ -378,6 +395,12 @@ mod tests {
         .unwrap();
         assert_eq!(config.collector_url, "http://cli:2");
         assert_eq!(config.spool_max_bytes, 32 << 20);
+        assert_eq!(config.max_lag, None, "0 never holds writes up");
+        let two_seconds = args(&["--config", path.to_str().unwrap(), "--max-lag-ms=2000"]);
+        assert_eq!(
+            two_seconds.resolve().unwrap().max_lag,
+            Some(Duration::from_secs(2))
+        );
         std::fs::write(&path, "volumes = []\n").unwrap();
         let err = args(&["--config", path.to_str().unwrap()])
             .resolve()

@@ -17,12 +17,12 @@
 //! volume; the next ones wait for a slot of their own, woken one at a time, so a client with
 //! 64 large writes queued does not wake every waiting thread whenever one write finishes.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tideline_core::dirty::{DirtyMap, Opened};
@@ -35,6 +35,7 @@ use tideline_core::{
 use tideline_core::direct::{suits_direct, DirectWriter};
 
 use crate::on_volume::OnVolumeMap;
+use crate::recent::{Paced, RecentWrites};
 
 /// Most writes to one volume that run with the group lock released at the same time (each
 /// holds a 1 MiB bounce buffer): as many as fio or qemu keep queued. fio's 2 GiB of 1 MiB
@@ -101,48 +102,9 @@ pub struct Group {
     unlocked_slots: Vec<Slots>,
     /// Per volume, its name and file, readable without the lock.
     files: Vec<(VolumeName, Arc<File>)>,
-    /// The data of the newest writes spooled without it.
-    recent: Mutex<RecentWrites>,
-}
-
-/// The data of the newest writes spooled without it ([`SpoolOp::OnVolume`]), up to
-/// [`RECENT_WRITES_BYTES`]: a shipper that keeps pace takes it from here instead of reading
-/// it back from the volume (from the disk, as it went around the page cache) and hashing it
-/// again to check it.
-#[derive(Default)]
-struct RecentWrites {
-    bytes: usize,
-    /// In seq order.
-    writes: VecDeque<(Seq, Bytes)>,
-}
-
-/// Most bytes [`RecentWrites`] holds.
-const RECENT_WRITES_BYTES: usize = 64 << 20;
-
-impl RecentWrites {
-    fn keep(&mut self, seq: Seq, data: Bytes) {
-        self.bytes += data.len();
-        self.writes.push_back((seq, data));
-        while self.bytes > RECENT_WRITES_BYTES {
-            let Some((_, old)) = self.writes.pop_front() else {
-                break;
-            };
-            self.bytes -= old.len();
-        }
-    }
-
-    fn get(&self, seq: Seq) -> Option<Bytes> {
-        let at = self.writes.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
-        Some(self.writes[at].1.clone())
-    }
-
-    fn forget_through(&mut self, seq: Seq) {
-        while self.writes.front().is_some_and(|(s, _)| *s <= seq) {
-            if let Some((_, old)) = self.writes.pop_front() {
-                self.bytes -= old.len();
-            }
-        }
-    }
+    /// The data of the newest writes spooled without it, and the pacing of large writes to
+    /// the shipper.
+    pub recent: RecentWrites,
 }
 
 /// A write to be made with the group lock released: volume `index`, blocks `[first, end)`
@@ -248,10 +210,17 @@ impl Group {
                 .iter()
                 .map(|v| (v.name.clone(), v.file.clone()))
                 .collect(),
-            recent: Mutex::default(),
+            recent: RecentWrites::new(None),
             state: Mutex::new(volumes),
             settled: Condvar::new(),
         }
+    }
+
+    /// Large writes wait for a connected shipper `max_lag` behind ([`crate::recent`]); a new
+    /// group never holds writes up.
+    pub fn pacing_writes(mut self, max_lag: Option<Duration>) -> Group {
+        self.recent = RecentWrites::new(max_lag);
+        self
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Vec<VolumeState>> {
@@ -330,9 +299,15 @@ impl Group {
     }
 
     /// A slot of volume `index` if `change` may be written with the lock released.
+    /// Such a write is kept on the volume, its data in memory for the shipper: it is paced to
+    /// the shipper first (see [`crate::recent`]).
     fn slot_for(&self, index: usize, offset: u64, change: &Change) -> Option<Slot<'_>> {
         match change {
             Change::Write(data) if suits_direct(offset, data.len()) => {
+                if self.recent.wait_for_shipper() == Paced::ShipperStalled {
+                    tracing::debug!(group = %self.name,
+                        "the shipper took nothing for a while: a large write goes ahead without it");
+                }
                 Some(self.unlocked_slots[index].take())
             }
             _ => None,
@@ -421,7 +396,7 @@ impl Group {
         };
         if let Some(seq) = self.append_or_mark_gap(volume, SpoolOp::OnVolume(kind))? {
             volume.on_volume.insert(first, end, seq);
-            self.recent().keep(seq, data);
+            self.recent.keep(seq, data);
         }
         Ok(())
     }
@@ -488,10 +463,12 @@ impl Group {
     /// What saving `records` takes: each part of theirs still on the volume, with its data
     /// if that is still in memory.
     fn saves_of(&self, volume: &VolumeState, records: &[Seq]) -> Vec<PendingSave> {
-        let recent = self.recent();
         let mut saves = Vec::new();
         for &seq in records {
-            let data = recent.get(seq).zip(volume.on_volume.first_block_of(seq));
+            let data = self
+                .recent
+                .get(seq)
+                .zip(volume.on_volume.first_block_of(seq));
             for (from, to) in volume.on_volume.parts_of(seq) {
                 let in_memory = data.as_ref().map(|(data, start)| {
                     let at = ((from - start) as usize) * BLOCK_SIZE;
@@ -544,7 +521,7 @@ impl Group {
         for volume in self.lock().iter_mut() {
             volume.on_volume.forget_through(seq);
         }
-        self.recent().forget_through(seq);
+        self.recent.forget_through(seq);
         self.spool.release_through(seq)
     }
 
@@ -562,7 +539,7 @@ impl Group {
             return Err(OnVolumeError::NotAWrite(record.seq));
         };
         // The bytes the write brought, which its hashes were taken from.
-        if let Some(data) = self.recent().get(record.seq) {
+        if let Some(data) = self.recent.take(record.seq) {
             return Ok(data);
         }
         let file = self
@@ -616,10 +593,6 @@ impl Group {
             v.dirty.mark(first.0, count);
             v.dirty.set_resync_pending(true);
         }
-    }
-
-    fn recent(&self) -> MutexGuard<'_, RecentWrites> {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The file of the volume called `name`, readable without the group lock.
@@ -1208,7 +1181,7 @@ mod tests {
     /// The volume as the spool's records describe it (the data of writes kept on the volume
     /// read back from it and the saved blocks, not from memory).
     fn replay(group: &Group) -> Vec<u8> {
-        *group.recent() = RecentWrites::default();
+        group.recent.forget_all();
         let mut image = vec![0u8; VOLUME_BYTES as usize];
         let mut reader = group.spool.reader(Seq(1));
         while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
@@ -1336,6 +1309,43 @@ mod tests {
         assert_eq!(firsts, [300, 10]);
     }
 
+    /// The record of write `seq`, spooled without its data.
+    fn on_volume_record(group: &Group, seq: Seq) -> Record {
+        let entry = group
+            .spool
+            .reader(seq)
+            .next_entry(&group.spool)
+            .unwrap()
+            .unwrap();
+        let SpoolOp::OnVolume(kind) = entry.op else {
+            panic!("a large aligned write was spooled with its data");
+        };
+        Record {
+            seq,
+            time: entry.time,
+            kind,
+        }
+    }
+
+    #[test]
+    fn a_large_write_waits_for_a_connected_shipper_behind_the_bound_and_small_writes_do_not() {
+        let temp = tempfile::tempdir().unwrap();
+        let Some(group) = open_group(temp.path()) else {
+            return;
+        };
+        let group = Arc::new(group.pacing_writes(Some(Duration::ZERO)));
+        group.recent.shipper_connected(true);
+        let mib = 1 << 20;
+        group
+            .journalled(0, 0, Change::Write(fresh_bytes(1, mib)))
+            .unwrap();
+        let unshipped = on_volume_record(&group, group.spool.last_seq());
+        let change = Change::Write(fresh_bytes(2, mib));
+        waits_until_released(&group, 2 * mib as u64, change, "an untaken write", || {
+            group.on_volume_data(&unshipped).unwrap();
+        });
+    }
+
     #[test]
     fn a_large_write_waits_for_a_free_slot_and_small_writes_do_not() {
         let Some((_dir, group)) = one_volume_group() else {
@@ -1402,7 +1412,7 @@ mod tests {
     /// blocks; returns how many were kept on the volume.
     fn assert_writes_ship_their_own_bytes(group: &Group, writes: &[(Seq, Bytes)]) -> usize {
         assert_writes_read_back(group, writes);
-        *group.recent() = RecentWrites::default();
+        group.recent.forget_all();
         assert_writes_read_back(group, writes)
     }
 
@@ -1499,21 +1509,6 @@ mod tests {
     }
 
     #[test]
-    fn recent_writes_hold_at_most_their_budget_and_forget_what_shipped() {
-        let mut recent = RecentWrites::default();
-        let mib = Bytes::from(vec![1u8; 1 << 20]);
-        for seq in 1..=100 {
-            recent.keep(Seq(seq), mib.clone());
-        }
-        assert_eq!(recent.bytes, RECENT_WRITES_BYTES);
-        assert!(recent.get(Seq(36)).is_none());
-        assert_eq!(recent.get(Seq(37)), Some(mib.clone()));
-        recent.forget_through(Seq(90));
-        assert_eq!((recent.bytes, recent.writes.len()), (10 << 20, 10));
-        assert!(recent.get(Seq(90)).is_none() && recent.get(Seq(91)).is_some());
-    }
-
-    #[test]
     fn blocks_changed_behind_the_agents_back_are_lost_not_shipped_wrong() {
         let Some((_dir, group)) = one_volume_group() else {
             return;
@@ -1521,21 +1516,7 @@ mod tests {
         group
             .journalled(0, 0, Change::Write(fresh_bytes(1, 256 * BLOCK_SIZE)))
             .unwrap();
-        let seq = group.spool.last_seq();
-        let entry = group
-            .spool
-            .reader(seq)
-            .next_entry(&group.spool)
-            .unwrap()
-            .unwrap();
-        let SpoolOp::OnVolume(kind) = entry.op else {
-            panic!("a 1 MiB aligned write was spooled with its data");
-        };
-        let record = Record {
-            seq,
-            time: entry.time,
-            kind,
-        };
+        let record = on_volume_record(&group, group.spool.last_seq());
         group.lock()[0]
             .file
             .write_all_at(&[7u8; 512], 8192)
@@ -1545,7 +1526,7 @@ mod tests {
             group.on_volume_data(&record).unwrap().len(),
             256 * BLOCK_SIZE
         );
-        *group.recent() = RecentWrites::default();
+        group.recent.forget_all();
         match group.on_volume_data(&record) {
             Err(OnVolumeError::Lost { first, count, .. }) => assert_eq!((first.0, count), (0, 256)),
             other => panic!("{other:?}"),

@@ -15,6 +15,7 @@ pub mod fuse;
 pub mod group;
 pub mod nbd;
 mod on_volume;
+mod recent;
 pub mod shipper;
 pub mod volume;
 
@@ -309,7 +310,7 @@ fn open_group(config: &AgentConfig, spec: &GroupSpec) -> anyhow::Result<Group> {
             on_volume: Default::default(),
         });
     }
-    Ok(Group::new(spec.name.clone(), spool, volumes))
+    Ok(Group::new(spec.name.clone(), spool, volumes).pacing_writes(config.max_lag))
 }
 
 /// Journals dirty blocks in the background until `stop` flips.

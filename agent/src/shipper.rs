@@ -258,6 +258,7 @@ impl Session {
             orders,
             self.fenced.clone(),
         )));
+        let _paced = PacedWhileConnected::new(&self.group);
         self.pump(durable, &tx, reply_rx, durable_rx).await
     }
 
@@ -481,6 +482,23 @@ impl Session {
             .map(|&i| asked.get(i as usize).copied())
             .collect::<Option<Vec<u32>>>()
             .ok_or_else(|| "collector answered a have-query with an index out of range".into())
+    }
+}
+
+/// Large writes are paced to this session's shipper (see [`crate::recent`]) until it ends,
+/// however it ends.
+struct PacedWhileConnected<'g>(&'g Group);
+
+impl<'g> PacedWhileConnected<'g> {
+    fn new(group: &'g Group) -> Self {
+        group.recent.shipper_connected(true);
+        PacedWhileConnected(group)
+    }
+}
+
+impl Drop for PacedWhileConnected<'_> {
+    fn drop(&mut self) {
+        self.0.recent.shipper_connected(false);
     }
 }
 

@@ -94,6 +94,7 @@ async fn start_agent(
         nbd_tcp: None,
         spool_dir: dir.join("spool"),
         spool_max_bytes: 1 << 30,
+        max_lag: Some(tideline_agent::config::DEFAULT_MAX_LAG),
         collector_url: collector_url.to_owned(),
         agent_id: "demo".into(),
         hooks: Default::default(),

@@ -56,6 +56,7 @@ fn start(pre_hook: Option<String>) -> Cluster {
             nbd_tcp: None,
             spool_dir: dir.path().join("spool"),
             spool_max_bytes: 64 << 20,
+            max_lag: Some(tideline_agent::config::DEFAULT_MAX_LAG),
             collector_url: url.clone(),
             agent_id: "test".into(),
             hooks: tideline_agent::checkpoint::Hooks {

@@ -412,11 +412,11 @@ enum Op {
     Nothing,
 }
 
-/// A WRITE that goes to the disk around the page cache ([`suits_direct`]) waits for the disk,
-/// so instead of running in place, where it would hold up every request queued behind it, it
-/// runs on the blocking pool like a FUA write, several at once.
 /// Whether an ordinary change waits for the disk: a write large enough to go around the page
-/// cache, or a change the export expects to wait (see [`BlockExport::change_waits_on_disk`]).
+/// cache ([`suits_direct`]), or a change the export expects to wait (see
+/// [`BlockExport::change_waits_on_disk`]). Instead of running in place, where it would hold up
+/// every request queued behind it, such a change runs on the blocking pool like a FUA write,
+/// several at once.
 fn waits_on_disk(ctx: &Ctx, header: &RequestHeader) -> bool {
     (header.kind == CMD_WRITE && suits_direct(header.offset, header.len as usize))
         || ctx
