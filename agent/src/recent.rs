@@ -37,6 +37,14 @@ pub const RECENT_WRITES_BYTES: usize = 64 << 20;
 /// A connected shipper that has taken nothing for this long is stalled: writes stop waiting.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 
+/// Writes kept within this long of the first of a run are one run for the lag: the lag is
+/// known to this much, and a run is noted at most 100 times a second.
+const RUN_GRANULE: Duration = Duration::from_millis(10);
+
+/// Most runs noted: a stalled shipper stays connected for as long as the collector does, and
+/// past this, new writes join the newest run (so the lag is taken as larger, never smaller).
+const MAX_UNTAKEN_RUNS: usize = 1 << 16;
+
 /// Why [`RecentWrites::wait_for_shipper`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Paced {
@@ -63,8 +71,8 @@ struct Window {
     bytes: usize,
     /// In seq order.
     writes: VecDeque<Kept>,
-    /// While a shipper is connected: the writes kept since that it has not taken, oldest
-    /// first, and when it last took one.
+    /// While a shipper is connected: the writes kept since that it has not taken, and when it
+    /// last took one.
     shipper: Option<Shipper>,
     /// Writes waiting for the shipper.
     waiting: usize,
@@ -76,6 +84,8 @@ struct Kept {
 }
 
 struct Shipper {
+    /// Runs of writes it has not taken, oldest first: the last seq of each, and when its first
+    /// was kept.
     untaken: VecDeque<(Seq, Instant)>,
     /// The newest seq taken.
     taken_through: Seq,
@@ -107,7 +117,7 @@ impl RecentWrites {
         if let Some(shipper) = &mut window.shipper {
             // The shipper may read a record the moment it is spooled, before this.
             if seq > shipper.taken_through {
-                shipper.untaken.push_back((seq, Instant::now()));
+                shipper.kept(seq, Instant::now(), MAX_UNTAKEN_RUNS);
             }
         }
         window.bytes += data.len();
@@ -224,6 +234,17 @@ impl Window {
 }
 
 impl Shipper {
+    /// Write `seq` was kept at `now`: a run of its own, or the end of the newest.
+    fn kept(&mut self, seq: Seq, now: Instant, max_runs: usize) {
+        let full = self.untaken.len() >= max_runs;
+        match self.untaken.back_mut() {
+            Some((last, since)) if full || now.duration_since(*since) < RUN_GRANULE => {
+                *last = seq;
+            }
+            _ => self.untaken.push_back((seq, now)),
+        }
+    }
+
     /// Every write through `seq` is taken; taking one it had not counts as progress.
     fn took_through(&mut self, seq: Seq) {
         self.taken_through = self.taken_through.max(seq);
@@ -313,6 +334,32 @@ mod tests {
     }
 
     #[test]
+    fn untaken_writes_are_noted_in_runs_of_bounded_number() {
+        let mut shipper = Shipper {
+            untaken: VecDeque::new(),
+            taken_through: Seq::ZERO,
+            last_took: Instant::now(),
+        };
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        shipper.kept(Seq(1), at(0), 3);
+        shipper.kept(Seq(2), at(9), 3);
+        shipper.kept(Seq(3), at(10), 3);
+        shipper.kept(Seq(4), at(30), 3);
+        assert_eq!(
+            shipper.untaken,
+            [(Seq(2), at(0)), (Seq(3), at(10)), (Seq(4), at(30))]
+        );
+        // At the bound, a later write joins the newest run.
+        shipper.kept(Seq(5), at(50), 3);
+        assert_eq!(shipper.untaken.back(), Some(&(Seq(5), at(30))));
+        // A run is taken once its last write is: until then its first write's age is the lag.
+        shipper.took_through(Seq(2));
+        shipper.took_through(Seq(4));
+        assert_eq!(shipper.untaken, [(Seq(5), at(30))]);
+    }
+
+    #[test]
     fn a_write_behind_the_bound_waits_until_the_shipper_takes_every_old_write() {
         let recent = Arc::new(RecentWrites::new(Some(Duration::ZERO)));
         recent.shipper_connected(true);
@@ -340,13 +387,12 @@ mod tests {
     #[test]
     fn a_write_stops_waiting_for_a_shipper_that_takes_nothing() {
         let recent = RecentWrites::with_stall(Some(Duration::ZERO), Duration::from_millis(50));
+        let connected = Instant::now();
         recent.shipper_connected(true);
         kept_mibs(&recent, 1..=3);
-        assert!(recent.take(Seq(1)).is_some());
-        let started = Instant::now();
         assert_eq!(recent.wait_for_shipper(), Paced::ShipperStalled);
-        assert!(started.elapsed() >= Duration::from_millis(50));
-        // Taking the same write again is no progress: still stalled.
+        assert!(connected.elapsed() >= Duration::from_millis(50));
+        // Taking a write is progress only once its whole run is taken: still stalled.
         assert!(recent.take(Seq(1)).is_some());
         assert_eq!(recent.wait_for_shipper(), Paced::ShipperStalled);
     }
