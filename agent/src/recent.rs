@@ -140,8 +140,8 @@ impl RecentWrites {
     pub fn take(&self, seq: Seq) -> Option<Bytes> {
         let mut window = self.window();
         if let Some(shipper) = &mut window.shipper {
-            shipper.took_through(seq);
-            if window.waiting > 0 {
+            // Woken only when the lag may have dropped: at most once a run.
+            if shipper.took_through(seq) && window.waiting > 0 {
                 self.taken.notify_all();
             }
         }
@@ -152,8 +152,8 @@ impl RecentWrites {
     pub fn forget_through(&self, seq: Seq) {
         let mut window = self.window();
         if let Some(shipper) = &mut window.shipper {
-            shipper.took_through(seq);
-            if window.waiting > 0 {
+            // Woken only when the lag may have dropped: at most once a run.
+            if shipper.took_through(seq) && window.waiting > 0 {
                 self.taken.notify_all();
             }
         }
@@ -245,16 +245,18 @@ impl Shipper {
         }
     }
 
-    /// Every write through `seq` is taken; taking one it had not counts as progress.
-    fn took_through(&mut self, seq: Seq) {
+    /// Every write through `seq` is taken. True when that finished a run (progress).
+    fn took_through(&mut self, seq: Seq) -> bool {
         self.taken_through = self.taken_through.max(seq);
         let before = self.untaken.len();
         while self.untaken.front().is_some_and(|&(s, _)| s <= seq) {
             self.untaken.pop_front();
         }
-        if self.untaken.len() < before {
+        let progressed = self.untaken.len() < before;
+        if progressed {
             self.last_took = Instant::now();
         }
+        progressed
     }
 }
 
@@ -354,9 +356,10 @@ mod tests {
         shipper.kept(Seq(5), at(50), 3);
         assert_eq!(shipper.untaken.back(), Some(&(Seq(5), at(30))));
         // A run is taken once its last write is: until then its first write's age is the lag.
-        shipper.took_through(Seq(2));
-        shipper.took_through(Seq(4));
+        assert!(shipper.took_through(Seq(2)));
+        assert!(shipper.took_through(Seq(4)));
         assert_eq!(shipper.untaken, [(Seq(5), at(30))]);
+        assert!(!shipper.took_through(Seq(4)), "nothing more taken");
     }
 
     #[test]
