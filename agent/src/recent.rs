@@ -284,6 +284,15 @@ mod tests {
         }
     }
 
+    /// A connected shipper that has taken none of writes 1..=3, with a bound of zero: any write
+    /// waits for it.
+    fn shipper_behind_on_three_writes() -> Arc<RecentWrites> {
+        let recent = Arc::new(RecentWrites::new(Some(Duration::ZERO)));
+        recent.shipper_connected(true);
+        kept_mibs(&recent, 1..=3);
+        recent
+    }
+
     /// A write waiting on its own thread for the shipper of `recent`.
     fn waiting_writer(recent: &Arc<RecentWrites>) -> std::thread::JoinHandle<Paced> {
         let recent = recent.clone();
@@ -364,9 +373,7 @@ mod tests {
 
     #[test]
     fn a_write_behind_the_bound_waits_until_the_shipper_takes_every_old_write() {
-        let recent = Arc::new(RecentWrites::new(Some(Duration::ZERO)));
-        recent.shipper_connected(true);
-        kept_mibs(&recent, 1..=3);
+        let recent = shipper_behind_on_three_writes();
         let writer = waiting_writer(&recent);
         until_waiting(&recent, 1);
         assert!(recent.take(Seq(2)).is_some());
@@ -378,9 +385,7 @@ mod tests {
 
     #[test]
     fn the_collectors_acknowledgement_counts_as_taken() {
-        let recent = Arc::new(RecentWrites::new(Some(Duration::ZERO)));
-        recent.shipper_connected(true);
-        kept_mibs(&recent, 1..=3);
+        let recent = shipper_behind_on_three_writes();
         let writer = waiting_writer(&recent);
         until_waiting(&recent, 1);
         recent.forget_through(Seq(3));
@@ -402,9 +407,7 @@ mod tests {
 
     #[test]
     fn a_shipper_going_away_releases_the_waiting_writes() {
-        let recent = Arc::new(RecentWrites::new(Some(Duration::ZERO)));
-        recent.shipper_connected(true);
-        kept_mibs(&recent, 1..=3);
+        let recent = shipper_behind_on_three_writes();
         let writers: Vec<_> = (0..3).map(|_| waiting_writer(&recent)).collect();
         until_waiting(&recent, 3);
         recent.shipper_connected(false);
