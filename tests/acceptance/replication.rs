@@ -744,6 +744,20 @@ fn a_failover_to_a_site_behind_the_freed_spool_continues_after_a_gap_and_resync(
     drop(writer);
 
     let (seq_at_failover, agent_at_b) = site.fail_over_and_move_the_agent();
+    // The agent journals the gap before B accepts its spool as a successor; once B holds
+    // everything up to a moment after that, `complete` can only mean the resync is done (the
+    // volume was complete at B before the gap arrived, so waiting for `complete` alone could
+    // end before it).
+    harness::wait_for(
+        "B to accept the agent's spool as a successor",
+        STARTUP_TIMEOUT,
+        || {
+            let log = agent_at_b.log_text();
+            log.contains("accepted this spool as the successor")
+                .then_some(())
+        },
+    );
+    harness::wait_durable(&url_b, "db", &harness::now_rfc3339());
     harness::wait_for(
         "B to hold the agent's gap and resync",
         STARTUP_TIMEOUT,
