@@ -170,7 +170,7 @@ fn run_once(s: &Settings) -> anyhow::Result<Sample> {
     let volume = work.join("volume.img");
     std::fs::File::create(&volume)?.set_len(s.history_volume_bytes)?;
     let mut collector = Collector::start(&s.bin_dir, &work)?;
-    let mut agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
+    let mut agent = Agent::start(s, &work, &collector, &volume, None)?;
     let mut grpc = Grpc::connect(&collector.url)?;
     sys::run(
         restic(&work).args(["init", "--repository-version", "2"]),

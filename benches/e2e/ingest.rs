@@ -38,7 +38,7 @@ fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
     std::fs::File::create(&volume)?.set_len(size)?;
     let data_bytes = data::data_bytes(source)?;
     let collector = Collector::start(&s.bin_dir, &work)?;
-    let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
+    let agent = Agent::start(s, &work, &collector, &volume, None)?;
     let mut grpc = Grpc::connect(&collector.url)?;
     let cpu_before = agent.proc.usage()?.cpu_seconds + collector.proc.usage()?.cpu_seconds;
     let disk_before = sys::device_written_bytes(&work);

@@ -78,6 +78,10 @@ pub struct Settings {
     pub history_volume_bytes: u64,
     pub history_rounds: usize,
     pub rewrite_fraction: f64,
+    /// Added to every agent's command line (`TIDELINE_BENCH_AGENT_ARGS`).
+    pub agent_args: Vec<String>,
+    /// Keep each scenario's scratch files (its last run's) instead of removing them.
+    pub keep_work: bool,
 }
 
 impl Settings {
@@ -124,6 +128,12 @@ impl Settings {
             history_volume_bytes: if quick { 512 * MIB } else { 4 * GIB },
             history_rounds: 4,
             rewrite_fraction: 0.05,
+            agent_args: std::env::var("TIDELINE_BENCH_AGENT_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            keep_work: env_on("TIDELINE_BENCH_KEEP_WORK"),
         }
     }
 
@@ -232,6 +242,14 @@ fn environment(s: &Settings) -> Vec<(String, String)> {
             },
         ),
         ("runs per figure".into(), s.runs.to_string()),
+        (
+            "agent options".into(),
+            if s.agent_args.is_empty() {
+                "defaults".into()
+            } else {
+                s.agent_args.join(" ")
+            },
+        ),
         ("started".into(), time),
         ("commit".into(), commit),
         (
@@ -301,7 +319,9 @@ fn main() -> anyhow::Result<()> {
         );
         report.write(&s.out_dir)?;
         // Each scenario leaves gigabytes of volumes and stores behind; the next needs the room.
-        let _ = std::fs::remove_dir_all(&s.work);
+        if !s.keep_work {
+            let _ = std::fs::remove_dir_all(&s.work);
+        }
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     report

@@ -14,6 +14,7 @@ use tideline_agent::nbd::NbdClient;
 use tideline_proto::v1;
 
 use crate::sys::{self, ProcUsage};
+use crate::Settings;
 
 const STARTUP: Duration = Duration::from_secs(120);
 
@@ -176,8 +177,9 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent; `fuse` also exposes the volume as that file. Returns once NBD answers
     /// and the collector holds the volume's complete journal.
+    /// `s.agent_args` are added to its command line.
     pub fn start(
-        bin_dir: &Path,
+        s: &Settings,
         work: &Path,
         collector: &Collector,
         volume_path: &Path,
@@ -189,8 +191,9 @@ impl Agent {
         if let Some(fuse) = fuse {
             spec.push_str(&format!(",fuse={}", fuse.display()));
         }
-        let mut command = Command::new(bin_dir.join("tideline-agent"));
+        let mut command = Command::new(s.bin_dir.join("tideline-agent"));
         command
+            .args(&s.agent_args)
             .arg("--volume")
             .arg(spec)
             .arg("--nbd-unix")

@@ -153,7 +153,7 @@ fn run_once(s: &Settings, replicated: bool) -> anyhow::Result<Run> {
         )?,
         None => Collector::start(&s.bin_dir, &work)?,
     };
-    let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
+    let agent = Agent::start(s, &work, &collector, &volume, None)?;
     let sites: Vec<&Collector> = std::iter::once(&collector).chain(&replica).collect();
     let mut levels = Vec::new();
     for rate in &s.rpo_rates {

@@ -85,7 +85,7 @@ fn nbd_run(s: &Settings) -> anyhow::Result<(Figures, [ProcUsage; 2], Figures, Ba
     let volume = work.join("volume.img");
     sparse(&volume, s.tap_volume_bytes)?;
     let collector = Collector::start(&s.bin_dir, &work)?;
-    let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, None)?;
+    let agent = Agent::start(s, &work, &collector, &volume, None)?;
     let (ours, backlogs) =
         run_jobs_settled(s, &Target::Nbd(agent.uri()), &work, &collector, &agent)?;
     let usage = [agent.proc.usage()?, collector.proc.usage()?];
@@ -242,7 +242,7 @@ fn fuse_run(s: &Settings) -> anyhow::Result<(Figures, Figures, String, Backlogs)
     sparse(&volume, s.tap_volume_bytes)?;
     let fuse_file = work.join("fuse-export");
     let collector = Collector::start(&s.bin_dir, &work)?;
-    let agent = Agent::start(&s.bin_dir, &work, &collector, &volume, Some(&fuse_file))?;
+    let agent = Agent::start(s, &work, &collector, &volume, Some(&fuse_file))?;
     let device = Loop::attach(&fuse_file)?;
     let dio = device.direct_io();
     let target = Target::Device(device.0.clone());
