@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tideline_core::dirty::{DirtyMap, Opened};
 use tideline_core::record::{Record, RecordKind, WriteOrigin};
 use tideline_core::spool::{BlockSave, Spool, SpoolError, SpoolOp, Succession};
@@ -32,7 +32,7 @@ use tideline_core::{
     block, BlockNo, ChunkHash, GroupName, Seq, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
 };
 
-use tideline_core::direct::{suits_direct, DirectWriter};
+use tideline_core::direct::{suits_direct, BlockReader, DirectWriter};
 
 use crate::on_volume::OnVolumeMap;
 use crate::recent::{Paced, RecentWrites};
@@ -101,7 +101,7 @@ pub struct Group {
     /// Per volume, the writes that may run with the lock released at once.
     unlocked_slots: Vec<Slots>,
     /// Per volume, its name and file, readable without the lock.
-    files: Vec<(VolumeName, Arc<File>)>,
+    files: Vec<(VolumeName, BlockReader)>,
     /// The data of the newest writes spooled without it, and the pacing of large writes to
     /// the shipper.
     pub recent: RecentWrites,
@@ -208,7 +208,7 @@ impl Group {
                 .collect(),
             files: volumes
                 .iter()
-                .map(|v| (v.name.clone(), v.file.clone()))
+                .map(|v| (v.name.clone(), BlockReader::new(&v.path, v.file.clone())))
                 .collect(),
             recent: RecentWrites::new(None),
             state: Mutex::new(volumes),
@@ -497,7 +497,7 @@ impl Group {
             .map(|save| {
                 let data = match &save.in_memory {
                     Some(data) => data.clone(),
-                    None => read_blocks_from(file, save.from, save.to - save.from)
+                    None => read_blocks_from(file.file(), save.from, save.to - save.from)
                         .map_err(|source| TapError::Io {
                             volume: name.clone(),
                             context: "read back blocks to save",
@@ -545,13 +545,13 @@ impl Group {
         let file = self
             .volume_file(volume)
             .ok_or_else(|| OnVolumeError::NoSuchVolume(record.seq, volume.clone()))?;
-        let mut data = BytesMut::zeroed(blocks.len() * BLOCK_SIZE);
         let read_failed = |source| OnVolumeError::Read {
             seq: record.seq,
             volume: volume.clone(),
             source,
         };
-        file.read_exact_at(&mut data, first.0 * BLOCK_SIZE_BYTES)
+        let mut data = file
+            .read_exact_at(blocks.len() * BLOCK_SIZE, first.0 * BLOCK_SIZE_BYTES)
             .map_err(read_failed)?;
         if block::chunks_of(&data) == *blocks {
             return Ok(data.freeze());
@@ -595,8 +595,8 @@ impl Group {
         }
     }
 
-    /// The file of the volume called `name`, readable without the group lock.
-    pub fn volume_file(&self, name: &VolumeName) -> Option<&Arc<File>> {
+    /// The reader of the volume called `name`, usable without the group lock.
+    pub fn volume_file(&self, name: &VolumeName) -> Option<&BlockReader> {
         self.files.iter().find(|(n, _)| n == name).map(|(_, f)| f)
     }
 
@@ -1083,7 +1083,7 @@ impl Group {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::Arc;
     use tideline_core::spool::SpoolConfig;
@@ -1094,7 +1094,7 @@ mod tests {
     /// A group of one 8 MiB volume in a temporary directory (kept alive by the returned
     /// handle); `None` (skipped, or failed under CI) where the filesystem refuses direct I/O,
     /// since then no write would run with the lock released.
-    fn one_volume_group() -> Option<(tempfile::TempDir, Arc<Group>)> {
+    pub(crate) fn one_volume_group() -> Option<(tempfile::TempDir, Arc<Group>)> {
         let temp = tempfile::tempdir().unwrap();
         let group = open_group(temp.path())?;
         Some((temp, Arc::new(group)))
@@ -1363,7 +1363,7 @@ mod tests {
     }
 
     /// Bytes no other change writes: a xorshift stream seeded by `seed`.
-    fn fresh_bytes(seed: u64, len: usize) -> Bytes {
+    pub(crate) fn fresh_bytes(seed: u64, len: usize) -> Bytes {
         let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..len)
             .map(|_| {

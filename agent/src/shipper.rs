@@ -52,6 +52,10 @@ pub const LINGER_MIN_BYTES: usize = 1 << 20;
 pub const LINGER: Duration = Duration::from_millis(10);
 /// Largest gRPC message either side accepts (a 32 MiB NBD write plus framing fits).
 pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
+/// Writes of a batch read back from the volume at once: each read waits for the disk (they go
+/// around the page cache, so nothing reads ahead), and one at a time a shipper behind its
+/// writers read random data back at half the rate they wrote it.
+const READ_BACK_THREADS: usize = 4;
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -623,12 +627,16 @@ fn prepare_batch(group: &Group, reader: &mut SpoolReader) -> Result<Option<Prepa
     let mut data_bytes = 0usize;
     let deadline = Instant::now() + LINGER;
     loop {
+        let mut entries = Vec::new();
         while data_bytes < BATCH_MAX_BYTES {
             let Some(entry) = reader.next_entry(&group.spool).map_err(|e| e.to_string())? else {
                 break;
             };
             data_bytes += entry_data_len(&entry);
-            let record = to_record(with_data(group, record_of(entry))?, &mut seen, &mut batch);
+            entries.push(record_of(entry));
+        }
+        for with_data in all_with_data(group, entries)? {
+            let record = to_record(with_data, &mut seen, &mut batch);
             batch.last_seq = record.seq;
             batch.records.push(v1::Record::from(&record));
         }
@@ -676,16 +684,61 @@ fn record_of(entry: SpoolEntry) -> (Record, Option<Bytes>) {
     (record, data)
 }
 
+/// [`with_data`] of each of `records`, in order. Writes to read back from the volume are split
+/// into runs of neighbouring records, read on up to [`READ_BACK_THREADS`] threads at once.
+fn all_with_data(
+    group: &Group,
+    records: Vec<(Record, Option<Bytes>)>,
+) -> Result<Vec<(Record, Option<Bytes>)>, String> {
+    let to_read = records.iter().filter(|r| needs_read_back(r)).count();
+    if to_read < 2 {
+        return records.into_iter().map(|r| with_data(group, r)).collect();
+    }
+    let share = records.len().div_ceil(READ_BACK_THREADS);
+    let mut records = records.into_iter();
+    let runs: Vec<Vec<_>> = std::iter::from_fn(|| {
+        let run: Vec<_> = records.by_ref().take(share).collect();
+        (!run.is_empty()).then_some(run)
+    })
+    .collect();
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = runs
+            .into_iter()
+            .map(|run| {
+                scope.spawn(move || {
+                    run.into_iter()
+                        .map(|r| with_data(group, r))
+                        .collect::<Result<Vec<_>, String>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for reader in readers {
+            let run = reader
+                .join()
+                .map_err(|_| "a thread reading writes back from the volume panicked")?;
+            all.extend(run?);
+        }
+        Ok(all)
+    })
+}
+
+/// True for a write spooled without its data.
+fn needs_read_back((record, data): &(Record, Option<Bytes>)) -> bool {
+    data.is_none() && matches!(record.kind, RecordKind::Write { .. })
+}
+
 /// A record and its write's data, read back from the volume for a write spooled without it. If
 /// that data was lost (the volume changed and the blocks were not saved), the record is
 /// shipped as a `Gap` of its volume instead, and a resync journals the blocks again.
 fn with_data(
     group: &Group,
-    (record, data): (Record, Option<Bytes>),
+    spooled: (Record, Option<Bytes>),
 ) -> Result<(Record, Option<Bytes>), String> {
-    if data.is_some() || !matches!(record.kind, RecordKind::Write { .. }) {
-        return Ok((record, data));
+    if !needs_read_back(&spooled) {
+        return Ok(spooled);
     }
+    let (record, _) = spooled;
     match group.on_volume_data(&record) {
         Ok(data) => Ok((record, Some(data))),
         Err(OnVolumeError::Lost {
@@ -792,5 +845,46 @@ mod tests {
         let rest = prepare_batch(&group, &mut reader).unwrap().unwrap();
         assert_eq!(rest.records.len(), 1);
         assert_eq!(rest.last_seq, Seq(writes as u64));
+    }
+
+    #[test]
+    fn writes_read_back_from_the_volume_side_by_side_come_back_in_order_with_their_bytes() {
+        use crate::group::tests::{fresh_bytes, one_volume_group};
+        use crate::group::Change;
+        let Some((_dir, group)) = one_volume_group() else {
+            return;
+        };
+        // Large writes, each of its own bytes, kept on the volume alone once memory forgets them.
+        let len = 256 << 10;
+        let writes: Vec<Bytes> = (0..12).map(|n| fresh_bytes(n, len)).collect();
+        for (n, data) in writes.iter().enumerate() {
+            let offset = (n * len) as u64;
+            group
+                .journalled(0, offset, Change::Write(data.clone()))
+                .unwrap();
+        }
+        group.recent.forget_all();
+        let mut reader = group.spool.reader(Seq(1));
+        let mut spooled = Vec::new();
+        while let Some(entry) = reader.next_entry(&group.spool).unwrap() {
+            spooled.push(record_of(entry));
+        }
+        let read_back = spooled.iter().filter(|r| needs_read_back(r)).count();
+        assert_eq!(
+            read_back,
+            writes.len(),
+            "every write was kept on the volume"
+        );
+        let all = all_with_data(&group, spooled).unwrap();
+        let data: Vec<&Bytes> = all.iter().filter_map(|(_, data)| data.as_ref()).collect();
+        assert_eq!(data.len(), writes.len());
+        for (n, (got, wrote)) in data.iter().zip(&writes).enumerate() {
+            assert!(*got == wrote, "write {n} came back with other bytes");
+        }
+        let seqs: Vec<u64> = all.iter().map(|(record, _)| record.seq.0).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "out of order: {seqs:?}"
+        );
     }
 }
