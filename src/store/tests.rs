@@ -800,6 +800,97 @@ fn batches_start_at_block_boundaries_whether_written_direct_or_buffered() {
 }
 
 #[test]
+fn a_batch_larger_than_the_staging_buffer_is_written_in_pieces_back_to_back() {
+    const FRAMES: usize = 20;
+    let blocks_per_frame = crate::frame::MAX_FRAME_BLOCKS;
+    let volume_bytes = (FRAMES * blocks_per_frame * BLOCK_SIZE) as u64;
+    let mut rng = StdRng::seed_from_u64(5);
+    let frames: Vec<Vec<Vec<u8>>> = (0..FRAMES)
+        .map(|_| {
+            (0..blocks_per_frame)
+                .map(|_| random_block(&mut rng))
+                .collect()
+        })
+        .collect();
+    let owned: Vec<OwnedFrame> = frames
+        .iter()
+        .map(|f| OwnedFrame::new(&f.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+        .collect();
+    let staged: usize = owned.iter().map(|f| f.zstd.len()).sum();
+    assert!(
+        staged > STAGING_KEPT_BYTES,
+        "{staged} bytes fit one staging buffer"
+    );
+    let records: Vec<Record> = frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let blocks: Vec<Option<&[u8]>> = f.iter().map(|b| Some(b.as_slice())).collect();
+            write(
+                i as u64 + 1,
+                10,
+                "big",
+                (i * blocks_per_frame) as u64,
+                &blocks,
+            )
+        })
+        .chain([complete(FRAMES as u64 + 1, 10, "big")])
+        .collect();
+    let expected: Vec<u8> = frames.concat().concat();
+    for direct in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .register_group(&grp("g"), 7, &[meta("big", volume_bytes)])
+            .unwrap();
+        if !direct {
+            store.writer.lock().unwrap().pack_direct = None;
+        }
+        // A small batch first, so the big one starts at a block boundary after padding.
+        let a = block(1);
+        let small = [write(1, 5, "big", 0, &[Some(&a)])];
+        store
+            .ingest(&grp("g"), &small, &incoming(&[OwnedFrame::new(&[&a])]))
+            .unwrap();
+        let start = frames_end(&store).next_multiple_of(4096);
+        let renumbered: Vec<Record> = records
+            .iter()
+            .map(|r| Record {
+                seq: r.seq.next(),
+                ..r.clone()
+            })
+            .collect();
+        store
+            .ingest(&grp("g"), &renumbered, &incoming(&owned))
+            .unwrap();
+        let end = frames_end(&store);
+        let entries: u64 = owned
+            .iter()
+            .map(|f| FrameEntry::new(&f.hashes, &f.zstd).len() as u64)
+            .sum();
+        assert_eq!(
+            end - start,
+            entries,
+            "frames back to back (direct: {direct})"
+        );
+        assert!(store.writer.lock().unwrap().staging.len() <= STAGING_KEPT_BYTES);
+        let pack_len = file_len(&pack_path(dir.path(), 1));
+        assert_eq!(
+            pack_len,
+            if direct {
+                end.next_multiple_of(4096)
+            } else {
+                end
+            }
+        );
+        drop(store);
+        let store = open(dir.path());
+        let image = image(&store, "big", PointInTime::Latest);
+        assert!(image == expected, "the image differs (direct: {direct})");
+    }
+}
+
+#[test]
 fn a_batch_whose_catalog_append_fails_is_undone_down_to_the_padding_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = setup(dir.path());
