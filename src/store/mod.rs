@@ -1611,7 +1611,9 @@ impl Store {
         let (mut staged, mut staged_at) = (0usize, start);
         let mut direct = writer.pack_direct.is_some();
         for frame in frames {
-            if staged > 0 && staged + frame.len() > STAGING_KEPT_BYTES {
+            // At least one whole block to write: a frame the buffer cannot take is staged
+            // after what is there, the buffer grown for it.
+            if staged >= direct::DIRECT_ALIGN && staged + frame.len() > STAGING_KEPT_BYTES {
                 let whole = staged - staged % direct::DIRECT_ALIGN;
                 direct = self.write_staged(writer, whole, staged_at, direct)?;
                 writer.staging.copy_within(whole..staged, 0);
