@@ -100,8 +100,8 @@ pub struct Group {
     settled: Condvar,
     /// Per volume, the writes that may run with the lock released at once.
     unlocked_slots: Vec<Slots>,
-    /// Per volume, its name and file, readable without the lock.
-    files: Vec<(VolumeName, BlockReader)>,
+    /// Per volume, its name and a reader of its file, usable without the lock.
+    readers: Vec<(VolumeName, BlockReader)>,
     /// The data of the newest writes spooled without it, and the pacing of large writes to
     /// the shipper.
     pub recent: RecentWrites,
@@ -206,7 +206,7 @@ impl Group {
                 .iter()
                 .map(|_| Slots::new(MAX_UNLOCKED_WRITES))
                 .collect(),
-            files: volumes
+            readers: volumes
                 .iter()
                 .map(|v| (v.name.clone(), BlockReader::new(&v.path, v.file.clone())))
                 .collect(),
@@ -492,12 +492,12 @@ impl Group {
         index: usize,
         saves: impl Iterator<Item = &'s PendingSave>,
     ) -> Result<(), TapError> {
-        let (name, file) = &self.files[index];
+        let (name, reader) = &self.readers[index];
         let blocks = saves
             .map(|save| {
                 let data = match &save.in_memory {
                     Some(data) => data.clone(),
-                    None => read_blocks_from(file.file(), save.from, save.to - save.from)
+                    None => read_blocks_from(reader.file(), save.from, save.to - save.from)
                         .map_err(|source| TapError::Io {
                             volume: name.clone(),
                             context: "read back blocks to save",
@@ -542,15 +542,15 @@ impl Group {
         if let Some(data) = self.recent.take(record.seq) {
             return Ok(data);
         }
-        let file = self
-            .volume_file(volume)
+        let reader = self
+            .volume_reader(volume)
             .ok_or_else(|| OnVolumeError::NoSuchVolume(record.seq, volume.clone()))?;
         let read_failed = |source| OnVolumeError::Read {
             seq: record.seq,
             volume: volume.clone(),
             source,
         };
-        let mut data = file
+        let mut data = reader
             .read_exact_at(blocks.len() * BLOCK_SIZE, first.0 * BLOCK_SIZE_BYTES)
             .map_err(read_failed)?;
         if block::chunks_of(&data) == *blocks {
@@ -596,8 +596,8 @@ impl Group {
     }
 
     /// The reader of the volume called `name`, usable without the group lock.
-    pub fn volume_file(&self, name: &VolumeName) -> Option<&BlockReader> {
-        self.files.iter().find(|(n, _)| n == name).map(|(_, f)| f)
+    pub fn volume_reader(&self, name: &VolumeName) -> Option<&BlockReader> {
+        self.readers.iter().find(|(n, _)| n == name).map(|(_, f)| f)
     }
 
     /// Appends `op` to the spool and returns its seq; if the spool is full, marks the blocks

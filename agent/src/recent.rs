@@ -135,8 +135,9 @@ impl RecentWrites {
         self.window().get(seq)
     }
 
-    /// The data of write `seq` for the shipper, which takes writes in seq order: every write
-    /// up to it counts as taken.
+    /// The data of write `seq` for the shipper: every write up to it counts as taken. The
+    /// shipper takes batches in seq order, a batch's writes read back side by side, so a write
+    /// may count as taken at most one batch before it is.
     pub fn take(&self, seq: Seq) -> Option<Bytes> {
         let mut window = self.window();
         if let Some(shipper) = &mut window.shipper {

@@ -1609,13 +1609,12 @@ impl Store {
         let mut positions = Vec::with_capacity(frames.len());
         // The staged bytes go to the pack from `staged_at`.
         let (mut staged, mut staged_at) = (0usize, start);
-        let mut direct = writer.pack_direct.is_some();
         for frame in frames {
             // At least one whole block to write: a frame the buffer cannot take is staged
             // after what is there, the buffer grown for it.
             if staged >= direct::DIRECT_ALIGN && staged + frame.len() > STAGING_KEPT_BYTES {
                 let whole = staged - staged % direct::DIRECT_ALIGN;
-                direct = self.write_staged(writer, whole, staged_at, direct)?;
+                self.write_staged(writer, staged_at, whole, whole)?;
                 writer.staging.copy_within(whole..staged, 0);
                 (staged, staged_at) = (staged - whole, staged_at + whole as u64);
             }
@@ -1632,10 +1631,9 @@ impl Store {
         let padded = direct::align_up(staged as u64) as usize;
         stage_room(&mut writer.staging, staged, padded);
         writer.staging[staged..padded].fill(0);
-        let length = if direct { padded } else { staged };
-        direct = self.write_staged(writer, length, staged_at, direct)?;
+        let went_direct = self.write_staged(writer, staged_at, staged, padded)?;
         writer.pack_len = staged_at + staged as u64;
-        writer.pack_file_len = staged_at + if direct { padded } else { staged } as u64;
+        writer.pack_file_len = staged_at + if went_direct { padded } else { staged } as u64;
         if writer.staging.len() > STAGING_KEPT_BYTES {
             // A frame far larger than usual does not keep its buffer.
             writer.staging = AlignedBuf::zeroed(0);
@@ -1643,15 +1641,15 @@ impl Store {
         Ok(positions)
     }
 
-    /// Writes the first `len` staged bytes to the current pack at `offset`: directly while
-    /// `direct` (then `len` is whole blocks) and the kernel takes it, else through the page
-    /// cache from then on. Returns whether the write went directly.
+    /// Writes the staged bytes to the current pack at `offset`: the first `padded_len` (whole
+    /// blocks) directly while the pack takes direct writes, else the first `len` through the
+    /// page cache, from then on. Returns whether the write went directly.
     fn write_staged(
         &self,
         writer: &mut Writer,
-        len: usize,
         offset: u64,
-        direct: bool,
+        len: usize,
+        padded_len: usize,
     ) -> Result<bool, WriteFailure> {
         let action = || {
             format!(
@@ -1659,10 +1657,9 @@ impl Store {
                 self.packs.path(writer.pack).display()
             )
         };
-        let bytes = &writer.staging[..len];
-        let went_direct = match writer.pack_direct.as_mut().filter(|_| direct) {
+        let went_direct = match writer.pack_direct.as_mut() {
             Some(pack) => pack
-                .write_pieces(&[bytes], offset)
+                .write_pieces(&[&writer.staging[..padded_len]], offset)
                 .map_err(write_failed(action(), false))?,
             None => false,
         };
@@ -1670,7 +1667,7 @@ impl Store {
             writer.pack_direct = None;
             writer
                 .pack_file
-                .write_all_at(bytes, offset)
+                .write_all_at(&writer.staging[..len], offset)
                 .map_err(write_failed(action(), false))?;
         }
         Ok(went_direct)
