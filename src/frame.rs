@@ -17,6 +17,11 @@ pub const MAX_FRAME_BLOCKS: usize = 256;
 /// the bytes; stored bytes stay well under restic's for the same history (benches/README.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = -1;
 
+/// The zstd levels [`compress`] takes.
+pub fn compression_levels() -> std::ops::RangeInclusive<i32> {
+    zstd::compression_level_range()
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("frame names {0} blocks; between 1 and {MAX_FRAME_BLOCKS} are allowed")]

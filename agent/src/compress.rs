@@ -12,7 +12,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL, MAX_FRAME_BLOCKS};
+use tideline_core::frame::{self, MAX_FRAME_BLOCKS};
 use tideline_core::{ChunkHash, BLOCK_SIZE};
 use tideline_proto::v1;
 
@@ -90,8 +90,8 @@ thread_local! {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Compresses the chunks at `missing` (indexes into `chunks`) into frames of up to
-/// [`MAX_FRAME_BLOCKS`] blocks, in order, using every core.
-pub fn frames(chunks: Arc<BatchChunks>, missing: &[u32]) -> Vec<v1::Frame> {
+/// [`MAX_FRAME_BLOCKS`] blocks at zstd level `level`, in order, using every core.
+pub fn frames(chunks: Arc<BatchChunks>, missing: &[u32], level: i32) -> Vec<v1::Frame> {
     let frame_count = missing.len().div_ceil(MAX_FRAME_BLOCKS);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Each share is whole frames' worth of chunks.
@@ -102,7 +102,7 @@ pub fn frames(chunks: Arc<BatchChunks>, missing: &[u32]) -> Vec<v1::Frame> {
             let (done, result) = crossbeam_channel::bounded(1);
             let (chunks, share) = (chunks.clone(), share.to_vec());
             let job: Job = Box::new(move || {
-                let _ = done.send(compress_share(&chunks, &share));
+                let _ = done.send(compress_share(&chunks, &share, level));
             });
             match workers() {
                 Some(workers) => {
@@ -155,26 +155,26 @@ fn workers() -> Option<&'static crossbeam_channel::Sender<Job>> {
 }
 
 /// The frames of `share` (indexes into `chunks`), [`MAX_FRAME_BLOCKS`] chunks each.
-fn compress_share(chunks: &BatchChunks, share: &[u32]) -> Vec<v1::Frame> {
+fn compress_share(chunks: &BatchChunks, share: &[u32], level: i32) -> Vec<v1::Frame> {
     share
         .chunks(MAX_FRAME_BLOCKS)
-        .map(|group| compress_frame(chunks, group))
+        .map(|group| compress_frame(chunks, group, level))
         .collect()
 }
 
 /// One frame of the chunks `chunks.hashes[i]` for `i` in `group`.
-fn compress_frame(chunks: &BatchChunks, group: &[u32]) -> v1::Frame {
+fn compress_frame(chunks: &BatchChunks, group: &[u32], level: i32) -> v1::Frame {
     let hashes =
         tideline_proto::wire_hashes(group.iter().map(|&i| Some(&chunks.hashes[i as usize])));
     // A frame of one large write is compressed where it lies; others are gathered first.
     let zstd_data = match chunks.run(group) {
-        Some(blocks) => frame::compress(blocks, DEFAULT_ZSTD_LEVEL),
+        Some(blocks) => frame::compress(blocks, level),
         None => GATHERED.with_borrow_mut(|gathered| {
             gathered.clear();
             group
                 .iter()
                 .for_each(|&i| gathered.extend_from_slice(chunks.block(i)));
-            frame::compress(gathered, DEFAULT_ZSTD_LEVEL)
+            frame::compress(gathered, level)
         }),
     };
     v1::Frame {
@@ -186,6 +186,7 @@ fn compress_frame(chunks: &BatchChunks, group: &[u32]) -> v1::Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tideline_core::frame::DEFAULT_ZSTD_LEVEL;
 
     /// `n` distinct chunks: one write of a frame's worth and three blocks, then writes of 1, 2,
     /// 3, ... blocks, so one frame can lie in one write and others span several.
@@ -230,7 +231,7 @@ mod tests {
         let all = chunks(3 * MAX_FRAME_BLOCKS + 5);
         let mut missing: Vec<u32> = (0..(2 * MAX_FRAME_BLOCKS) as u32).collect();
         missing.extend([700, 702, 703, 771]);
-        let made = frames(all.clone(), &missing);
+        let made = frames(all.clone(), &missing, DEFAULT_ZSTD_LEVEL);
         assert_eq!(made.len(), 3);
         let mut seen = Vec::new();
         for f in &made {
@@ -245,6 +246,30 @@ mod tests {
         }
         let expected: Vec<ChunkHash> = missing.iter().map(|&i| all.hashes[i as usize]).collect();
         assert_eq!(seen, expected);
-        assert!(frames(chunks(1), &[]).is_empty());
+        assert!(frames(chunks(1), &[], DEFAULT_ZSTD_LEVEL).is_empty());
+    }
+
+    #[test]
+    fn frames_are_compressed_at_the_level_given() {
+        let all = chunks(2 * MAX_FRAME_BLOCKS);
+        let missing: Vec<u32> = (0..all.hashes().len() as u32).collect();
+        let bytes_at = |level| -> usize {
+            let made = frames(all.clone(), &missing, level);
+            for f in &made {
+                let hashes: Vec<ChunkHash> = f
+                    .hashes
+                    .iter()
+                    .map(|h| ChunkHash::from_slice(h).unwrap())
+                    .collect();
+                frame::open(&f.zstd_data, &hashes).expect("frame opens and verifies");
+            }
+            made.iter().map(|f| f.zstd_data.len()).sum()
+        };
+        let (fastest, default, strong) =
+            (bytes_at(-100), bytes_at(DEFAULT_ZSTD_LEVEL), bytes_at(9));
+        assert!(
+            fastest > default && default > strong,
+            "bytes at level -100, {DEFAULT_ZSTD_LEVEL} and 9: {fastest}, {default}, {strong}"
+        );
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde::Deserialize;
+use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL};
 use tideline_core::{GroupName, VolumeName};
 
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 4 << 30;
@@ -58,6 +59,10 @@ pub struct AgentArgs {
     /// Default 5000.
     #[arg(long)]
     pub max_lag_ms: Option<u64>,
+    /// zstd level of the frames the agent ships: negative levels (zstd's `--fast=N`) trade
+    /// stored bytes for CPU, positive ones the other way. Default -1.
+    #[arg(long, allow_negative_numbers = true)]
+    pub zstd_level: Option<i32>,
     /// Collector URL, e.g. http://127.0.0.1:7100.
     #[arg(long, env = "TIDELINE_COLLECTOR")]
     pub collector: Option<String>,
@@ -97,6 +102,8 @@ pub struct AgentConfig {
     pub spool_max_bytes: u64,
     /// See [`AgentArgs::max_lag_ms`]; `None` never holds writes up.
     pub max_lag: Option<Duration>,
+    /// See [`AgentArgs::zstd_level`].
+    pub zstd_level: i32,
     pub collector_url: String,
     pub agent_id: String,
     pub hooks: crate::checkpoint::Hooks,
@@ -172,6 +179,22 @@ impl AgentArgs {
                 "must be at least 16 MiB",
             ));
         }
+        let zstd_level = self
+            .zstd_level
+            .or(file.zstd_level)
+            .unwrap_or(DEFAULT_ZSTD_LEVEL);
+        let levels = frame::compression_levels();
+        if !levels.contains(&zstd_level) {
+            return Err(invalid(
+                "zstd-level",
+                &zstd_level.to_string(),
+                format!(
+                    "zstd levels run from {} to {}",
+                    levels.start(),
+                    levels.end()
+                ),
+            ));
+        }
         let nbd_unix = self.nbd_unix.or(file.nbd_unix);
         let nbd_tcp = self.nbd_tcp.or(file.nbd_tcp);
         let any_fuse = groups
@@ -193,6 +216,7 @@ impl AgentArgs {
                 Some(0) => None,
                 Some(ms) => Some(Duration::from_millis(ms)),
             },
+            zstd_level,
             collector_url,
             agent_id: self.agent_id.or(file.agent_id).unwrap_or_else(hostname),
             hooks: crate::checkpoint::Hooks {
@@ -356,6 +380,7 @@ mod tests {
         assert_eq!(names, ["db", "c"]);
         assert_eq!(config.groups[0].volumes.len(), 2);
         assert_eq!(config.max_lag, Some(DEFAULT_MAX_LAG));
+        assert_eq!(config.zstd_level, DEFAULT_ZSTD_LEVEL);
     }
 
     #[test]
@@ -370,6 +395,11 @@ mod tests {
         assert!(err(&["--volume=a=/x", "--group=g=b"]).contains("not a --volume"));
         assert!(err(&["--volume=a=/x", "--group=g=a", "--group=h=a"]).contains("already in group"));
         assert!(err(&["--volume=../a=/x"]).contains("invalid volume name"));
+        let level = err(&["--volume=a=/x", "--zstd-level=23"]);
+        assert!(
+            level.contains("--zstd-level \"23\": zstd levels run from"),
+            "{level}"
+        );
         let no_collector = args(&["--volume=a=/x", "--spool-dir=/s", "--nbd-unix=/n"]).resolve();
         // TIDELINE_COLLECTOR may be set in the environment of whoever runs the tests.
         if std::env::var_os("TIDELINE_COLLECTOR").is_none() {
@@ -383,7 +413,7 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "volume = [\"a=/x\"]\nspool_dir = \"/s\"\ncollector = \"http://f:1\"\nnbd_unix = \"/n\"\nspool_max_bytes = 33554432\nmax_lag_ms = 0\n",
+            "volume = [\"a=/x\"]\nspool_dir = \"/s\"\ncollector = \"http://f:1\"\nnbd_unix = \"/n\"\nspool_max_bytes = 33554432\nmax_lag_ms = 0\nzstd_level = 3\n",
         )
         .unwrap();
         let config = args(&[
@@ -396,11 +426,14 @@ mod tests {
         assert_eq!(config.collector_url, "http://cli:2");
         assert_eq!(config.spool_max_bytes, 32 << 20);
         assert_eq!(config.max_lag, None, "0 never holds writes up");
+        assert_eq!(config.zstd_level, 3);
         let two_seconds = args(&["--config", path.to_str().unwrap(), "--max-lag-ms=2000"]);
         assert_eq!(
             two_seconds.resolve().unwrap().max_lag,
             Some(Duration::from_secs(2))
         );
+        let fast = args(&["--config", path.to_str().unwrap(), "--zstd-level", "-5"]);
+        assert_eq!(fast.resolve().unwrap().zstd_level, -5);
         std::fs::write(&path, "volumes = []\n").unwrap();
         let err = args(&["--config", path.to_str().unwrap()])
             .resolve()

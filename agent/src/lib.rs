@@ -122,6 +122,7 @@ pub async fn run(
             collector_url: config.collector_url.clone(),
             agent_id: config.agent_id.clone(),
             hooks: config.hooks.clone(),
+            zstd_level: config.zstd_level,
             on_fenced: fenced_tx.clone(),
         };
         tasks.push(tokio::spawn(shipper::run(

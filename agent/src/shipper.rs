@@ -65,6 +65,8 @@ pub struct ShipperConfig {
     pub collector_url: String,
     pub agent_id: String,
     pub hooks: crate::checkpoint::Hooks,
+    /// zstd level of the frames sent.
+    pub zstd_level: i32,
     /// Where to report that the group is fenced (the collector's message).
     pub on_fenced: mpsc::Sender<String>,
 }
@@ -413,7 +415,8 @@ impl Session {
             in_flight.push_back((last_seq, sent));
             // Batches go out in order: the one before this is sent before this one is built.
             send_built(tx, &mut building, &mut sent_through).await?;
-            let build = tokio::task::spawn_blocking(move || build_batch(batch, &missing));
+            let level = self.config.zstd_level;
+            let build = tokio::task::spawn_blocking(move || build_batch(batch, &missing, level));
             building = Some(Building { build, last_seq });
         }
     }
@@ -778,11 +781,11 @@ fn to_record(
 }
 
 /// Compresses the chunks the collector lacks into frames (spread over the cores) and builds
-/// the batch message.
-fn build_batch(batch: PreparedBatch, missing: &[u32]) -> v1::Batch {
+/// the batch message, at zstd level `level`.
+fn build_batch(batch: PreparedBatch, missing: &[u32], level: i32) -> v1::Batch {
     v1::Batch {
         records: batch.records,
-        frames: compress::frames(Arc::new(batch.chunks), missing),
+        frames: compress::frames(Arc::new(batch.chunks), missing, level),
     }
 }
 

@@ -95,6 +95,7 @@ async fn start_agent(
         spool_dir: dir.join("spool"),
         spool_max_bytes: 1 << 30,
         max_lag: Some(tideline_agent::config::DEFAULT_MAX_LAG),
+        zstd_level: tideline_core::frame::DEFAULT_ZSTD_LEVEL,
         collector_url: collector_url.to_owned(),
         agent_id: "demo".into(),
         hooks: Default::default(),

@@ -57,6 +57,7 @@ fn start(pre_hook: Option<String>) -> Cluster {
             spool_dir: dir.path().join("spool"),
             spool_max_bytes: 64 << 20,
             max_lag: Some(tideline_agent::config::DEFAULT_MAX_LAG),
+            zstd_level: tideline_core::frame::DEFAULT_ZSTD_LEVEL,
             collector_url: url.clone(),
             agent_id: "test".into(),
             hooks: tideline_agent::checkpoint::Hooks {
