@@ -56,6 +56,47 @@ impl AlignedBuf {
         buf.resize(len, 0);
         AlignedBuf(buf)
     }
+
+    /// Up to `len` bytes of `file` from `offset`, fewer where the file ends, read into memory
+    /// that is not zeroed first. A restore reads its packs 4 MiB at a time, and zeroing each
+    /// window just before the read overwrote it was 6 % of the collector's CPU.
+    pub fn read_at(file: &File, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        let mut buf = aligned_bytes(len);
+        read_appending(file, &mut buf, len, offset)?;
+        Ok(AlignedBuf(buf))
+    }
+}
+
+/// Reads up to `len` bytes of `file` from `offset` into `buf`'s spare room (which must hold
+/// them), stopping early only where the file ends; the bytes read are appended to `buf`.
+fn read_appending(file: &File, buf: &mut BytesMut, len: usize, offset: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    assert!(buf.capacity() - buf.len() >= len, "room for the read");
+    let mut filled = 0;
+    while filled < len {
+        let room = &mut buf.spare_capacity_mut()[..len - filled];
+        let at = libc::off_t::try_from(offset + filled as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: pread writes at most `room.len()` bytes into `room`, memory `buf` owns and
+        // that nothing else refers to; it never reads them. The descriptor is open for `file`.
+        let n = unsafe { libc::pread(file.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), at) };
+        match n {
+            0 => break,
+            n if n > 0 => {
+                let n = n as usize;
+                // SAFETY: the kernel initialised the first `n` bytes of the spare room.
+                unsafe { buf.set_len(buf.len() + n) };
+                filled += n;
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Deref for AlignedBuf {
@@ -156,8 +197,12 @@ impl BlockReader {
             .filter(|_| self.takes_direct(offset, len))
         {
             let mut buf = aligned_bytes(len);
-            buf.resize(len, 0);
-            match direct.read_exact_at(&mut buf, offset) {
+            let read = read_appending(direct, &mut buf, len, offset).and_then(|()| {
+                (buf.len() == len)
+                    .then_some(())
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
+            });
+            match read {
                 Ok(()) => return Ok(buf),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(error = %e,

@@ -597,11 +597,7 @@ fn restore_frame(frame: store::StoredFrame) -> v1::RestoreFrame {
         block_count: frame.block_count as u32,
         index: frame.blocks.iter().map(|b| u32::from(b.0)).collect(),
         volume_block: frame.blocks.iter().map(|b| b.1 .0).collect(),
-        hashes: frame
-            .blocks
-            .iter()
-            .map(|b| bytes::Bytes::copy_from_slice(&b.2 .0))
-            .collect(),
+        hashes: tideline_proto::wire_hashes(frame.blocks.iter().map(|b| Some(&b.2))),
         pack: frame.pack,
         pack_offset: frame.offset,
     }

@@ -311,8 +311,8 @@ pub(crate) fn read_buffered(file: &File, offset: u64, len: usize) -> io::Result<
 pub(crate) fn read_direct(direct: &File, offset: u64, len: usize) -> io::Result<PackWindow> {
     let start = offset - offset % DIRECT_ALIGN as u64;
     let end = direct::align_up(offset + len as u64);
-    let mut buf = AlignedBuf::zeroed((end - start) as usize);
-    let filled = read_fully_at(direct, &mut buf, start)?;
+    let buf = AlignedBuf::read_at(direct, start, (end - start) as usize)?;
+    let filled = buf.len();
     Ok(PackWindow {
         buf: WindowBuf::Direct(buf),
         pack_offset: start,
