@@ -226,6 +226,18 @@ mod tests {
         assert!(all.run(&[1, 0]).is_none(), "out of order");
     }
 
+    /// The hashes of frame `f`, once it opened and verified against them.
+    fn opened(f: &v1::Frame) -> Vec<ChunkHash> {
+        let hashes: Vec<ChunkHash> = f
+            .hashes
+            .iter()
+            .map(|h| ChunkHash::from_slice(h).unwrap())
+            .collect();
+        let data = frame::open(&f.zstd_data, &hashes).expect("frame opens and verifies");
+        assert_eq!(data.len(), hashes.len() * BLOCK_SIZE);
+        hashes
+    }
+
     #[test]
     fn frames_hold_the_missing_chunks_in_order_whether_consecutive_or_not() {
         let all = chunks(3 * MAX_FRAME_BLOCKS + 5);
@@ -233,17 +245,7 @@ mod tests {
         missing.extend([700, 702, 703, 771]);
         let made = frames(all.clone(), &missing, DEFAULT_ZSTD_LEVEL);
         assert_eq!(made.len(), 3);
-        let mut seen = Vec::new();
-        for f in &made {
-            let hashes: Vec<ChunkHash> = f
-                .hashes
-                .iter()
-                .map(|h| ChunkHash::from_slice(h).unwrap())
-                .collect();
-            let data = frame::open(&f.zstd_data, &hashes).expect("frame opens and verifies");
-            assert_eq!(data.len(), hashes.len() * BLOCK_SIZE);
-            seen.extend(hashes);
-        }
+        let seen: Vec<ChunkHash> = made.iter().flat_map(opened).collect();
         let expected: Vec<ChunkHash> = missing.iter().map(|&i| all.hashes[i as usize]).collect();
         assert_eq!(seen, expected);
         assert!(frames(chunks(1), &[], DEFAULT_ZSTD_LEVEL).is_empty());
@@ -255,14 +257,7 @@ mod tests {
         let missing: Vec<u32> = (0..all.hashes().len() as u32).collect();
         let bytes_at = |level| -> usize {
             let made = frames(all.clone(), &missing, level);
-            for f in &made {
-                let hashes: Vec<ChunkHash> = f
-                    .hashes
-                    .iter()
-                    .map(|h| ChunkHash::from_slice(h).unwrap())
-                    .collect();
-                frame::open(&f.zstd_data, &hashes).expect("frame opens and verifies");
-            }
+            made.iter().for_each(|f| drop(opened(f)));
             made.iter().map(|f| f.zstd_data.len()).sum()
         };
         let (fastest, default, strong) =
