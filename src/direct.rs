@@ -68,8 +68,14 @@ impl AlignedBuf {
 }
 
 /// Reads up to `len` bytes of `file` from `offset` into `buf`'s spare room (which must hold
-/// them), stopping early only where the file ends; the bytes read are appended to `buf`.
-fn read_appending(file: &File, buf: &mut BytesMut, len: usize, offset: u64) -> io::Result<()> {
+/// them), stopping early only where the file ends; the bytes read are appended to `buf`. The
+/// room is not zeroed first: the kernel fills it.
+pub(crate) fn read_appending(
+    file: &File,
+    buf: &mut BytesMut,
+    len: usize,
+    offset: u64,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     assert!(buf.capacity() - buf.len() >= len, "room for the read");
     let mut filled = 0;
@@ -97,6 +103,21 @@ fn read_appending(file: &File, buf: &mut BytesMut, len: usize, offset: u64) -> i
         }
     }
     Ok(())
+}
+
+/// Exactly `len` bytes of `file` from `offset`, appended to the empty `buf`; an error where the
+/// file ends before them.
+fn read_exact_into(
+    file: &File,
+    mut buf: BytesMut,
+    len: usize,
+    offset: u64,
+) -> io::Result<BytesMut> {
+    read_appending(file, &mut buf, len, offset)?;
+    if buf.len() < len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+    }
+    Ok(buf)
 }
 
 impl Deref for AlignedBuf {
@@ -183,38 +204,23 @@ impl BlockReader {
         }
     }
 
-    /// The file, for buffered reads and writes of its own.
-    pub fn file(&self) -> &Arc<File> {
-        &self.buffered
-    }
-
     /// The `len` bytes at `offset`; an error where the file ends before them.
     pub fn read_exact_at(&self, len: usize, offset: u64) -> io::Result<BytesMut> {
-        use std::os::unix::fs::FileExt;
         if let Some(direct) = self
             .direct
             .as_ref()
             .filter(|_| self.takes_direct(offset, len))
         {
-            let mut buf = aligned_bytes(len);
-            let read = read_appending(direct, &mut buf, len, offset).and_then(|()| {
-                (buf.len() == len)
-                    .then_some(())
-                    .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
-            });
-            match read {
-                Ok(()) => return Ok(buf),
+            match read_exact_into(direct, aligned_bytes(len), len, offset) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(error = %e,
                         "direct read refused: this file is read through the page cache from now on");
                     self.direct_refused.store(true, Ordering::Relaxed);
                 }
-                Err(e) => return Err(e),
+                read => return read,
             }
         }
-        let mut buf = BytesMut::zeroed(len);
-        self.buffered.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        read_exact_into(&self.buffered, BytesMut::with_capacity(len), len, offset)
     }
 
     fn takes_direct(&self, offset: u64, len: usize) -> bool {

@@ -497,13 +497,17 @@ impl Group {
             .map(|save| {
                 let data = match &save.in_memory {
                     Some(data) => data.clone(),
-                    None => read_blocks_from(reader.file(), save.from, save.to - save.from)
+                    None => reader
+                        .read_exact_at(
+                            (save.to - save.from) as usize * BLOCK_SIZE,
+                            save.from * BLOCK_SIZE_BYTES,
+                        )
                         .map_err(|source| TapError::Io {
                             volume: name.clone(),
                             context: "read back blocks to save",
                             source,
                         })?
-                        .into(),
+                        .freeze(),
                 };
                 Ok(BlockSave {
                     seq: save.seq,
@@ -865,13 +869,11 @@ fn punch_or_zero(file: &File, offset: u64, len: u64, may_punch: bool) -> io::Res
 
 /// Reads whole blocks `[first, first + count)` from the volume.
 pub fn read_blocks(volume: &VolumeState, first: u64, count: u64) -> Result<Vec<u8>, TapError> {
-    read_blocks_from(&volume.file, first, count).map_err(io_error(volume, "read back blocks"))
-}
-
-/// Reads whole blocks `[first, first + count)` from a volume's file, without the group lock.
-fn read_blocks_from(file: &File, first: u64, count: u64) -> io::Result<Vec<u8>> {
     let mut data = vec![0u8; (count * BLOCK_SIZE_BYTES) as usize];
-    file.read_exact_at(&mut data, first * BLOCK_SIZE_BYTES)?;
+    volume
+        .file
+        .read_exact_at(&mut data, first * BLOCK_SIZE_BYTES)
+        .map_err(io_error(volume, "read back blocks"))?;
     Ok(data)
 }
 

@@ -19,9 +19,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use bytes::BytesMut;
 
 use crate::direct::{self, AlignedBuf, DIRECT_ALIGN};
 use crate::frame::{self, MAX_FRAME_BLOCKS};
@@ -253,25 +254,23 @@ fn check_entry(
 /// Bytes of one pack read in one piece, covering one or more frame entries: a restore reads
 /// the frames it needs in pack order, and neighbours are read together.
 pub struct PackWindow {
+    /// The bytes read: fewer than asked for where the pack ends.
     buf: WindowBuf,
     /// Offset in the pack of the first byte of `buf`.
     pack_offset: u64,
-    /// Bytes of `buf` the read filled (less than its length where the pack ends).
-    filled: usize,
 }
 
 enum WindowBuf {
     Direct(AlignedBuf),
-    Buffered(Vec<u8>),
+    Buffered(BytesMut),
 }
 
 impl PackWindow {
     fn bytes(&self) -> &[u8] {
-        let all: &[u8] = match &self.buf {
+        match &self.buf {
             WindowBuf::Direct(buf) => buf,
             WindowBuf::Buffered(buf) => buf,
-        };
-        &all[..self.filled]
+        }
     }
 }
 
@@ -295,12 +294,11 @@ impl fmt::Debug for FrameBytes {
 
 /// Reads bytes `offset..offset + len` of a pack through the page cache.
 pub(crate) fn read_buffered(file: &File, offset: u64, len: usize) -> io::Result<PackWindow> {
-    let mut buf = vec![0u8; len];
-    let filled = read_fully_at(file, &mut buf, offset)?;
+    let mut buf = BytesMut::with_capacity(len);
+    direct::read_appending(file, &mut buf, len, offset)?;
     Ok(PackWindow {
         buf: WindowBuf::Buffered(buf),
         pack_offset: offset,
-        filled,
     })
 }
 
@@ -311,27 +309,10 @@ pub(crate) fn read_buffered(file: &File, offset: u64, len: usize) -> io::Result<
 pub(crate) fn read_direct(direct: &File, offset: u64, len: usize) -> io::Result<PackWindow> {
     let start = offset - offset % DIRECT_ALIGN as u64;
     let end = direct::align_up(offset + len as u64);
-    let buf = AlignedBuf::read_at(direct, start, (end - start) as usize)?;
-    let filled = buf.len();
     Ok(PackWindow {
-        buf: WindowBuf::Direct(buf),
+        buf: WindowBuf::Direct(AlignedBuf::read_at(direct, start, (end - start) as usize)?),
         pack_offset: start,
-        filled,
     })
-}
-
-/// Reads into `buf` from `offset` until it is full or the file ends; returns the bytes read.
-fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// The frame entry at `loc` inside `window`: its hashes and its zstd bytes (see
@@ -346,7 +327,7 @@ pub(crate) fn frame_in_window(
         .offset
         .checked_sub(window.pack_offset)
         .map(|s| s as usize)
-        .filter(|&s| s.saturating_add(entry_len) <= window.filled)
+        .filter(|&s| s.saturating_add(entry_len) <= window.bytes().len())
         .ok_or_else(|| pack_ends_early(pack, loc))?;
     let entry = &window.bytes()[start..start + entry_len];
     let (hashes, zstd_start) = check_entry(entry, pack, loc)?;
