@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use bytes::Bytes;
 use tideline_core::record::{Record, RecordKind};
@@ -169,10 +168,8 @@ type PreparedNext = tokio::task::JoinHandle<Result<(SpoolReader, Option<Prepared
 
 impl Session {
     async fn run(self) -> SessionResult {
-        let endpoint = Endpoint::from_shared(self.config.collector_url.clone())
-            .map_err(|e| format!("bad collector URL {:?}: {e}", self.config.collector_url))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+        let endpoint = tideline_proto::http2::endpoint(&self.config.collector_url)
+            .map_err(|e| format!("bad collector URL {:?}: {e}", self.config.collector_url))?;
         let channel = endpoint
             .connect()
             .await

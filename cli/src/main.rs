@@ -378,10 +378,8 @@ async fn restore_source(
 pub type CatalogClient = v1::catalog_client::CatalogClient<tonic::transport::Channel>;
 
 pub async fn catalog(url: &str) -> anyhow::Result<CatalogClient> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+    let channel = tideline_proto::http2::endpoint(url)
         .with_context(|| format!("bad collector URL {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| {

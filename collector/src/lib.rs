@@ -25,7 +25,7 @@ use anyhow::Context;
 use config::CollectorConfig;
 use live::Live;
 use tideline_core::store::{Store, StoreConfig};
-use tideline_proto::v1;
+use tideline_proto::{http2, v1};
 
 /// Largest gRPC message accepted or sent (a 32 MiB client write plus framing fits).
 pub const MAX_MESSAGE_BYTES: usize = 96 << 20;
@@ -100,13 +100,9 @@ pub async fn run(
     tracing::info!(%addr, site = %config.site, data_dir = %config.data_dir.display(), "collector serving");
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        // HTTP/2 DATA frames of up to 1 MiB instead of the default 16 KiB: an agent's 8 MiB
-        // batch went out in 512 frames, each its own `writev` on the agent and `recvfrom` here.
-        // Counted over an ingest of the ext4 image: about 79k → 11k writes by the agent and
-        // 177k → 35k reads by the collector.
-        .max_frame_size(Some(1 << 20))
+        .initial_stream_window_size(Some(http2::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(http2::CONNECTION_WINDOW_BYTES))
+        .max_frame_size(Some(http2::MAX_FRAME_BYTES))
         .add_service(health)
         .add_service(reflection)
         .add_service(

@@ -28,7 +28,6 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use tideline_core::frame::{self, DEFAULT_ZSTD_LEVEL, MAX_FRAME_BLOCKS};
 use tideline_core::record::{Record, RecordKind};
@@ -298,12 +297,8 @@ impl GroupReplicator {
         if info.role != GroupRole::Primary {
             return End::NotPrimary;
         }
-        let endpoint = match Endpoint::from_shared(self.config.peer_url.clone()) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(8 << 20))
-                .initial_connection_window_size(Some(16 << 20)),
+        let endpoint = match tideline_proto::http2::endpoint(&self.config.peer_url) {
+            Ok(e) => e,
             Err(e) => return End::Failed(format!("bad --replicate-to URL: {e}")),
         };
         let channel = match endpoint.connect().await {

@@ -99,6 +99,7 @@
 mod catalog;
 mod chunk_index;
 mod epoch;
+mod grouping;
 mod journal;
 mod materialise;
 mod pack;

@@ -1321,6 +1321,14 @@ fn stored_frames_read_several_at_a_time_rebuild_the_image() {
         image_from_stored_frames(&store, &plan).unwrap(),
         image_of(&store, &plan).unwrap()
     );
+    // A consumer that stops at its first frame (a client gone) stops the reads ahead with it.
+    let mut taken = 0;
+    let stopped = for_each_stored_frame::<anyhow::Error>(&store, &plan, |_| {
+        taken += 1;
+        anyhow::bail!("enough")
+    });
+    assert_eq!(stopped.unwrap_err().to_string(), "enough");
+    assert_eq!(taken, 1);
 }
 
 #[test]
