@@ -153,6 +153,8 @@ struct Located {
     at: usize,
 }
 
+const _: () = assert!(std::mem::size_of::<Located>() == 32);
+
 impl Located {
     fn block(&self, plan: &RestorePlan) -> BlockNo {
         plan.blocks[self.at].0
