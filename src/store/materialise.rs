@@ -196,8 +196,6 @@ fn sorted_by_frame(
 /// 2.6 GB) is looked up in the chunk index while the client waits: the lookups go in the
 /// index's shard order (see [`ChunkIndex::get`]), half the shards on each of two threads.
 fn locate_by_pack(store: &Store, plan: &RestorePlan) -> Result<Vec<Located>, StoreError> {
-    let state = store.read_state();
-    let chunks = &state.chunks;
     let shard_of = |(_, hash): &(usize, &ChunkHash)| ChunkIndex::shard_of(hash);
     let by_shard = grouping::grouped_by(
         plan.blocks
@@ -209,10 +207,12 @@ fn locate_by_pack(store: &Store, plan: &RestorePlan) -> Result<Vec<Located>, Sto
     );
     let half = by_shard.partition_point(|b| shard_of(b) < ChunkIndex::SHARDS / 2);
     let (first, second) = by_shard.split_at(half);
+    // The store's state is locked, against ingests too, only while the lookups run.
+    let state = store.read_state();
     let lookup = |blocks: &[(usize, &ChunkHash)]| -> Result<Vec<Located>, StoreError> {
         blocks
             .iter()
-            .map(|&(at, hash)| match chunks.get(hash) {
+            .map(|&(at, hash)| match state.chunks.get(hash) {
                 Some(&loc) => Ok(Located { loc, at }),
                 None => Err(block_error(
                     plan,
@@ -230,6 +230,7 @@ fn locate_by_pack(store: &Store, plan: &RestorePlan) -> Result<Vec<Located>, Sto
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (first, second)
     });
+    drop(state);
     Ok(grouped_by_pack(first?, second?))
 }
 
