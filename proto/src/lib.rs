@@ -24,8 +24,8 @@ pub use convert::*;
 /// no larger than the receiver allows: so the receiving end sets these, the collector for
 /// ingest and replication, a client for restores. With the h2 defaults a client takes 16 KiB
 /// frames and 2 MiB in flight per stream; a restore's frames then came in slower than a reader
-/// of them could decompress, and in five alternating pairs of cold restores of a 4 GiB image
-/// these settings on the client made the restore 0.92× the time and the collector's CPU 0.82×.
+/// of them could decompress, and in four alternating pairs of cold restores of a 4 GiB image
+/// these settings on the client made the restore 0.93× the time and the collector's CPU 0.82×.
 pub mod http2 {
     use std::time::Duration;
 
