@@ -120,6 +120,12 @@ fn read_exact_into(
     Ok(buf)
 }
 
+/// The `len` bytes of `file` at `offset`, read through the page cache into memory that is not
+/// zeroed first; an error where the file ends before them.
+pub fn read_buffered_exact_at(file: &File, len: usize, offset: u64) -> io::Result<BytesMut> {
+    read_exact_into(file, BytesMut::with_capacity(len), len, offset)
+}
+
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -220,7 +226,7 @@ impl BlockReader {
                 read => return read,
             }
         }
-        read_exact_into(&self.buffered, BytesMut::with_capacity(len), len, offset)
+        read_buffered_exact_at(&self.buffered, len, offset)
     }
 
     fn takes_direct(&self, offset: u64, len: usize) -> bool {

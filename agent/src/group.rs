@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tideline_core::dirty::{DirtyMap, Opened};
 use tideline_core::record::{Record, RecordKind, WriteOrigin};
 use tideline_core::spool::{BlockSave, Spool, SpoolError, SpoolOp, Succession};
@@ -32,7 +32,7 @@ use tideline_core::{
     block, BlockNo, ChunkHash, GroupName, Seq, VolumeName, BLOCK_SIZE, BLOCK_SIZE_BYTES,
 };
 
-use tideline_core::direct::{suits_direct, BlockReader, DirectWriter};
+use tideline_core::direct::{read_buffered_exact_at, suits_direct, BlockReader, DirectWriter};
 
 use crate::on_volume::OnVolumeMap;
 use crate::recent::{Paced, RecentWrites};
@@ -867,14 +867,13 @@ fn punch_or_zero(file: &File, offset: u64, len: u64, may_punch: bool) -> io::Res
     Ok(())
 }
 
-/// Reads whole blocks `[first, first + count)` from the volume.
-pub fn read_blocks(volume: &VolumeState, first: u64, count: u64) -> Result<Vec<u8>, TapError> {
-    let mut data = vec![0u8; (count * BLOCK_SIZE_BYTES) as usize];
-    volume
-        .file
-        .read_exact_at(&mut data, first * BLOCK_SIZE_BYTES)
-        .map_err(io_error(volume, "read back blocks"))?;
-    Ok(data)
+/// Reads whole blocks `[first, first + count)` from the volume, through the page cache: the
+/// edge blocks of unaligned changes and a resync's runs, read under the group lock.
+pub fn read_blocks(volume: &VolumeState, first: u64, count: u64) -> Result<Bytes, TapError> {
+    let len = (count * BLOCK_SIZE_BYTES) as usize;
+    read_buffered_exact_at(&volume.file, len, first * BLOCK_SIZE_BYTES)
+        .map(BytesMut::freeze)
+        .map_err(io_error(volume, "read back blocks"))
 }
 
 /// The spool entries describing `change` once applied: whole blocks only.
@@ -898,7 +897,7 @@ fn records_for(
         Change::Write(data) if aligned => Ok(vec![write(first, data)]),
         Change::Write(_) => Ok(vec![write(
             first,
-            read_blocks(volume, first, end_block - first)?.into(),
+            read_blocks(volume, first, end_block - first)?,
         )]),
         Change::Trim(_) | Change::Zero { .. } => {
             // Whole blocks inside the range become a trim/zero record; partial edge blocks are
@@ -907,14 +906,11 @@ fn records_for(
             let inner_end = (offset + len) / BLOCK_SIZE_BYTES;
             let mut ops = Vec::new();
             if inner_first >= inner_end {
-                ops.push(write(
-                    first,
-                    read_blocks(volume, first, end_block - first)?.into(),
-                ));
+                ops.push(write(first, read_blocks(volume, first, end_block - first)?));
                 return Ok(ops);
             }
             if first < inner_first {
-                ops.push(write(first, read_blocks(volume, first, 1)?.into()));
+                ops.push(write(first, read_blocks(volume, first, 1)?));
             }
             let (first_inner, count) = (BlockNo(inner_first), inner_end - inner_first);
             ops.push(SpoolOp::Other(match change {
@@ -930,7 +926,7 @@ fn records_for(
                 },
             }));
             if inner_end < end_block {
-                ops.push(write(inner_end, read_blocks(volume, inner_end, 1)?.into()));
+                ops.push(write(inner_end, read_blocks(volume, inner_end, 1)?));
             }
             Ok(ops)
         }
@@ -1066,7 +1062,7 @@ impl Group {
             tracing::info!(group = %self.name, volume = %volume.name, "volume journal complete");
             return Ok(ResyncStep::Journalled(0));
         };
-        let data = read_blocks(volume, first, count)?.into();
+        let data = read_blocks(volume, first, count)?;
         let op = SpoolOp::Write {
             volume: volume.name.clone(),
             first: BlockNo(first),
