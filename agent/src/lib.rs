@@ -192,6 +192,11 @@ pub async fn run(
             .spool
             .sync()
             .with_context(|| format!("sync spool of group {}", group.name))?;
+        let (writes, waited) = group.recent.held_up();
+        if writes > 0 {
+            tracing::info!(group = %group.name, writes, waited_ms = waited.as_millis() as u64,
+                "large writes that waited for the shipper while the agent ran");
+        }
     }
     match fenced {
         Some(message) => Err(Fenced(message).into()),

@@ -41,6 +41,10 @@ pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 /// known to this much, and a run is noted at most 100 times a second.
 const RUN_GRANULE: Duration = Duration::from_millis(10);
 
+/// Writes held up by pacing are logged at once, then summed up at most this often while it
+/// goes on.
+const HELD_UP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
 /// Most runs noted: a stalled shipper stays connected for as long as the collector does, and
 /// past this, new writes join the newest run (so the lag is taken as larger, never smaller).
 const MAX_UNTAKEN_RUNS: usize = 1 << 16;
@@ -76,6 +80,63 @@ struct Window {
     shipper: Option<Shipper>,
     /// Writes waiting for the shipper.
     waiting: usize,
+    held_up: HeldUp,
+}
+
+/// Large writes that waited for the shipper, and how long, for the log: an operator looking
+/// into slow writes must be able to tell that the agent held them up, and why.
+#[derive(Default)]
+struct HeldUp {
+    /// Since the agent started: writes, and the time they waited in all.
+    writes: u64,
+    waited: Duration,
+    /// Since the last log line: writes, and the time they waited in all.
+    unreported_writes: u64,
+    unreported_waited: Duration,
+    reported_at: Option<Instant>,
+}
+
+impl HeldUp {
+    /// One more write waited `waited`: what to log, if no line went out within
+    /// [`HELD_UP_REPORT_EVERY`].
+    fn add(&mut self, waited: Duration) -> Option<HeldUpReport> {
+        self.writes += 1;
+        self.waited += waited;
+        self.unreported_writes += 1;
+        self.unreported_waited += waited;
+        let now = Instant::now();
+        let since_last = self.reported_at.map(|at| now.duration_since(at));
+        if since_last.is_some_and(|since| since < HELD_UP_REPORT_EVERY) {
+            return None;
+        }
+        self.reported_at = Some(now);
+        Some(HeldUpReport {
+            writes: std::mem::take(&mut self.unreported_writes),
+            waited: std::mem::take(&mut self.unreported_waited),
+            since_last,
+        })
+    }
+}
+
+/// Writes held up since the last report (or since the agent started).
+struct HeldUpReport {
+    writes: u64,
+    waited: Duration,
+    since_last: Option<Duration>,
+}
+
+impl HeldUpReport {
+    fn log(&self, max_lag: Duration) {
+        tracing::warn!(
+            writes = self.writes,
+            waited_ms = self.waited.as_millis() as u64,
+            since_last_report_s = self.since_last.map(|s| s.as_secs()),
+            max_lag_ms = max_lag.as_millis() as u64,
+            "large writes waited for the shipper, which had fallen the lag bound \
+             (--max-lag-ms) behind: they go at the pace it ships; the collector, its disk or the \
+             network between is what holds it back"
+        );
+    }
 }
 
 struct Kept {
@@ -190,23 +251,44 @@ impl RecentWrites {
         let Some(max_lag) = self.max_lag else {
             return Paced::NotNeeded;
         };
-        let mut window = self.window();
+        let started = Instant::now();
+        let mut waited = false;
+        let (mut window, paced) = self.wait_while_behind(self.window(), max_lag, &mut waited);
+        if waited {
+            let report = window.held_up.add(started.elapsed());
+            drop(window);
+            if let Some(report) = report {
+                report.log(max_lag);
+            }
+        }
+        paced
+    }
+
+    /// [`RecentWrites::wait_for_shipper`]'s wait, with the window's lock held; sets `waited`
+    /// once it waits.
+    fn wait_while_behind<'w>(
+        &'w self,
+        mut window: MutexGuard<'w, Window>,
+        max_lag: Duration,
+        waited: &mut bool,
+    ) -> (MutexGuard<'w, Window>, Paced) {
         let mut paced = Paced::NotNeeded;
         loop {
             let Some(shipper) = &window.shipper else {
-                return paced;
+                return (window, paced);
             };
             let Some(&(_, oldest)) = shipper.untaken.front() else {
-                return paced;
+                return (window, paced);
             };
             if oldest.elapsed() < max_lag {
-                return paced;
+                return (window, paced);
             }
             let quiet = shipper.last_took.elapsed();
             if quiet >= self.stalled_after {
-                return Paced::ShipperStalled;
+                return (window, Paced::ShipperStalled);
             }
             paced = Paced::Waited;
+            *waited = true;
             window.waiting += 1;
             window = self
                 .taken
@@ -221,6 +303,13 @@ impl RecentWrites {
     #[cfg(test)]
     fn waiting(&self) -> usize {
         self.window().waiting
+    }
+
+    /// Large writes that waited for the shipper since the agent started, and the time they
+    /// waited in all.
+    pub fn held_up(&self) -> (u64, Duration) {
+        let window = self.window();
+        (window.held_up.writes, window.held_up.waited)
     }
 }
 
@@ -382,6 +471,78 @@ mod tests {
         assert_eq!(recent.waiting(), 1);
         assert!(recent.take(Seq(3)).is_some());
         assert_eq!(writer.join().unwrap(), Paced::Waited);
+    }
+
+    #[test]
+    fn writes_that_waited_are_counted_with_the_time_they_waited() {
+        let recent = shipper_behind_on_three_writes();
+        assert_eq!(recent.held_up(), (0, Duration::ZERO));
+        let spawned = Instant::now();
+        let writers: Vec<_> = (0..2).map(|_| waiting_writer(&recent)).collect();
+        until_waiting(&recent, 2);
+        assert!(recent.take(Seq(3)).is_some());
+        for writer in writers {
+            assert_eq!(writer.join().unwrap(), Paced::Waited);
+        }
+        let (writes, waited) = recent.held_up();
+        assert_eq!(writes, 2);
+        assert!(
+            waited > Duration::ZERO && waited <= 2 * spawned.elapsed(),
+            "two writes, each waiting less than the test ran: counted {waited:?}"
+        );
+        // A write that need not wait adds nothing.
+        assert_eq!(recent.wait_for_shipper(), Paced::NotNeeded);
+        assert_eq!(recent.held_up().0, 2);
+    }
+
+    #[test]
+    fn a_write_that_waited_for_a_stalled_shipper_is_counted_and_one_let_through_at_once_is_not() {
+        let stall = Duration::from_millis(30);
+        let recent = RecentWrites::with_stall(Some(Duration::ZERO), stall);
+        let connected = Instant::now();
+        recent.shipper_connected(true);
+        kept_mibs(&recent, 1..=1);
+        let asked = Instant::now();
+        assert_eq!(recent.wait_for_shipper(), Paced::ShipperStalled);
+        let answered = asked.elapsed();
+        let (writes, waited) = recent.held_up();
+        assert_eq!(writes, 1);
+        // Let through once the shipper has taken nothing for `stall` since it connected.
+        let at_least = stall.saturating_sub(asked - connected);
+        assert!(
+            waited >= at_least && waited <= answered,
+            "counted {waited:?}, expected {at_least:?} to {answered:?}"
+        );
+        // The shipper has taken nothing for longer than the stall: the next write goes at once.
+        assert_eq!(recent.wait_for_shipper(), Paced::ShipperStalled);
+        assert_eq!(recent.held_up().0, 1);
+    }
+
+    #[test]
+    fn held_up_writes_are_logged_at_once_then_summed_at_most_every_ten_seconds() {
+        let ms = Duration::from_millis;
+        let mut held_up = HeldUp::default();
+        let first = held_up
+            .add(ms(5))
+            .expect("the first write held up is logged");
+        assert_eq!(
+            (first.writes, first.waited, first.since_last),
+            (1, ms(5), None)
+        );
+        assert!(
+            held_up.add(ms(7)).is_none(),
+            "within ten seconds of the last line"
+        );
+        assert!(held_up.add(ms(11)).is_none());
+        // Ten seconds on, the next line sums every write since the last one.
+        let last = held_up.reported_at.unwrap();
+        held_up.reported_at = last.checked_sub(HELD_UP_REPORT_EVERY);
+        let next = held_up
+            .add(ms(13))
+            .expect("ten seconds after the last line");
+        assert_eq!((next.writes, next.waited), (3, ms(31)));
+        assert!(next.since_last.is_some_and(|s| s >= HELD_UP_REPORT_EVERY));
+        assert_eq!((held_up.writes, held_up.waited), (4, ms(36)));
     }
 
     #[test]
