@@ -195,7 +195,7 @@ pub async fn run(
         let (writes, waited) = group.recent.held_up();
         if writes > 0 {
             tracing::info!(group = %group.name, writes, waited_ms = waited.as_millis() as u64,
-                "large writes that waited for the shipper while the agent ran");
+                "large writes that waited for the shipper while the agent ran (waited_ms sums each write's wait)");
         }
     }
     match fenced {

@@ -134,7 +134,7 @@ impl HeldUpReport {
             max_lag_ms = max_lag.as_millis() as u64,
             "large writes waited for the shipper, which had fallen the lag bound \
              (--max-lag-ms) behind: they go at the pace it ships; the collector, its disk or the \
-             network between is what holds it back"
+             network between is what holds it back (waited_ms sums each write's wait)"
         );
     }
 }
