@@ -111,6 +111,12 @@ pub fn data_extents(path: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let fd = file.as_raw_fd();
+    // ext4 reports the cached pages of unwritten (preallocated) extents as data, so without
+    // this the extents would follow the page cache: the ext4 image had 2621 MB of data with
+    // none of it cached and 2688 MB with all of it. Dropping the file's clean pages first
+    // leaves what is written on disk.
+    // SAFETY: posix_fadvise on a descriptor that `file` keeps open; no memory is passed.
+    unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
     let mut extents = Vec::new();
     let mut at = 0u64;
     while at < size {
