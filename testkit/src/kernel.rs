@@ -4,9 +4,11 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use crate::cmd::{run, run_ok};
+use crate::cmd::{run, run_ok, try_run_within, COMMAND_TIMEOUT};
 use crate::tools::{require_tools, skip_or_fail, tool};
+use crate::wait::POLL;
 
 /// True when root, `/dev/fuse`, loop devices and `tools` are all there. Otherwise fails under
 /// `CI=true` (a skip in CI would hide a regression) and skips loudly elsewhere.
@@ -84,6 +86,9 @@ impl Drop for LoopDevice {
     }
 }
 
+/// How long [`Mounted::unmount`] tries a busy filesystem again.
+pub const UNMOUNT_BUSY_FOR: Duration = Duration::from_secs(5);
+
 /// A mounted filesystem; `umount` (lazily if busy) on drop.
 pub struct Mounted {
     pub dir: PathBuf,
@@ -113,10 +118,35 @@ impl Mounted {
         self.active = false;
     }
 
-    /// Unmounts now, failing the test if the filesystem is busy.
+    /// Unmounts now, failing the test if the filesystem stays busy for [`UNMOUNT_BUSY_FOR`]
+    /// or the unmount fails otherwise. CI once saw "target is busy" right after a test's last
+    /// reads of its files, every one of them closed (what held it was not found), so a busy
+    /// filesystem is tried again until then; one that something keeps busy still fails the
+    /// test, naming what holds it.
     pub fn unmount(&mut self) {
-        if std::mem::take(&mut self.active) {
-            run_ok(Command::new(tool("umount")).arg(&self.dir));
+        if !std::mem::take(&mut self.active) {
+            return;
+        }
+        let deadline = Instant::now() + UNMOUNT_BUSY_FOR;
+        loop {
+            let out = run(Command::new(tool("umount")).arg(&self.dir));
+            if out.success() {
+                return;
+            }
+            if !out.text().contains("busy") || Instant::now() >= deadline {
+                // Dropped while unwinding: detached lazily then.
+                self.active = true;
+                let holders = try_run_within(
+                    Command::new("fuser").arg("-vm").arg(&self.dir),
+                    COMMAND_TIMEOUT,
+                )
+                .map_or_else(|e| e, |out| out.text());
+                panic!(
+                    "umount {} failed: {out}\nwhat holds it (fuser -vm): {holders}",
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(POLL);
         }
     }
 }
