@@ -45,21 +45,88 @@ thread_local! {
 
 /// Compresses whole blocks into one frame.
 pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
-    debug_assert_eq!(blocks.len() % BLOCK_SIZE, 0);
+    compress_pieces(&[blocks], level)
+}
+
+/// Compresses whole blocks lying in `pieces`, in order, into one frame without gathering them
+/// first: each piece becomes a zstd frame of its own and they are concatenated, which zstd's
+/// decoder reads as one stream. Worth it for pieces of tens of KiB and more; small ones
+/// compress better gathered.
+pub fn compress_pieces(pieces: &[&[u8]], level: i32) -> Vec<u8> {
+    debug_assert!(pieces.iter().all(|p| p.len() % BLOCK_SIZE == 0));
     COMPRESSOR
         .with_borrow_mut(|slot| {
             let mut context = match slot.take() {
                 Some((at, context)) if at == level => context,
                 _ => zstd::bulk::Compressor::new(level)?,
             };
-            let frame = context.compress(blocks);
+            let frame = compress_each(&mut context, pieces);
             *slot = Some((level, context));
             frame
         })
         .ok()
         // Compressing an in-memory slice cannot fail for a valid level; fall back to level 1.
-        .or_else(|| zstd::bulk::compress(blocks, 1).ok())
+        .or_else(|| {
+            let mut context = zstd::bulk::Compressor::new(1).ok()?;
+            compress_each(&mut context, pieces).ok()
+        })
         .unwrap_or_default()
+}
+
+fn compress_each(
+    context: &mut zstd::bulk::Compressor<'static>,
+    pieces: &[&[u8]],
+) -> std::io::Result<Vec<u8>> {
+    if let [one] = pieces {
+        return context.compress(one);
+    }
+    let bound: usize = pieces
+        .iter()
+        .map(|p| zstd::zstd_safe::compress_bound(p.len()))
+        .sum();
+    let mut out = Vec::with_capacity(bound);
+    for piece in pieces {
+        let start = out.len();
+        context.compress_to_buffer(
+            piece,
+            &mut SpareTail {
+                vec: &mut out,
+                start,
+            },
+        )?;
+    }
+    Ok(out)
+}
+
+/// The room after a vector's bytes, for zstd to append a frame to them (its `Vec` buffer
+/// writes from the start, over what is there).
+struct SpareTail<'v> {
+    vec: &'v mut Vec<u8>,
+    start: usize,
+}
+
+// SAFETY: the slice and pointer cover the vector's memory from `start` on, `capacity` is what
+// is allocated past `start`, and `filled_until` sets the length to `start + n` only for bytes
+// zstd reports as written there.
+unsafe impl zstd::zstd_safe::WriteBuf for SpareTail<'_> {
+    fn as_slice(&self) -> &[u8] {
+        &self.vec[self.start..]
+    }
+
+    fn capacity(&self) -> usize {
+        self.vec.capacity() - self.start
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `start` is at most the vector's length, so within its allocation.
+        unsafe { self.vec.as_mut_ptr().add(self.start) }
+    }
+
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller vouches that the `n` bytes from `start` are written, and they lie
+        // within the capacity.
+        unsafe { self.vec.set_len(self.start + n) };
+    }
 }
 
 /// Decompresses a frame that should hold exactly `block_count` blocks, allocating no more.
@@ -141,6 +208,22 @@ pub fn open(compressed: &[u8], hashes: &[ChunkHash]) -> Result<Vec<u8>, FrameErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_compressed_in_pieces_come_back_as_one_frame() {
+        let blocks: Vec<u8> = (0..40 * BLOCK_SIZE)
+            .map(|i| (i * 7 / 4096 % 251) as u8)
+            .collect();
+        let (a, rest) = blocks.split_at(16 * BLOCK_SIZE);
+        let (b, c) = rest.split_at(BLOCK_SIZE);
+        let frame = compress_pieces(&[a, b, c], -1);
+        assert_eq!(decompress(&frame, 40).unwrap(), blocks);
+        let mut out = vec![0u8; blocks.len()];
+        decompress_into(&frame, &mut out).unwrap();
+        assert_eq!(out, blocks);
+        // The pieces are whole frames one after another, not one frame of all of them.
+        assert_ne!(frame, compress(&blocks, -1));
+    }
 
     fn blocks(n: usize) -> Vec<u8> {
         (0..n * BLOCK_SIZE).map(|i| (i / 7 % 251) as u8).collect()

@@ -63,24 +63,32 @@ impl BatchChunks {
         &self.hashes
     }
 
-    fn block(&self, i: u32) -> &[u8] {
-        let place = self.places[i as usize];
-        let at = place.offset as usize;
-        &self.sources[place.source as usize][at..at + BLOCK_SIZE]
-    }
-
-    /// The blocks of chunks `group` as one slice, if they lie one after another in a single
-    /// source (one large write).
-    fn run(&self, group: &[u32]) -> Option<&[u8]> {
-        let first = self.places[*group.first()? as usize];
-        let in_order = group.iter().zip(0u32..).all(|(&i, k)| {
-            let place = self.places[i as usize];
-            place.source == first.source && place.offset == first.offset + k * BLOCK_SIZE as u32
-        });
-        let at = first.offset as usize;
-        in_order.then(|| &self.sources[first.source as usize][at..at + group.len() * BLOCK_SIZE])
+    /// The blocks of chunks `group` as the fewest slices of their sources, in order: the
+    /// longest runs of blocks lying one after another in a single source (a large write).
+    fn runs(&self, group: &[u32]) -> Vec<&[u8]> {
+        let mut runs = Vec::new();
+        let mut rest = group;
+        while let Some(&first) = rest.first() {
+            let start = self.places[first as usize];
+            let len = rest
+                .iter()
+                .zip(0u32..)
+                .take_while(|&(&i, k)| {
+                    let place = self.places[i as usize];
+                    place.source == start.source
+                        && place.offset == start.offset + k * BLOCK_SIZE as u32
+                })
+                .count();
+            let at = start.offset as usize;
+            runs.push(&self.sources[start.source as usize][at..at + len * BLOCK_SIZE]);
+            rest = &rest[len..];
+        }
+        runs
     }
 }
+
+/// Pieces of a frame at least this long are compressed where they lie, without a copy.
+const MIN_PIECE_BYTES: usize = 64 * 1024;
 
 thread_local! {
     /// A compression thread's buffer for gathering a frame's blocks, kept between frames.
@@ -166,16 +174,17 @@ fn compress_share(chunks: &BatchChunks, share: &[u32], level: i32) -> Vec<v1::Fr
 fn compress_frame(chunks: &BatchChunks, group: &[u32], level: i32) -> v1::Frame {
     let hashes =
         tideline_proto::wire_hashes(group.iter().map(|&i| Some(&chunks.hashes[i as usize])));
-    // A frame of one large write is compressed where it lies; others are gathered first.
-    let zstd_data = match chunks.run(group) {
-        Some(blocks) => frame::compress(blocks, level),
-        None => GATHERED.with_borrow_mut(|gathered| {
+    // The blocks of large writes are compressed where they lie, a zstd frame per write's
+    // part; a frame with smaller pieces is gathered first, which compresses them better.
+    let runs = chunks.runs(group);
+    let zstd_data = if runs.iter().all(|run| run.len() >= MIN_PIECE_BYTES) {
+        frame::compress_pieces(&runs, level)
+    } else {
+        GATHERED.with_borrow_mut(|gathered| {
             gathered.clear();
-            group
-                .iter()
-                .for_each(|&i| gathered.extend_from_slice(chunks.block(i)));
+            runs.iter().for_each(|run| gathered.extend_from_slice(run));
             frame::compress(gathered, level)
-        }),
+        })
     };
     v1::Frame {
         hashes,
@@ -212,18 +221,36 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_lies_in_place_only_within_one_write_and_in_order() {
-        let all = chunks(MAX_FRAME_BLOCKS + 10);
+    fn a_frames_blocks_come_as_the_runs_of_the_writes_they_lie_in() {
+        let n = MAX_FRAME_BLOCKS + 10;
+        let all = chunks(n);
+        let data: Vec<u8> = (0..n * BLOCK_SIZE).map(|i| (i / 97 % 253) as u8).collect();
+        let blocks_of = |group: &[u32]| -> Vec<u8> {
+            group
+                .iter()
+                .flat_map(|&i| data[i as usize * BLOCK_SIZE..][..BLOCK_SIZE].to_vec())
+                .collect()
+        };
+        let run_blocks = |group: &[u32]| -> Vec<usize> {
+            all.runs(group)
+                .iter()
+                .map(|r| r.len() / BLOCK_SIZE)
+                .collect()
+        };
         let first: Vec<u32> = (0..MAX_FRAME_BLOCKS as u32).collect();
-        let in_place = all
-            .run(&first)
-            .expect("the first frame lies in the first write");
-        let gathered: Vec<u8> = first.iter().flat_map(|&i| all.block(i).to_vec()).collect();
-        assert_eq!(in_place, &gathered[..]);
+        assert_eq!(
+            run_blocks(&first),
+            [MAX_FRAME_BLOCKS],
+            "within the first write"
+        );
+        // The first write ends 3 blocks past a frame, the next is one block, then two.
         let across: Vec<u32> = (10..MAX_FRAME_BLOCKS as u32 + 5).collect();
-        assert!(all.run(&across).is_none(), "spans the first two writes");
-        assert!(all.run(&[0, 2]).is_none(), "skips a block");
-        assert!(all.run(&[1, 0]).is_none(), "out of order");
+        assert_eq!(run_blocks(&across), [MAX_FRAME_BLOCKS - 7, 1, 1]);
+        assert_eq!(run_blocks(&[0, 2]), [1, 1], "skips a block");
+        assert_eq!(run_blocks(&[1, 0]), [1, 1], "out of order");
+        for group in [&first[..], &across[..], &[0, 2], &[1, 0]] {
+            assert_eq!(all.runs(group).concat(), blocks_of(group));
+        }
     }
 
     /// The hashes of frame `f`, once it opened and verified against them.
