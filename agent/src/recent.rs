@@ -252,43 +252,24 @@ impl RecentWrites {
             return Paced::NotNeeded;
         };
         let started = Instant::now();
-        let mut waited = false;
-        let (mut window, paced) = self.wait_while_behind(self.window(), max_lag, &mut waited);
-        if waited {
-            let report = window.held_up.add(started.elapsed());
-            drop(window);
-            if let Some(report) = report {
-                report.log(max_lag);
-            }
-        }
-        paced
-    }
-
-    /// [`RecentWrites::wait_for_shipper`]'s wait, with the window's lock held; sets `waited`
-    /// once it waits.
-    fn wait_while_behind<'w>(
-        &'w self,
-        mut window: MutexGuard<'w, Window>,
-        max_lag: Duration,
-        waited: &mut bool,
-    ) -> (MutexGuard<'w, Window>, Paced) {
+        let mut window = self.window();
+        // Waited once the write has waited, whatever ends the wait.
         let mut paced = Paced::NotNeeded;
-        loop {
+        let outcome = loop {
             let Some(shipper) = &window.shipper else {
-                return (window, paced);
+                break paced;
             };
             let Some(&(_, oldest)) = shipper.untaken.front() else {
-                return (window, paced);
+                break paced;
             };
             if oldest.elapsed() < max_lag {
-                return (window, paced);
+                break paced;
             }
             let quiet = shipper.last_took.elapsed();
             if quiet >= self.stalled_after {
-                return (window, Paced::ShipperStalled);
+                break Paced::ShipperStalled;
             }
             paced = Paced::Waited;
-            *waited = true;
             window.waiting += 1;
             window = self
                 .taken
@@ -296,7 +277,15 @@ impl RecentWrites {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
             window.waiting -= 1;
+        };
+        if paced == Paced::Waited {
+            let report = window.held_up.add(started.elapsed());
+            drop(window);
+            if let Some(report) = report {
+                report.log(max_lag);
+            }
         }
+        outcome
     }
 
     /// Writes waiting for the shipper now.
