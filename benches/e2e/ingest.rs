@@ -36,12 +36,12 @@ struct Sample {
     disk_mb_per_s: f64,
 }
 
-fn run_once(s: &Settings, source: &Path) -> anyhow::Result<Sample> {
+/// One run of `source`, which holds `data_bytes` of data.
+fn run_once(s: &Settings, source: &Path, data_bytes: u64) -> anyhow::Result<Sample> {
     let work = sys::fresh_dir(&s.work.join("ingest"))?;
     let volume = work.join("volume.img");
     let size = std::fs::metadata(source)?.len();
     std::fs::File::create(&volume)?.set_len(size)?;
-    let data_bytes = data::data_bytes(source)?;
     std::io::copy(&mut std::fs::File::open(source)?, &mut std::io::sink())?;
     let collector = Collector::start(&s.bin_dir, &work)?;
     let agent = Agent::start(s, &work, &collector, &volume, None)?;
@@ -81,12 +81,14 @@ fn rows_for(
     goal: Option<f64>,
 ) -> anyhow::Result<Vec<Row>> {
     let mut samples = Vec::new();
+    // Counted once: counting drops the source's cached pages, which each run reads back.
+    let data_bytes = data::data_bytes(source)?;
     for run in 0..s.runs {
         eprintln!("ingest ({label}): run {}/{}", run + 1, s.runs);
-        samples.push(run_once(s, source)?);
+        samples.push(run_once(s, source, data_bytes)?);
     }
     let col = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
-    let data_mb = data::data_bytes(source)? as f64 / 1e6;
+    let data_mb = data_bytes as f64 / 1e6;
     let mut throughput = Row::new(
         "ingest",
         &format!("{label}: NBD write to durable at collector"),
