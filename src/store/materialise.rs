@@ -213,7 +213,7 @@ fn locate_by_pack(store: &Store, plan: &RestorePlan) -> Result<Vec<Located>, Sto
         blocks
             .iter()
             .map(|&(at, hash)| match state.chunks.get(hash) {
-                Some(&loc) => Ok(Located { loc, at }),
+                Some(loc) => Ok(Located { loc, at }),
                 None => Err(block_error(
                     plan,
                     plan.blocks[at].0,

@@ -800,7 +800,10 @@ impl Store {
         sync_dir(&dir)?;
         sync_dir(packs.dir())?;
 
-        let mut state = State::default();
+        let mut state = State {
+            chunks: chunk_index::ChunkIndex::loading(),
+            ..State::default()
+        };
         let end = framed::scan_file(&catalog_path, |_offset, body| {
             let entry = Entry::decode(body)?;
             state.apply(&entry).map_err(|reason| {
@@ -808,6 +811,10 @@ impl Store {
             })
         })
         .map_err(StoreError::Catalog)?;
+        state
+            .chunks
+            .finish_loading()
+            .map_err(io_error("allocate the chunk index".to_string()))?;
         if end.torn_bytes > 0 {
             tracing::warn!(
                 catalog = %catalog_path.display(),
@@ -1844,7 +1851,7 @@ impl Store {
 
     /// The frame holding chunk `hash`, from the cache or read, decompressed and verified.
     fn frame_of(&self, hash: &ChunkHash) -> Result<(Arc<LoadedFrame>, ChunkLoc), ChunkReadError> {
-        let loc = *self
+        let loc = self
             .read_state()
             .chunks
             .get(hash)
@@ -1940,7 +1947,7 @@ impl Store {
         {
             let state = self.read_state();
             for hash in hashes {
-                let loc = *state
+                let loc = state
                     .chunks
                     .get(hash)
                     .ok_or(ChunkReadError::Unknown { hash: *hash })?;
