@@ -73,6 +73,15 @@ impl ChunkIndex {
         usize::from(hash.0[0] >> (8 - SHARD_BITS))
     }
 
+    /// Keys of [`ChunkIndex::order_key`].
+    pub const ORDER_KEYS: usize = 1 << 16;
+
+    /// A key to sort many lookups by: the hash's first 16 bits, which order it by shard and,
+    /// coarsely, by its place in its shard's arrays.
+    pub fn order_key(hash: &ChunkHash) -> usize {
+        usize::from(u16::from_be_bytes([hash.0[0], hash.0[1]]))
+    }
+
     fn shard(&self, hash: &ChunkHash) -> &Shard {
         &self.shards[Self::shard_of(hash)]
     }
@@ -98,9 +107,10 @@ impl ChunkIndex {
         Ok(())
     }
 
-    /// Where `hash` is stored. Many lookups are faster in shard order ([`ChunkIndex::shard_of`]):
-    /// a restore looks up every block of its plan before its first frame goes out, and in
-    /// shard order each shard's pages are looked at together.
+    /// Where `hash` is stored. Many lookups are faster in the order of
+    /// [`ChunkIndex::order_key`]: a restore looks up every block of its plan before its first
+    /// frame goes out, and in that order they walk each shard's arrays from start to end,
+    /// where in the plan's order each would miss the cache.
     pub fn get(&self, hash: &ChunkHash) -> Option<ChunkLoc> {
         debug_assert!(!self.loading, "a chunk index looked up while loading");
         self.shard(hash).get(hash)
@@ -110,12 +120,16 @@ impl ChunkIndex {
         self.get(hash).is_some()
     }
 
-    /// Records where `hash` is stored, unless it is already known (the first copy stays).
-    pub fn insert_if_absent(&mut self, hash: ChunkHash, loc: ChunkLoc) {
+    /// Records where `hash` is stored. The caller has looked it up and not found it, and
+    /// nothing has inserted it since: the store's ingests check and insert under one lock.
+    /// (Were it there after all, both locations would hold the same checked bytes, and a
+    /// lookup would find one of them.) While loading, a hash may come again; the first
+    /// location stays.
+    pub fn insert_new(&mut self, hash: ChunkHash, loc: ChunkLoc) {
         let shard = &mut self.shards[Self::shard_of(&hash)];
         if self.loading {
             shard.loaded.push((position(&hash.0), rest(&hash, &loc)));
-        } else if shard.insert_if_absent(hash, loc) {
+        } else if shard.insert_new(hash, loc) {
             self.len += 1;
         }
     }
@@ -168,11 +182,10 @@ impl Shard {
         self.recent_bits.resize((most * 8).div_ceil(64), 0);
     }
 
-    /// True when `hash` was new.
-    fn insert_if_absent(&mut self, hash: ChunkHash, loc: ChunkLoc) -> bool {
-        if self.sorted.get(&hash).is_some() {
-            return false;
-        }
+    /// Adds `hash`, which the sorted entries do not hold, to the recent ones; true when it was
+    /// not among those either.
+    fn insert_new(&mut self, hash: ChunkHash, loc: ChunkLoc) -> bool {
+        debug_assert!(self.sorted.get(&hash).is_none(), "{hash} inserted twice");
         match self.recent.entry(hash) {
             Entry::Occupied(_) => return false,
             Entry::Vacant(slot) => slot.insert(loc),
@@ -273,10 +286,7 @@ impl SortedEntries {
         for (position, rest) in added {
             let mut run_end = old;
             while run_end < self.len
-                && order(
-                    (self.position(run_end), &self.rest(run_end)),
-                    (*position, rest),
-                ) == Ordering::Less
+                && self.order_at(run_end, *position, &rest[..TAIL_BYTES]) == Ordering::Less
             {
                 run_end += 1;
             }
@@ -324,6 +334,13 @@ impl SortedEntries {
         &self.bytes()[from..from + TAIL_BYTES]
     }
 
+    /// How entry `at` compares with the hash of this `position` and `tail`.
+    fn order_at(&self, at: usize, position: u64, tail: &[u8]) -> Ordering {
+        self.position(at)
+            .cmp(&position)
+            .then_with(|| self.tail(at).cmp(tail))
+    }
+
     fn get(&self, hash: &ChunkHash) -> Option<ChunkLoc> {
         self.find(hash).map(|at| unpack(&self.rest(at)))
     }
@@ -333,11 +350,7 @@ impl SortedEntries {
         let target = position(&hash.0);
         let start = self.posts_below(target).saturating_sub(1) * FENCE_EVERY;
         for at in start..self.len {
-            let found = self
-                .position(at)
-                .cmp(&target)
-                .then_with(|| self.tail(at).cmp(&hash.0[8..]));
-            match found {
+            match self.order_at(at, target, &hash.0[8..]) {
                 Ordering::Less => continue,
                 Ordering::Equal => return Some(at),
                 Ordering::Greater => return None,
@@ -431,6 +444,13 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// As the store inserts: only what a lookup did not find.
+    fn insert_if_absent(index: &mut ChunkIndex, hash: ChunkHash, loc: ChunkLoc) {
+        if index.get(&hash).is_none() {
+            index.insert_new(hash, loc);
+        }
+    }
+
     fn loc(offset: u64) -> ChunkLoc {
         ChunkLoc {
             pack: PackId(u32::try_from(offset % 7).unwrap() + 1),
@@ -447,9 +467,9 @@ mod tests {
             .map(|i| ChunkHash::of(&i.to_le_bytes()))
             .collect();
         for (offset, hash) in (0..).zip(&hashes) {
-            index.insert_if_absent(*hash, loc(offset));
+            insert_if_absent(&mut index, *hash, loc(offset));
         }
-        index.insert_if_absent(hashes[7], loc(999_999));
+        insert_if_absent(&mut index, hashes[7], loc(999_999));
         assert_eq!(index.len(), hashes.len());
         for (offset, hash) in (0..).zip(&hashes) {
             assert!(index.contains_key(hash));
@@ -466,7 +486,7 @@ mod tests {
         index.finish_loading().unwrap();
         assert_eq!(index.len(), 0);
         assert!(index.get(&ChunkHash::of(b"x")).is_none());
-        index.insert_if_absent(ChunkHash::of(b"x"), loc(3));
+        index.insert_new(ChunkHash::of(b"x"), loc(3));
         assert_eq!(index.get(&ChunkHash::of(b"x")), Some(loc(3)));
     }
 
@@ -511,7 +531,7 @@ mod tests {
                 1..=3 => crowded_hash(&mut rng),
                 _ => ChunkHash(rng.gen()),
             };
-            index.insert_if_absent(hash, loc(step));
+            insert_if_absent(&mut index, hash, loc(step));
             model.entry(hash).or_insert(loc(step));
             inserted.push(hash);
             if step % 97 == 0 {
@@ -545,8 +565,8 @@ mod tests {
         }
         let (mut loaded, mut inserted) = (ChunkIndex::loading(), ChunkIndex::default());
         for (offset, hash) in (0..).zip(&hashes) {
-            loaded.insert_if_absent(*hash, loc(offset));
-            inserted.insert_if_absent(*hash, loc(offset));
+            loaded.insert_new(*hash, loc(offset));
+            insert_if_absent(&mut inserted, *hash, loc(offset));
         }
         loaded.finish_loading().unwrap();
         assert_eq!(loaded.len(), inserted.len());
@@ -555,8 +575,8 @@ mod tests {
         }
         for offset in 0..5_000 {
             let hash = ChunkHash(rng.gen());
-            loaded.insert_if_absent(hash, loc(offset));
-            inserted.insert_if_absent(hash, loc(offset));
+            loaded.insert_new(hash, loc(offset));
+            insert_if_absent(&mut inserted, hash, loc(offset));
             hashes.push(hash);
         }
         assert_eq!(loaded.len(), inserted.len());
@@ -569,7 +589,7 @@ mod tests {
     fn a_shards_recent_entries_stay_a_small_part_of_it() {
         let mut index = ChunkIndex::default();
         for i in 0..200_000u32 {
-            index.insert_if_absent(ChunkHash::of(&i.to_le_bytes()), loc(u64::from(i)));
+            index.insert_new(ChunkHash::of(&i.to_le_bytes()), loc(u64::from(i)));
         }
         for shard in index.shards.iter() {
             let bound = MERGE_AT_LEAST.max(shard.sorted.len / MERGE_FRACTION);

@@ -194,19 +194,20 @@ fn sorted_by_frame(
 /// Looks up where each block of `plan` is stored, and groups the blocks by pack, in pack
 /// order. Before the first frame of a restore can go out, every one of its blocks (640k for
 /// 2.6 GB) is looked up in the chunk index while the client waits: the lookups go in the
-/// index's shard order (see [`ChunkIndex::get`]), half the shards on each of two threads.
+/// index's order (see [`ChunkIndex::get`]), half the shards on each of two threads.
 fn locate_by_pack(store: &Store, plan: &RestorePlan) -> Result<Vec<Located>, StoreError> {
-    let shard_of = |(_, hash): &(usize, &ChunkHash)| ChunkIndex::shard_of(hash);
-    let by_shard = grouping::grouped_by(
+    let order_key = |(_, hash): &(usize, &ChunkHash)| ChunkIndex::order_key(hash);
+    let in_order = grouping::grouped_by(
         plan.blocks
             .iter()
             .enumerate()
             .map(|(at, (_, hash))| (at, hash)),
-        ChunkIndex::SHARDS,
-        shard_of,
+        ChunkIndex::ORDER_KEYS,
+        order_key,
     );
-    let half = by_shard.partition_point(|b| shard_of(b) < ChunkIndex::SHARDS / 2);
-    let (first, second) = by_shard.split_at(half);
+    let half =
+        in_order.partition_point(|(_, hash)| ChunkIndex::shard_of(hash) < ChunkIndex::SHARDS / 2);
+    let (first, second) = in_order.split_at(half);
     // The store's state is locked, against ingests too, only while the lookups run.
     let state = store.read_state();
     let lookup = |blocks: &[(usize, &ChunkHash)]| -> Result<Vec<Located>, StoreError> {

@@ -638,7 +638,7 @@ impl State {
         }
         for chunk in &batch.chunks {
             let frame = batch.frames[chunk.frame as usize];
-            self.chunks.insert_if_absent(
+            self.chunks.insert_new(
                 chunk.hash,
                 ChunkLoc {
                     pack: frame.pack,
