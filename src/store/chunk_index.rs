@@ -139,7 +139,6 @@ impl ChunkIndex {
     }
 }
 
-#[derive(Default)]
 struct Shard {
     sorted: SortedEntries,
     recent: HashMap<ChunkHash, ChunkLoc>,
@@ -152,34 +151,45 @@ struct Shard {
     loaded: Vec<(u64, Rest)>,
 }
 
+impl Default for Shard {
+    fn default() -> Shard {
+        let mut shard = Shard {
+            sorted: SortedEntries::default(),
+            recent: HashMap::new(),
+            recent_bits: Vec::new(),
+            loaded: Vec::new(),
+        };
+        shard.reset_recent_bits();
+        shard
+    }
+}
+
 impl Shard {
     fn get(&self, hash: &ChunkHash) -> Option<ChunkLoc> {
-        let recent = match self.maybe_recent(hash) {
-            true => self.recent.get(hash).copied(),
-            false => None,
+        let (word, mask) = self.recent_bit(hash);
+        let recent = match self.recent_bits[word] & mask {
+            0 => None,
+            _ => self.recent.get(hash).copied(),
         };
         recent.or_else(|| self.sorted.get(hash))
     }
 
+    /// The recent entries are merged into the array once they are this many.
+    fn merge_at(&self) -> usize {
+        MERGE_AT_LEAST.max(self.sorted.len / MERGE_FRACTION)
+    }
+
     /// The bit of `recent_bits` for `hash`: word and mask.
-    fn recent_bit(&self, hash: &ChunkHash) -> Option<(usize, u64)> {
-        let bits = (self.recent_bits.len() * 64) as u64;
-        let bit = (position(&hash.0) >> 16).checked_rem(bits)?;
-        Some(((bit / 64) as usize, 1 << (bit % 64)))
+    fn recent_bit(&self, hash: &ChunkHash) -> (usize, u64) {
+        let bit = (position(&hash.0) >> 16) % (self.recent_bits.len() as u64 * 64);
+        ((bit / 64) as usize, 1 << (bit % 64))
     }
 
-    fn maybe_recent(&self, hash: &ChunkHash) -> bool {
-        match self.recent_bit(hash) {
-            Some((word, mask)) => self.recent_bits[word] & mask != 0,
-            None => !self.recent.is_empty(),
-        }
-    }
-
-    /// Bits for the recent entries to come: eight for each at most.
+    /// Clear bits for the recent entries to come: eight for each at most.
     fn reset_recent_bits(&mut self) {
-        let most = MERGE_AT_LEAST.max(self.sorted.len / MERGE_FRACTION);
         self.recent_bits.clear();
-        self.recent_bits.resize((most * 8).div_ceil(64), 0);
+        self.recent_bits
+            .resize((self.merge_at() * 8).div_ceil(64), 0);
     }
 
     /// Adds `hash`, which the sorted entries do not hold, to the recent ones; true when it was
@@ -190,13 +200,9 @@ impl Shard {
             Entry::Occupied(_) => return false,
             Entry::Vacant(slot) => slot.insert(loc),
         };
-        if self.recent_bits.is_empty() {
-            self.reset_recent_bits();
-        }
-        if let Some((word, mask)) = self.recent_bit(&hash) {
-            self.recent_bits[word] |= mask;
-        }
-        if self.recent.len() >= MERGE_AT_LEAST.max(self.sorted.len / MERGE_FRACTION) {
+        let (word, mask) = self.recent_bit(&hash);
+        self.recent_bits[word] |= mask;
+        if self.recent.len() >= self.merge_at() {
             self.merge_recent();
         }
         true
@@ -205,8 +211,8 @@ impl Shard {
     fn finish_loading(&mut self) -> std::io::Result<()> {
         let mut loaded = std::mem::take(&mut self.loaded);
         // Stable, so that of equal hashes the first loaded stays first, and is kept.
-        loaded.sort_by(|a, b| order((a.0, &a.1), (b.0, &b.1)));
-        loaded.dedup_by(|later, first| order((later.0, &later.1), (first.0, &first.1)).is_eq());
+        loaded.sort_by(order);
+        loaded.dedup_by(|later, first| order(later, first).is_eq());
         self.sorted = self.sorted.merged_with(&loaded)?;
         self.reset_recent_bits();
         Ok(())
@@ -220,7 +226,7 @@ impl Shard {
             .iter()
             .map(|(hash, loc)| (position(&hash.0), rest(hash, loc)))
             .collect();
-        added.sort_unstable_by(|a, b| order((a.0, &a.1), (b.0, &b.1)));
+        added.sort_unstable_by(order);
         match self.sorted.merged_with(&added) {
             Ok(merged) => {
                 self.sorted = merged;
@@ -322,16 +328,13 @@ impl SortedEntries {
         u64::from_ne_bytes(bytes)
     }
 
-    fn rest(&self, at: usize) -> Rest {
+    fn rest(&self, at: usize) -> &[u8] {
         let from = self.len * 8 + at * REST_BYTES;
-        let mut rest = [0u8; REST_BYTES];
-        rest.copy_from_slice(&self.bytes()[from..from + REST_BYTES]);
-        rest
+        &self.bytes()[from..from + REST_BYTES]
     }
 
     fn tail(&self, at: usize) -> &[u8] {
-        let from = self.len * 8 + at * REST_BYTES;
-        &self.bytes()[from..from + TAIL_BYTES]
+        &self.rest(at)[..TAIL_BYTES]
     }
 
     /// How entry `at` compares with the hash of this `position` and `tail`.
@@ -342,7 +345,7 @@ impl SortedEntries {
     }
 
     fn get(&self, hash: &ChunkHash) -> Option<ChunkLoc> {
-        self.find(hash).map(|at| unpack(&self.rest(at)))
+        self.find(hash).map(|at| unpack(self.rest(at)))
     }
 
     /// The index of `hash` among the entries.
@@ -399,7 +402,7 @@ impl Appender<'_> {
 }
 
 /// How two entries of one shard compare: by position, then by the rest of their hashes.
-fn order(a: (u64, &Rest), b: (u64, &Rest)) -> Ordering {
+fn order(a: &(u64, Rest), b: &(u64, Rest)) -> Ordering {
     a.0.cmp(&b.0)
         .then_with(|| a.1[..TAIL_BYTES].cmp(&b.1[..TAIL_BYTES]))
 }
@@ -423,7 +426,7 @@ fn rest(hash: &ChunkHash, loc: &ChunkLoc) -> Rest {
     out
 }
 
-fn unpack(rest: &Rest) -> ChunkLoc {
+fn unpack(rest: &[u8]) -> ChunkLoc {
     ChunkLoc {
         pack: PackId(u32::from_le_bytes(field(rest, 24))),
         offset: u64::from_le_bytes(field(rest, 28)),
@@ -432,7 +435,7 @@ fn unpack(rest: &Rest) -> ChunkLoc {
     }
 }
 
-fn field<const N: usize>(rest: &Rest, at: usize) -> [u8; N] {
+fn field<const N: usize>(rest: &[u8], at: usize) -> [u8; N] {
     let mut out = [0u8; N];
     out.copy_from_slice(&rest[at..at + N]);
     out
@@ -592,12 +595,14 @@ mod tests {
             index.insert_new(ChunkHash::of(&i.to_le_bytes()), loc(u64::from(i)));
         }
         for shard in index.shards.iter() {
-            let bound = MERGE_AT_LEAST.max(shard.sorted.len / MERGE_FRACTION);
-            assert!(shard.recent.len() < bound, "{} recent", shard.recent.len());
+            assert!(
+                shard.recent.len() < shard.merge_at(),
+                "{} recent",
+                shard.recent.len()
+            );
             let sorted = &shard.sorted;
             assert!((1..sorted.len).all(|at| {
-                let (a, b) = (sorted.rest(at - 1), sorted.rest(at));
-                order((sorted.position(at - 1), &a), (sorted.position(at), &b)) == Ordering::Less
+                sorted.order_at(at - 1, sorted.position(at), sorted.tail(at)) == Ordering::Less
             }));
         }
         let sorted: usize = index.shards.iter().map(|s| s.sorted.len).sum();

@@ -814,7 +814,7 @@ impl Store {
         state
             .chunks
             .finish_loading()
-            .map_err(io_error("allocate the chunk index".to_string()))?;
+            .map_err(io_error("allocate the chunk index"))?;
         if end.torn_bytes > 0 {
             tracing::warn!(
                 catalog = %catalog_path.display(),
