@@ -182,6 +182,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -204,6 +205,28 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Has glibc keep freed memory for the next allocation. By default each allocation of more than
+/// 128 KiB at first (32 MiB at most, raised as such blocks are freed) is mapped afresh, and the
+/// heap is trimmed above twice that: a restore receives every frame (about 400 KiB) into new
+/// memory, and faulted those pages in: 61-75 thousand page faults for 2.5 GB restored. In four
+/// alternating pairs of cold restores of a 4 GiB image, these settings made that 10-12
+/// thousand, the process's system time 1.9-2.1 s instead of 2.1-2.5, and the restore 4.37-4.60
+/// s instead of 4.34-5.06. This process's memory is bounded by its queues, so keeping what it
+/// freed costs nothing that grows.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD_BYTES: libc::c_int = 64 << 20;
+        const TRIM_THRESHOLD_BYTES: libc::c_int = 512 << 20;
+        // SAFETY: mallopt only changes the allocator's tuning; it is called before any thread
+        // starts, and a refused setting leaves the default in place.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
         }
     }
 }
