@@ -215,8 +215,8 @@ fn main() -> ExitCode {
 /// memory, and faulted those pages in: 61-75 thousand page faults for 2.5 GB restored. In four
 /// alternating pairs of cold restores of a 4 GiB image, these settings made that 10-12
 /// thousand, the process's system time 1.9-2.1 s instead of 2.1-2.5, and the restore 4.37-4.60
-/// s instead of 4.34-5.06. This process's memory is bounded by its queues, so keeping what it
-/// freed costs nothing that grows.
+/// s instead of 4.34-5.06. This process runs one command and exits, which gives back whatever
+/// it kept (`tideline demo` and `--store` hold a store in it too, for that command only).
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -1,9 +1,11 @@
 //! Grouping many items by a key with few values, in one pass (a counting sort).
 //!
-//! A restore groups every block of its plan twice before its first frame can go out: by the
-//! chunk index's shard its hash falls in, so that the lookups find each shard in the cache, and
-//! by pack, to read each pack once in order. A comparison sort of 640k blocks took about 50 ms
-//! of the wait; grouping them by a small key costs two passes over them.
+//! A restore groups every block of its plan twice before its first frame can go out: by its
+//! hash's first 16 bits
+//! ([`ChunkIndex::order_key`](super::chunk_index::ChunkIndex::order_key)), so that the lookups
+//! walk the index's arrays in order, and by pack, to read each pack once in order. A comparison
+//! sort of 640k blocks took about 50 ms of the wait; grouping them by a small key costs two
+//! passes over them.
 
 /// `items` grouped by `key_of` (each below `keys`), in increasing key order, keeping their
 /// order within a key. `items` is gone through twice: once to count, once to place.
