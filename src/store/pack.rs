@@ -1,6 +1,6 @@
 //! Pack files: append-only files of compressed frames, read back with `pread` and verified.
-//! Restores read the frames they need in pack order, several at a time and around the page
-//! cache where the filesystem allows ([`read_direct`]).
+//! Restores read the frames they need in pack order, neighbours together, several reads at once
+//! and around the page cache where the filesystem allows ([`read_direct`]).
 //!
 //! A pack is `packs/NNNNNN.pack`. Each frame is one [`crate::framed`] entry whose body is
 //!
