@@ -51,7 +51,8 @@ pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
 /// Compresses whole blocks lying in `pieces`, in order, into one frame without gathering them
 /// first: each piece becomes a zstd frame of its own and they are concatenated, which zstd's
 /// decoder reads as one stream. Worth it for pieces of tens of KiB and more; small ones
-/// compress better gathered.
+/// compress better gathered. A piece whose first [`PROBE_BYTES`] do not compress by at least
+/// an eighth has the rest stored, not compressed (see [`worth_compressing`]).
 pub fn compress_pieces(pieces: &[&[u8]], level: i32) -> Vec<u8> {
     debug_assert!(pieces.iter().all(|p| p.len() % BLOCK_SIZE == 0));
     COMPRESSOR
@@ -73,29 +74,95 @@ pub fn compress_pieces(pieces: &[&[u8]], level: i32) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// Bytes at the start of a piece that are compressed to see whether the rest is worth it.
+pub const PROBE_BYTES: usize = 16 * BLOCK_SIZE;
+
+/// Whether data that compressed from `raw` to `compressed` bytes saved enough to compress more
+/// like it: at least an eighth, the rule ZFS applies to its blocks. Data that saves less costs
+/// nearly as much to compress as data that compresses well (fio's default buffers, which save
+/// 9.5 %, went through zstd level -1 at 527 MB/s on one core), and every receiver decompresses
+/// it again, while a stored block only costs a copy.
+fn worth_compressing(compressed: usize, raw: usize) -> bool {
+    compressed * 8 <= raw * 7
+}
+
 fn compress_each(
     context: &mut zstd::bulk::Compressor<'static>,
     pieces: &[&[u8]],
 ) -> std::io::Result<Vec<u8>> {
-    if let [one] = pieces {
-        return context.compress(one);
-    }
-    let bound: usize = pieces
-        .iter()
-        .map(|p| zstd::zstd_safe::compress_bound(p.len()))
-        .sum();
-    let mut out = Vec::with_capacity(bound);
+    let mut out = Vec::new();
     for piece in pieces {
+        if piece.len() < 2 * PROBE_BYTES {
+            append_compressed(context, piece, &mut out)?;
+            continue;
+        }
+        let (probe, rest) = piece.split_at(PROBE_BYTES);
         let start = out.len();
-        context.compress_to_buffer(
-            piece,
-            &mut SpareTail {
-                vec: &mut out,
-                start,
-            },
-        )?;
+        append_compressed(context, probe, &mut out)?;
+        if worth_compressing(out.len() - start, probe.len()) || samples_compress(context, rest)? {
+            append_compressed(context, rest, &mut out)?;
+        } else {
+            append_stored(rest, &mut out);
+        }
     }
     Ok(out)
+}
+
+/// Whether either of two [`PROBE_BYTES`] samples of `rest`, a third and two thirds of the way
+/// in, is worth compressing. The start of a frame does not speak for all of it: of 606 1 MiB
+/// pieces of the ext4 image's data, 27 began with 64 KiB that did not compress by an eighth.
+/// Sixteen of those compress to 30-87 % as a whole, and a sample finds each of them; the
+/// eleven it does not find would have compressed to 94 % or more.
+fn samples_compress(
+    context: &mut zstd::bulk::Compressor<'static>,
+    rest: &[u8],
+) -> std::io::Result<bool> {
+    let mut scratch = Vec::new();
+    for third in [1, 2] {
+        let at = (rest.len() * third / 3 / BLOCK_SIZE * BLOCK_SIZE).min(rest.len() - PROBE_BYTES);
+        scratch.clear();
+        append_compressed(context, &rest[at..at + PROBE_BYTES], &mut scratch)?;
+        if worth_compressing(scratch.len(), PROBE_BYTES) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Appends `data` to `out` as one compressed zstd frame.
+fn append_compressed(
+    context: &mut zstd::bulk::Compressor<'static>,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    let start = out.len();
+    context.compress_to_buffer(data, &mut SpareTail { vec: out, start })?;
+    Ok(())
+}
+
+/// Largest block of a zstd frame (RFC 8878, `Block_Maximum_Size`).
+const ZSTD_MAX_BLOCK_BYTES: usize = 128 << 10;
+
+/// Appends `data` (at most 4 GiB) to `out` as one zstd frame of raw blocks (RFC 8878 3.1.1):
+/// the magic number; a frame header descriptor saying single segment, with the content size
+/// in 4 bytes; that size; then blocks of at most 128 KiB, each a 3-byte little-endian header
+/// (last-block bit, block type 0 for raw, the size shifted left by 3) and its bytes as they are.
+fn append_stored(data: &[u8], out: &mut Vec<u8>) {
+    const MAGIC: u32 = 0xFD2F_B528;
+    const SINGLE_SEGMENT_CONTENT_SIZE_4: u8 = 0b1010_0000;
+    debug_assert!(!data.is_empty() && u32::try_from(data.len()).is_ok());
+    let blocks = data.len().div_ceil(ZSTD_MAX_BLOCK_BYTES);
+    out.reserve(4 + 1 + 4 + 3 * blocks + data.len());
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.push(SINGLE_SEGMENT_CONTENT_SIZE_4);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    for (i, block) in data.chunks(ZSTD_MAX_BLOCK_BYTES).enumerate() {
+        let last = u32::from(i + 1 == blocks);
+        let header = last | (block.len() as u32) << 3;
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
 }
 
 /// The room after a vector's bytes, for zstd to append a frame to them (its `Vec` buffer
@@ -223,6 +290,76 @@ mod tests {
         assert_eq!(out, blocks);
         // The pieces are whole frames one after another, not one frame of all of them.
         assert_ne!(frame, compress(&blocks, -1));
+    }
+
+    /// Bytes no compressor can shrink (xorshift64).
+    fn noise(len: usize, mut state: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stored_frames_decode_as_zstd_whatever_their_length() {
+        for len in [1, 4096, 128 << 10, (128 << 10) + 4096, 960 << 10, 1 << 20] {
+            let data = noise(len, len as u64);
+            let mut frame = Vec::new();
+            append_stored(&data, &mut frame);
+            let blocks = len.div_ceil(ZSTD_MAX_BLOCK_BYTES);
+            assert_eq!(frame.len(), 9 + 3 * blocks + len, "{len} bytes");
+            assert_eq!(zstd::bulk::decompress(&frame, len).unwrap(), data, "{len}");
+        }
+    }
+
+    #[test]
+    fn a_piece_that_does_not_compress_is_stored_after_its_probe() {
+        let data = noise(MAX_FRAME_BLOCKS * BLOCK_SIZE, 7);
+        let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
+        assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), data);
+        // The probe, compressed (zstd keeps incompressible blocks raw too), then the rest as
+        // it is: the frame ends with the data's last bytes.
+        assert!(frame.len() < data.len() + 64, "{} bytes", frame.len());
+        assert_eq!(
+            frame[frame.len() - BLOCK_SIZE..],
+            data[data.len() - BLOCK_SIZE..]
+        );
+    }
+
+    #[test]
+    fn a_piece_that_compresses_is_compressed_throughout() {
+        let data = blocks(MAX_FRAME_BLOCKS);
+        let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
+        assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), data);
+        assert!(frame.len() < data.len() / 8, "{} bytes", frame.len());
+        // Compressible data after an incompressible probe: the samples further in speak for it.
+        let mut mixed = noise(PROBE_BYTES, 3);
+        mixed.extend_from_slice(&data[PROBE_BYTES..]);
+        let frame = compress(&mixed, DEFAULT_ZSTD_LEVEL);
+        assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), mixed);
+        assert!(
+            frame.len() < PROBE_BYTES + mixed.len() / 8,
+            "{} bytes",
+            frame.len()
+        );
+        // Incompressible but for the last sixth, which no sample reaches: stored.
+        let tail = data.len() - data.len() / 6 / BLOCK_SIZE * BLOCK_SIZE;
+        let mut mostly_noise = noise(tail, 5);
+        mostly_noise.extend_from_slice(&data[tail..]);
+        let frame = compress(&mostly_noise, DEFAULT_ZSTD_LEVEL);
+        assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), mostly_noise);
+        assert!(frame.len() > mostly_noise.len() - PROBE_BYTES);
+    }
+
+    #[test]
+    fn compressing_is_worth_it_from_an_eighth_saved() {
+        assert!(worth_compressing(56, 64));
+        assert!(!worth_compressing(57, 64));
+        assert!(worth_compressing(0, 64));
     }
 
     fn blocks(n: usize) -> Vec<u8> {
