@@ -275,6 +275,7 @@ pub fn open(compressed: &[u8], hashes: &[ChunkHash]) -> Result<Vec<u8>, FrameErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tideline_testkit::noise_bytes;
 
     #[test]
     fn blocks_compressed_in_pieces_come_back_as_one_frame() {
@@ -292,22 +293,10 @@ mod tests {
         assert_ne!(frame, compress(&blocks, -1));
     }
 
-    /// Bytes no compressor can shrink (xorshift64).
-    fn noise(len: usize, mut state: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn stored_frames_decode_as_zstd_whatever_their_length() {
         for len in [1, 4096, 128 << 10, (128 << 10) + 4096, 960 << 10, 1 << 20] {
-            let data = noise(len, len as u64);
+            let data = noise_bytes(len as u64, len);
             let mut frame = Vec::new();
             append_stored(&data, &mut frame);
             let blocks = len.div_ceil(ZSTD_MAX_BLOCK_BYTES);
@@ -318,7 +307,7 @@ mod tests {
 
     #[test]
     fn a_piece_that_does_not_compress_is_stored_after_its_probe() {
-        let data = noise(MAX_FRAME_BLOCKS * BLOCK_SIZE, 7);
+        let data = noise_bytes(7, MAX_FRAME_BLOCKS * BLOCK_SIZE);
         let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
         assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), data);
         // The probe, compressed (zstd keeps incompressible blocks raw too), then the rest as
@@ -337,7 +326,7 @@ mod tests {
         assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), data);
         assert!(frame.len() < data.len() / 8, "{} bytes", frame.len());
         // Compressible data after an incompressible probe: the samples further in speak for it.
-        let mut mixed = noise(PROBE_BYTES, 3);
+        let mut mixed = noise_bytes(3, PROBE_BYTES);
         mixed.extend_from_slice(&data[PROBE_BYTES..]);
         let frame = compress(&mixed, DEFAULT_ZSTD_LEVEL);
         assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), mixed);
@@ -348,7 +337,7 @@ mod tests {
         );
         // Incompressible but for the last sixth, which no sample reaches: stored.
         let tail = data.len() - data.len() / 6 / BLOCK_SIZE * BLOCK_SIZE;
-        let mut mostly_noise = noise(tail, 5);
+        let mut mostly_noise = noise_bytes(5, tail);
         mostly_noise.extend_from_slice(&data[tail..]);
         let frame = compress(&mostly_noise, DEFAULT_ZSTD_LEVEL);
         assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), mostly_noise);

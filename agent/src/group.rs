@@ -1360,17 +1360,9 @@ pub(crate) mod tests {
         );
     }
 
-    /// Bytes no other change writes: a xorshift stream seeded by `seed`.
+    /// Bytes no other change writes.
     pub(crate) fn fresh_bytes(seed: u64, len: usize) -> Bytes {
-        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
+        Bytes::from(tideline_testkit::noise_bytes(seed, len))
     }
 
     /// `count` block-aligned changes over the first 1 MiB, so they overlap: large writes (kept

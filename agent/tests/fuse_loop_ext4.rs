@@ -332,15 +332,7 @@ impl Drop for AgentProcess {
 
 /// Deterministic, incompressible bytes.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    tideline_testkit::noise_bytes(seed, len)
 }
 
 /// The files (path -> contents) and directories of the test filesystem, kept in step with it.

@@ -35,6 +35,19 @@ pub fn sized_file(path: &Path, len_bytes: u64) -> File {
     file
 }
 
+/// `len` bytes no compressor can shrink and no other seed repeats: a xorshift64 stream.
+pub fn noise_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// Sends the tracing of code under test to the test's captured output, filtered by `RUST_LOG`
 /// or else by `default_filter` (for example `"warn"`). Later calls do nothing.
 pub fn init_tracing(default_filter: &str) {
