@@ -3,7 +3,8 @@
 //! Compressing one 4 KiB block at a time costs about a third of zstd's speed and a tenth of its
 //! ratio on filesystem data (see REFERENCES), so the shipper batches the blocks the collector
 //! lacks into frames of up to [`MAX_FRAME_BLOCKS`] blocks, and the collector stores frames as
-//! they arrive. A frame is always checked against the hashes that name its blocks.
+//! they arrive. Blocks that barely compress go into the frame stored, as raw zstd blocks. A
+//! frame is always checked against the hashes that name its blocks.
 
 use crate::types::{ChunkHash, BLOCK_SIZE};
 use std::cell::RefCell;
@@ -51,8 +52,9 @@ pub fn compress(blocks: &[u8], level: i32) -> Vec<u8> {
 /// Compresses whole blocks lying in `pieces`, in order, into one frame without gathering them
 /// first: each piece becomes a zstd frame of its own and they are concatenated, which zstd's
 /// decoder reads as one stream. Worth it for pieces of tens of KiB and more; small ones
-/// compress better gathered. A piece whose first [`PROBE_BYTES`] do not compress by at least
-/// an eighth has the rest stored, not compressed (see [`worth_compressing`]).
+/// compress better gathered. A piece of twice [`PROBE_BYTES`] or more whose first
+/// [`PROBE_BYTES`], and two samples further in, each save less than an eighth has the rest
+/// stored, not compressed (see `worth_compressing` and `samples_compress`).
 pub fn compress_pieces(pieces: &[&[u8]], level: i32) -> Vec<u8> {
     debug_assert!(pieces.iter().all(|p| p.len() % BLOCK_SIZE == 0));
     COMPRESSOR
