@@ -98,7 +98,8 @@ fn compress_each(
     context: &mut zstd::bulk::Compressor<'static>,
     pieces: &[&[u8]],
 ) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
+    // Room for the worst case up front, so no piece's append moves the pieces before it.
+    let mut out = Vec::with_capacity(pieces.iter().map(|p| piece_bound(p.len())).sum());
     for piece in pieces {
         if piece.len() < MIN_PROBED_PIECE_BYTES {
             append_compressed(context, piece, &mut out)?;
@@ -114,6 +115,17 @@ fn compress_each(
         }
     }
     Ok(out)
+}
+
+/// Most bytes [`compress_each`] appends for a piece of `len` bytes: a probed piece is two zstd
+/// frames, the probe's and the rest's (a stored rest is smaller than a compressed one's bound).
+fn piece_bound(len: usize) -> usize {
+    let bound = zstd::zstd_safe::compress_bound;
+    if len < MIN_PROBED_PIECE_BYTES {
+        bound(len)
+    } else {
+        bound(PROBE_BYTES) + bound(len - PROBE_BYTES)
+    }
 }
 
 /// Whether either of two [`PROBE_BYTES`] samples of `rest`, a third and two thirds of the way
@@ -318,13 +330,9 @@ mod tests {
         let data = noise_bytes(7, MAX_FRAME_BLOCKS * BLOCK_SIZE);
         let frame = compress(&data, DEFAULT_ZSTD_LEVEL);
         assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), data);
-        // The probe, compressed (zstd keeps incompressible blocks raw too), then the rest as
-        // it is: the frame ends with the data's last bytes.
-        assert!(frame.len() < data.len() + 64, "{} bytes", frame.len());
-        assert_eq!(
-            frame[frame.len() - BLOCK_SIZE..],
-            data[data.len() - BLOCK_SIZE..]
-        );
+        // The probe, compressed, then the rest as a stored frame of its own (zstd alone would
+        // also keep noise in raw blocks, but inside one frame with the probe).
+        assert!(frame.ends_with(&stored(&data[PROBE_BYTES..])));
     }
 
     #[test]
@@ -349,7 +357,40 @@ mod tests {
         mostly_noise.extend_from_slice(&data[tail..]);
         let frame = compress(&mostly_noise, DEFAULT_ZSTD_LEVEL);
         assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), mostly_noise);
-        assert!(frame.len() > mostly_noise.len() - PROBE_BYTES);
+        assert!(frame.ends_with(&stored(&mostly_noise[PROBE_BYTES..])));
+    }
+
+    fn stored(data: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        append_stored(data, &mut frame);
+        frame
+    }
+
+    #[test]
+    fn every_piece_fits_the_room_reserved_up_front() {
+        for (data, pieces) in [
+            (noise_bytes(9, 1 << 20), vec![1 << 20]),
+            (blocks(256), vec![1 << 20]),
+            (noise_bytes(9, 1 << 20), vec![256 << 10; 4]),
+            (
+                noise_bytes(9, 1 << 20),
+                vec![512 << 10, 4096, (512 << 10) - 4096],
+            ),
+        ] {
+            let mut rest = &data[..];
+            let pieces: Vec<&[u8]> = pieces
+                .iter()
+                .map(|&len| {
+                    let (piece, later) = rest.split_at(len);
+                    rest = later;
+                    piece
+                })
+                .collect();
+            let frame = compress_pieces(&pieces, DEFAULT_ZSTD_LEVEL);
+            let room: usize = pieces.iter().map(|p| piece_bound(p.len())).sum();
+            assert!(frame.len() <= room && frame.capacity() == room);
+            assert_eq!(decompress(&frame, MAX_FRAME_BLOCKS).unwrap(), data);
+        }
     }
 
     #[test]

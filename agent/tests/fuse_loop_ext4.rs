@@ -28,6 +28,7 @@ use tideline_agent::config::AgentArgs;
 use tideline_collector::config::CollectorConfig;
 use tideline_core::TimeNs;
 use tideline_proto::v1::{self, restore_message::Msg};
+use tideline_testkit::noise_bytes;
 
 mod common;
 use common::{is_mounted, run_agent, volume_image, MIB, VOLUME_BYTES};
@@ -330,11 +331,6 @@ impl Drop for AgentProcess {
 
 // ---- file-tree model ---------------------------------------------------------------------------
 
-/// Deterministic, incompressible bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    tideline_testkit::noise_bytes(seed, len)
-}
-
 /// The files (path -> contents) and directories of the test filesystem, kept in step with it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Tree {
@@ -603,7 +599,7 @@ fn ext4_on_loop_on_fuse_restores_every_moment() {
 
         // Moment 1: create.
         w.write("a.txt", b"alpha, version 1\n");
-        w.write("b.bin", &pattern(1, 300_000));
+        w.write("b.bin", &noise_bytes(1, 300_000));
         w.mkdir("docs");
         w.write("docs/c.txt", b"charlie\n");
         eprintln!("[{:.1?}] mkfs and mount done", started.elapsed());
@@ -614,15 +610,15 @@ fn ext4_on_loop_on_fuse_restores_every_moment() {
             "a.txt",
             b"alpha, version 2: rewritten and longer than before\n",
         );
-        w.append("b.bin", &pattern(2, 100_000));
-        w.write("docs/d.bin", &pattern(3, MIB as usize + 17));
+        w.append("b.bin", &noise_bytes(2, 100_000));
+        w.write("docs/d.bin", &noise_bytes(3, MIB as usize + 17));
         record(&w, "2: rewrote a.txt, appended to b.bin, added docs/d.bin");
 
         // Moment 3: delete, rename, overwrite in place, and discard the freed blocks (fstrim
         // reaches the export as fallocate(PUNCH_HOLE), journalled as trims).
         w.remove("b.bin");
         w.rename("docs/c.txt", "c-renamed.txt");
-        w.overwrite_at("docs/d.bin", 500_000, &pattern(4, 4096));
+        w.overwrite_at("docs/d.bin", 500_000, &noise_bytes(4, 4096));
         run_ok(Command::new(tool("fstrim")).arg(&mnt));
         record(
             &w,
@@ -630,7 +626,7 @@ fn ext4_on_loop_on_fuse_restores_every_moment() {
         );
 
         // Moment 4: big file, truncate, delete, empty directory.
-        w.write("big.bin", &pattern(5, 3 * MIB as usize));
+        w.write("big.bin", &noise_bytes(5, 3 * MIB as usize));
         w.truncate("docs/d.bin", 10_000);
         w.remove("a.txt");
         w.mkdir("empty");
@@ -717,12 +713,12 @@ fn sigterm_unmounts() {
         .open(&file)
         .expect("open export");
     export
-        .write_all_at(&pattern(9, 8192), 4096)
+        .write_all_at(&noise_bytes(9, 8192), 4096)
         .expect("write through FUSE");
     export.sync_all().expect("fsync through FUSE");
     drop(export);
     let on_disk = std::fs::read(&image).expect("read volume");
-    assert_eq!(&on_disk[4096..12288], &pattern(9, 8192)[..]);
+    assert_eq!(&on_disk[4096..12288], &noise_bytes(9, 8192)[..]);
 
     agent.signal(libc::SIGTERM);
     let status = agent.wait_exit();
@@ -761,7 +757,7 @@ fn sigkill_then_documented_recovery() {
         agent
     };
     let mnt = dir.path().join("mnt");
-    let flushed = pattern(11, 200_000);
+    let flushed = noise_bytes(11, 200_000);
 
     let mut agent = start("agent-1.log");
     let flushed_at = {
