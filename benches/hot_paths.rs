@@ -18,30 +18,12 @@ use tideline_core::{block, BlockNo, ChunkHash, GroupName, Seq, TimeNs, VolumeNam
 
 const MIB: usize = 1 << 20;
 
-/// Text-like bytes: words from a small vocabulary, with unique numbers so blocks differ.
-fn realistic(len: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "volume", "journal", "block", "chunk", "restore", "flush", "tideline", "seq",
-    ];
-    let mut out = Vec::with_capacity(len + 32);
-    let mut state = seed | 1;
-    while out.len() < len {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        out.extend_from_slice(words[(state >> 33) as usize % words.len()].as_bytes());
-        out.extend_from_slice(format!(" {} ", state >> 48).as_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// `len` bytes of non-zero blocks taken from 1 MiB windows spread evenly over
-/// `TIDELINE_BENCH_SAMPLE`, or of [`realistic`] data when it is not set.
+/// `TIDELINE_BENCH_SAMPLE`, or of [`tideline_testkit::text_bytes`] when it is not set.
 fn sample(len: usize, seed: u64) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let Some(path) = std::env::var_os("TIDELINE_BENCH_SAMPLE") else {
-        return realistic(len, seed);
+        return tideline_testkit::text_bytes(seed, len);
     };
     let file = std::fs::File::open(&path).expect("open TIDELINE_BENCH_SAMPLE");
     let file_len = file.metadata().expect("stat TIDELINE_BENCH_SAMPLE").len();
@@ -130,7 +112,7 @@ fn spool_append(c: &mut Criterion) {
     let spool = Spool::open(SpoolConfig::new(dir.path(), 1 << 40)).expect("open spool");
     let volume = VolumeName::new("v").expect("name");
     // Shared, as the tap hands a write's buffer to the spool: a clone is not a copy.
-    let data = bytes::Bytes::from(realistic(MIB, 3));
+    let data = bytes::Bytes::from(tideline_testkit::text_bytes(3, MIB));
     let mut group = c.benchmark_group("spool");
     group.throughput(Throughput::Bytes(data.len() as u64));
     let mut next = 0u64;
@@ -164,7 +146,7 @@ fn filled_store(dir: &std::path::Path, mib: u64) -> (Store, VolumeName) {
     }];
     store.register_group(&group, 1, &meta).expect("register");
     for i in 0..mib {
-        let data = realistic(MIB, 100 + i);
+        let data = tideline_testkit::text_bytes(100 + i, MIB);
         let hashes: Vec<ChunkHash> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
         let compressed = frame::compress(&data, DEFAULT_ZSTD_LEVEL);
         let record = Record {
@@ -244,7 +226,7 @@ fn history_store(dir: &std::path::Path) -> (Store, VolumeName, Seq) {
         size_bytes: VOLUME_BLOCKS * BLOCK_SIZE as u64,
     }];
     store.register_group(&group, 1, &meta).expect("register");
-    let data = realistic(MAX_FRAME_BLOCKS * BLOCK_SIZE, 7);
+    let data = tideline_testkit::text_bytes(7, MAX_FRAME_BLOCKS * BLOCK_SIZE);
     let hashes: Vec<ChunkHash> = data.chunks(BLOCK_SIZE).map(ChunkHash::of).collect();
     let compressed = frame::compress(&data, DEFAULT_ZSTD_LEVEL);
     let frame = [IncomingFrame {

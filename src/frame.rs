@@ -76,7 +76,8 @@ pub fn compress_pieces(pieces: &[&[u8]], level: i32) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// A zstd context for `level` that compresses a piece the way it would a whole frame.
+/// A zstd context for `level` that compresses a piece, or a small frame, the way it would a
+/// whole frame.
 ///
 /// zstd picks its parameters by the size of the input, and a piece of 256 KiB or less (what
 /// nbdcopy, and most of the history benchmark's writes, bring) gets a table for small inputs:
@@ -324,7 +325,7 @@ pub fn open(compressed: &[u8], hashes: &[ChunkHash]) -> Result<Vec<u8>, FrameErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tideline_testkit::noise_bytes;
+    use tideline_testkit::{noise_bytes, text_bytes};
 
     #[test]
     fn blocks_compressed_in_pieces_come_back_as_one_frame() {
@@ -344,33 +345,22 @@ mod tests {
 
     #[test]
     fn a_piece_of_a_small_write_is_compressed_as_a_whole_frame_would_be() {
-        // 256 KiB of text, which has matches of every length: zstd alone would take its
-        // small-input table for it (a minimum match of 5 at level -1).
-        let words = ["volume", "block", "chunk", "seq", "flush", "a", "of"];
-        let mut state = 1u64;
-        let mut piece = Vec::new();
-        while piece.len() < 64 * BLOCK_SIZE {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let word = words[(state >> 33) as usize % words.len()];
-            piece.extend_from_slice(format!("{word} {} ", state >> 54).as_bytes());
-        }
-        piece.truncate(64 * BLOCK_SIZE);
-        let as_large = |level: i32, min_match: u32| {
-            let mut context = zstd::bulk::Compressor::new(level).unwrap();
-            context
-                .set_parameter(zstd::zstd_safe::CParameter::MinMatch(min_match))
-                .unwrap();
-            context.compress(&piece).unwrap()
-        };
-        for (level, min_match) in [(DEFAULT_ZSTD_LEVEL, 6), (-5, 6), (1, 7)] {
+        // 256 KiB of text: zstd alone takes its small-input table for it.
+        let piece = text_bytes(1, 64 * BLOCK_SIZE);
+        // 512 KiB: zstd's own large-input parameters, which the context must not change.
+        let large = text_bytes(2, 128 * BLOCK_SIZE);
+        for level in [DEFAULT_ZSTD_LEVEL, -5, 1] {
+            let mut context = compressor(level).unwrap();
+            assert_eq!(
+                context.compress(&large).unwrap(),
+                zstd::bulk::compress(&large, level).unwrap(),
+                "level {level}: not zstd's own minimum match for a large input"
+            );
             let frame = compress(&piece, level);
-            assert_eq!(frame, as_large(level, min_match), "level {level}");
             assert_ne!(
                 frame,
                 zstd::bulk::compress(&piece, level).unwrap(),
-                "level {level}"
+                "level {level}: the piece got zstd's small-input parameters"
             );
             assert_eq!(decompress(&frame, 64).unwrap(), piece);
         }

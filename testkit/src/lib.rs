@@ -48,6 +48,25 @@ pub fn noise_bytes(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// `len` bytes of text-like data: words from a small vocabulary with numbers between them, so
+/// matches of every length recur, as in the files a filesystem holds.
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let words = [
+        "volume", "journal", "block", "chunk", "restore", "flush", "tideline", "seq",
+    ];
+    let mut out = Vec::with_capacity(len + 32);
+    let mut state = seed | 1;
+    while out.len() < len {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.extend_from_slice(words[(state >> 33) as usize % words.len()].as_bytes());
+        out.extend_from_slice(format!(" {} ", state >> 48).as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// Sends the tracing of code under test to the test's captured output, filtered by `RUST_LOG`
 /// or else by `default_filter` (for example `"warn"`). Later calls do nothing.
 pub fn init_tracing(default_filter: &str) {
